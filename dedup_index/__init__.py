@@ -1,0 +1,64 @@
+"""dedup-index: near-duplicate image removal with CLIP embeddings and a FAISS index.
+
+``import dedup_index`` is light: numpy only.  FAISS loads on the first search; torch and
+transformers load only when an image encoder is built (the operator, ``encode``).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first access (PEP 562) so that heavy
+# dependencies are imported only by the stage that needs them.
+_LAZY = {
+    "dedup_embeddings": "dedup_index.dedup",
+    "DedupResult": "dedup_index.dedup",
+    "PairSet": "dedup_index.search.pairs",
+    "ImageDeduplicateFilter": "dedup_index.operator.filter",
+    "FileStorage": "dedup_index.operator.storage",
+    "load_image": "dedup_index.io",
+    "try_load_image": "dedup_index.io",
+    "LoadFailure": "dedup_index.io",
+    "ImageLoadError": "dedup_index.io",
+    "CLIPEncoder": "dedup_index.encode.clip",
+    "load_encoder": "dedup_index.encode",
+    "DedupIndexError": "dedup_index.errors",
+    "ModelLoadError": "dedup_index.errors",
+    "NoValidImagesError": "dedup_index.errors",
+    "ImagesFailedError": "dedup_index.errors",
+    "TooLargeForBackendError": "dedup_index.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dedup import DedupResult, dedup_embeddings  # noqa: F401
+    from .encode import load_encoder  # noqa: F401
+    from .encode.clip import CLIPEncoder  # noqa: F401
+    from .errors import (  # noqa: F401
+        DedupIndexError,
+        ImagesFailedError,
+        ModelLoadError,
+        NoValidImagesError,
+        TooLargeForBackendError,
+    )
+    from .io import ImageLoadError, LoadFailure, load_image, try_load_image  # noqa: F401
+    from .operator.filter import ImageDeduplicateFilter  # noqa: F401
+    from .operator.storage import FileStorage  # noqa: F401
+    from .search.pairs import PairSet  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dedup_index' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

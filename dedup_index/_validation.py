@@ -1,0 +1,38 @@
+"""Parameter checks done up front, with messages that name the bad value and the range."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
+    """Return ``threshold`` as a float in [0, 1] or raise ``ValueError``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {threshold!r}")
+    value = float(threshold)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (cosine similarity), got {threshold!r}")
+    return value
+
+
+def check_choice(value: Any, allowed: Iterable[str], name: str) -> str:
+    """Return ``value`` if it is one of ``allowed``; otherwise raise ``ValueError``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+    return value
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` as an int >= 1 (or None when allowed); otherwise raise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -1,0 +1,179 @@
+"""``FileStorage``: DataFlow's file storage, same constructor, steps and file names.
+
+Step 0 reads ``first_entry_file_name`` (its type from its extension); a write at step
+``n`` goes to ``{cache_path}/{file_name_prefix}_step{n + 1}.{cache_type}``, which the
+next step reads.  Pipelines call ``op.run(storage=storage.step(), ...)``.  Beyond
+DataFlow's: writes are atomic (temp file, fsync, rename), and reading a step that was
+never written, or before ``step()``, says which file is missing and why.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._validation import check_choice
+
+CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
+_EXTENSIONS = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet",
+               "pickle": "pickle", "pkl": "pickle"}
+
+
+class FileStorage:
+    """DataFlow-compatible storage on local files (see module docstring)."""
+
+    def __init__(
+        self,
+        first_entry_file_name: str,
+        cache_path: str = "./cache",
+        file_name_prefix: str = "dataflow_cache",
+        cache_type: str = "jsonl",
+    ) -> None:
+        self.first_entry_file_name = first_entry_file_name
+        self.cache_path = cache_path
+        self.file_name_prefix = file_name_prefix
+        self.cache_type = check_choice(cache_type, CACHE_TYPES, "cache_type")
+        self.operator_step = -1
+
+    def step(self) -> FileStorage:
+        """Advance to the next step; returns ``self`` for ``op.run(storage=storage.step())``."""
+        self.operator_step += 1
+        return self
+
+    def reset(self) -> FileStorage:
+        self.operator_step = -1
+        return self
+
+    def file_path(self, step: int) -> str:
+        """The file step ``step`` reads (step 0: the first entry file)."""
+        if step == 0:
+            return os.path.join(self.first_entry_file_name)
+        return os.path.join(self.cache_path, f"{self.file_name_prefix}_step{step}.{self.cache_type}")
+
+    # DataFlow's private name, kept for code that calls it.
+    _get_cache_file_path = file_path
+
+    def side_file_path(self, suffix: str, extension: str = "jsonl") -> str:
+        """A companion file of the next write, e.g. ``{prefix}_step{n+1}_rejects.jsonl``."""
+        return os.path.join(
+            self.cache_path,
+            f"{self.file_name_prefix}_step{self.operator_step + 1}_{suffix}.{extension}",
+        )
+
+    def read(self, output_type: str = "dataframe") -> Any:
+        """Read the current step as a DataFrame (``"dataframe"``) or records (``"dict"``)."""
+        check_choice(output_type, ("dataframe", "dict"), "output_type")
+        if self.operator_step < 0:
+            raise RuntimeError(
+                "FileStorage.read() before step(): call storage.step() first "
+                "(pipelines pass storage=storage.step() to op.run)"
+            )
+        path = self.file_path(self.operator_step)
+        if self.operator_step == 0:
+            if str(path).startswith(("hf:", "ms:")):
+                raise ValueError(
+                    f"first_entry_file_name {path!r} names a remote dataset; dedup-index reads "
+                    "local files only: export it to jsonl/parquet first"
+                )
+            file_type = _type_from_extension(path)
+        else:
+            file_type = self.cache_type
+        if not os.path.exists(path):
+            what = "first entry file" if self.operator_step == 0 else (
+                f"step {self.operator_step} file (written by the previous step's write())"
+            )
+            raise FileNotFoundError(f"FileStorage: {what} {path!r} does not exist")
+        frame = read_table(path, file_type)
+        return frame if output_type == "dataframe" else frame.to_dict(orient="records")
+
+    def write(self, data: Any) -> str:
+        """Write a DataFrame (or list of dicts) as the next step's input; returns its path."""
+        if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+            frame = pd.DataFrame(data)
+        elif isinstance(data, pd.DataFrame):
+            frame = data
+        else:
+            raise TypeError(f"FileStorage.write takes a DataFrame or a list of dicts, got {type(data).__name__}")
+        path = self.file_path(self.operator_step + 1)
+        write_table(frame, path, self.cache_type)
+        return path
+
+
+def _type_from_extension(path: str) -> str:
+    ext = Path(path).suffix.lower().lstrip(".")
+    if ext not in _EXTENSIONS:
+        raise ValueError(
+            f"cannot tell the file type of {path!r} from its extension {ext!r}; "
+            f"use one of: {', '.join(sorted(_EXTENSIONS))}"
+        )
+    return _EXTENSIONS[ext]
+
+
+def read_table(path: str | os.PathLike, file_type: str | None = None) -> pd.DataFrame:
+    """Read a jsonl/json(records)/csv/parquet/pickle table."""
+    path = os.fspath(path)
+    file_type = file_type or _type_from_extension(path)
+    try:
+        if file_type == "jsonl":
+            if os.path.getsize(path) == 0:
+                return pd.DataFrame()
+            return pd.read_json(path, lines=True)
+        if file_type == "json":
+            return pd.read_json(path)
+        if file_type == "csv":
+            return pd.read_csv(path)
+        if file_type == "parquet":
+            return pd.read_parquet(path)
+        if file_type == "pickle":
+            return pd.read_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - name the file in whatever went wrong
+        raise ValueError(f"failed to read {file_type} file {path!r}: {exc}") from exc
+    raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | None = None) -> None:
+    """Write ``frame`` atomically: temp file in the same folder, fsync, rename."""
+    path = os.fspath(path)
+    file_type = file_type or _type_from_extension(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + file_type, dir=folder)
+    os.close(fd)
+    try:
+        if file_type == "jsonl":
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False, default_handler=str)
+        elif file_type == "json":
+            frame.to_json(tmp, orient="records", force_ascii=False, indent=2, default_handler=str)
+        elif file_type == "csv":
+            frame.to_csv(tmp, index=False)
+        elif file_type == "parquet":
+            frame.to_parquet(tmp)
+        elif file_type == "pickle":
+            frame.to_pickle(tmp)
+        else:
+            raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,74 @@
+"""Candidate search and canonical rescoring: embeddings in, exact pairs (and maxima) out.
+
+Backends (more arrive with the scale work; each is one module here):
+
+- ``flat``: FAISS ``IndexFlatIP`` range search, tiled; exact, bounded memory.
+- ``dense``: the N x N oracle; small N only.
+- ``auto``: picks one and logs which and why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .canonical import as_unit_float32, candidate_delta, canonical_scores
+from .dense import DENSE_MAX_ROWS, dense_search
+from .flat import flat_nearest, flat_pairs
+from .pairs import PairSet, best_pair_score
+
+__all__ = [
+    "BACKENDS",
+    "DENSE_MAX_ROWS",
+    "PairSet",
+    "SearchResult",
+    "as_unit_float32",
+    "best_pair_score",
+    "candidate_delta",
+    "canonical_scores",
+    "choose_backend",
+    "search",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "flat", "dense")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Pairs at the threshold, nearest-neighbour scores (or None), and who found them."""
+
+    pairs: PairSet
+    nearest: np.ndarray | None
+    backend: str
+
+
+def choose_backend(n: int, dim: int) -> tuple[str, str]:
+    """The backend ``auto`` runs for ``n`` rows of ``dim`` dimensions, and why."""
+    return "flat", f"N = {n}, D = {dim}: exact FAISS flat range search with bounded memory"
+
+
+def search(
+    embeddings: np.ndarray,
+    threshold: float,
+    *,
+    backend: str = "auto",
+    nearest: bool = True,
+    threads: int | None = None,
+) -> SearchResult:
+    """Run one backend over unit float32 ``embeddings`` (see :func:`as_unit_float32`)."""
+    n, d = embeddings.shape
+    if backend == "auto":
+        backend, why = choose_backend(n, d)
+        logger.info("backend='auto' picked %r (%s)", backend, why)
+    if backend == "dense":
+        pairs, near = dense_search(embeddings, threshold, nearest=nearest)
+        return SearchResult(pairs, near, "dense")
+    if backend == "flat":
+        pairs = flat_pairs(embeddings, threshold, threads=threads)
+        near = flat_nearest(embeddings, pairs, threshold, threads=threads) if nearest else None
+        return SearchResult(pairs, near, "flat")
+    raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")

@@ -1,0 +1,109 @@
+"""Canonical vectors and canonical similarity: the numbers every decision is taken on.
+
+Float32 inner products differ between BLAS kernels, SIMD paths, block sizes and thread
+counts by up to about ``D * 2**-24`` for unit vectors, so a pair sitting at the threshold
+could be a duplicate on one machine and not on another.  Backends therefore only *gather
+candidates* with float32 arithmetic at ``threshold - delta``; each candidate is then
+rescored here as a float64 dot product of the stored float32 vectors, summed in a fixed
+pairwise order made of elementwise IEEE operations.  The products of two float32 numbers
+are exact in float64 and the summation tree never depends on the machine, the chunk or
+the caller, so the score of a pair is the same bits everywhere and ties at the threshold
+are decided identically by every backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Rows rescored per chunk: bounds the float64 scratch to ``chunk * D * 8`` bytes.
+RESCORE_CHUNK = 8192
+
+
+def candidate_delta(dim: int) -> float:
+    """Margin below the threshold at which float32 candidates are gathered.
+
+    Four times the worst-case float32 error of a ``dim``-term unit-vector product,
+    and never below 1e-4.
+    """
+    return max(1e-4, 4.0 * dim * 2.0**-24)
+
+
+def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray:
+    """Validate an ``(N, D)`` embedding matrix and return it as C-contiguous unit float32.
+
+    ``normalize=True`` L2-normalises every row (in float64, then rounds once to float32).
+    With ``normalize=False`` rows must already have unit norm (within 1e-3).  Rows that
+    are zero or non-finite are rejected with an error naming them, because they have no
+    direction and so no cosine similarity.
+    """
+    arr = np.asarray(embeddings)
+    if arr.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (N, D); got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"embeddings must be a float array; got dtype {arr.dtype}")
+    n, d = arr.shape
+    if d == 0 and n > 0:
+        raise ValueError("embeddings must have at least one column (D >= 1); got D = 0")
+    if n == 0:
+        return np.zeros((0, d), dtype=np.float32)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"embeddings contain non-finite values (NaN or inf) in {rows.size} row(s): "
+            f"{_list_rows(rows)}"
+        )
+    norms = np.sqrt(np.einsum("ij,ij->i", arr.astype(np.float64), arr.astype(np.float64)))
+    zero = norms == 0
+    if zero.any():
+        rows = np.flatnonzero(zero)
+        raise ValueError(
+            f"embeddings contain {rows.size} zero-norm row(s), which have no direction: "
+            f"{_list_rows(rows)}"
+        )
+    if normalize:
+        out = (arr.astype(np.float64) / norms[:, None]).astype(np.float32)
+    else:
+        off = np.abs(norms - 1.0) > 1e-3
+        if off.any():
+            rows = np.flatnonzero(off)
+            raise ValueError(
+                f"normalize=False but {rows.size} row(s) are not unit norm "
+                f"(|norm - 1| > 1e-3): {_list_rows(rows)}; pass normalize=True"
+            )
+        out = arr.astype(np.float32, copy=False)
+    return np.ascontiguousarray(out)
+
+
+def canonical_scores(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Canonical float64 similarity of the row pairs ``(i[k], j[k])`` of unit float32 rows."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    out = np.empty(i.shape[0], dtype=np.float64)
+    for start in range(0, i.shape[0], RESCORE_CHUNK):
+        stop = start + RESCORE_CHUNK
+        a = embeddings[i[start:stop]].astype(np.float64)
+        b = embeddings[j[start:stop]].astype(np.float64)
+        out[start:stop] = _tree_sum(a * b)
+    return out
+
+
+def _tree_sum(products: np.ndarray) -> np.ndarray:
+    """Sum each row in a fixed pairwise order using only elementwise additions."""
+    m, width = products.shape
+    if width == 0:
+        return np.zeros(m, dtype=np.float64)
+    size = 1 << (width - 1).bit_length()
+    if size != width:
+        padded = np.zeros((m, size), dtype=np.float64)
+        padded[:, :width] = products
+        products = padded
+    while size > 1:
+        size //= 2
+        products = products[:, :size] + products[:, size:]
+    return products[:, 0].copy()
+
+
+def _list_rows(rows: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (f", ... ({rows.size - limit} more)" if rows.size > limit else "")

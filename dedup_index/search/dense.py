@@ -1,0 +1,53 @@
+"""``dense`` backend: the test oracle.
+
+It does what the reference operator does — an ``N x N`` similarity matrix — but in
+float64 and with the same canonical rescoring as every other backend, so it is the
+yardstick the others are proven equal to.  Memory is ``8 * N**2`` bytes: it refuses
+inputs above :data:`DENSE_MAX_ROWS` rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TooLargeForBackendError
+from .canonical import canonical_scores, candidate_delta
+from .pairs import PairSet, rescore_candidates
+
+#: Largest N the oracle accepts: a 16384 x 16384 float64 matrix is 2 GiB.
+DENSE_MAX_ROWS = 16_384
+
+# BLAS float64 and the canonical sum differ by about D * 2**-53; this margin is far above.
+_NEAREST_TIE = 1e-9
+
+
+def check_dense_size(n: int, max_rows: int = DENSE_MAX_ROWS) -> None:
+    if n > max_rows:
+        gib = 8 * n * n / 2**30
+        raise TooLargeForBackendError(
+            f"backend='dense' builds an N x N matrix ({gib:.1f} GiB at N = {n}) and accepts "
+            f"at most N = {max_rows}; use backend='flat' (exact, bounded memory) or 'auto'"
+        )
+
+
+def dense_search(
+    embeddings: np.ndarray, threshold: float, *, nearest: bool = True
+) -> tuple[PairSet, np.ndarray | None]:
+    """Pairs at ``>= threshold`` and (optionally) each row's nearest-neighbour score."""
+    n, d = embeddings.shape
+    check_dense_size(n)
+    if n < 2:
+        return PairSet.empty(), (np.zeros(n) if nearest else None)
+    e64 = embeddings.astype(np.float64)
+    sim = e64 @ e64.T
+    np.fill_diagonal(sim, -np.inf)
+    radius = threshold - candidate_delta(d)
+    ci, cj = np.nonzero(np.triu(sim >= radius, k=1))
+    pairs = rescore_candidates(embeddings, [(ci, cj)], threshold)
+    if not nearest:
+        return pairs, None
+    row_max = sim.max(axis=1)
+    ti, tj = np.nonzero(sim >= (row_max - _NEAREST_TIE)[:, None])
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, ti, canonical_scores(embeddings, ti, tj))
+    return pairs, np.maximum(best, 0.0)
