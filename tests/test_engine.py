@@ -23,7 +23,7 @@ def brute_force(unit: np.ndarray, threshold: float):
     hit = s >= threshold
     removed = sorted(set(jj[hit].tolist()))
     dup_of = {}
-    for i, j in zip(ii[hit], jj[hit]):
+    for i, j in zip(ii[hit], jj[hit], strict=True):
         dup_of.setdefault(int(j), int(i))  # triu order: earliest i first for each j
     best = np.full(n, -np.inf)
     np.maximum.at(best, ii, s)

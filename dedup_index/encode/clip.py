@@ -37,9 +37,13 @@ def resolve_device(device: str | None) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}") from exc
+        raise ValueError(
+            f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}"
+        ) from exc
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use 'cpu'")
+        # Upstream pipelines hard-code device="cuda"; run them anyway, and say so.
+        logger.warning("device=%r asked for but CUDA is not available: using the CPU", device)
+        return "cpu"
     return str(parsed)
 
 
@@ -83,7 +87,9 @@ class CLIPEncoder:
             for start in range(0, len(images), self.batch_size):
                 batch = list(images[start : start + self.batch_size])
                 pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-                feats = _as_tensor(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+                feats = _as_tensor(
+                    self.model.get_image_features(pixel_values=pixels.to(self.device))
+                )
                 feats = torch.nn.functional.normalize(feats.float(), dim=-1)
                 out[start : start + len(batch)] = feats.cpu().numpy()
                 if progress is not None:

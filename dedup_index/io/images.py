@@ -12,6 +12,11 @@ Design points:
   decode; oversized images are rejected by our own ``max_pixels`` check on the header size,
   before any pixel data is decoded.
 * Returned images are fully loaded copies, detached from any file handle.
+* PIL's ``DecompressionBombWarning`` is silenced with ``warnings.catch_warnings()`` while an
+  image is decoded, since our own ``max_pixels`` check replaces it. ``catch_warnings`` is not
+  thread-safe: with concurrent loads in threads the process-wide warning filters can be
+  altered for a moment (in a rare interleaving, an "ignore DecompressionBombWarning" filter
+  can outlive the call). Nothing in this module depends on that filter.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
+from numbers import Integral
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote
@@ -182,7 +188,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _check_max_pixels_arg(max_pixels: int | None) -> None:
     if max_pixels is None:
         return
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, Integral) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
 
 
@@ -312,8 +318,8 @@ def _load_path(
     raw: str, image_root: str | os.PathLike[str] | None, max_pixels: int | None
 ) -> Image.Image:
     path, how = _resolve(raw, image_root)
-    shown = repr(str(path))
-    if path.is_dir():
+    shown = _short_repr(str(path), 500)
+    if os.path.isdir(path):  # unlike Path.is_dir, never raises (long names, NUL bytes)
         raise _fail("unreadable", f"{shown} is a directory, not an image file{how}")
     try:
         fp = open(path, "rb")  # closed by the ``with`` below
@@ -328,7 +334,8 @@ def _load_path(
             "unreadable", f"permission denied reading {shown} ({exc.strerror}); fix permissions"
         ) from None
     except (OSError, ValueError) as exc:  # e.g. name too long, embedded NUL byte, I/O error
-        raise _fail("unreadable", f"cannot read {shown}: {exc}") from None
+        detail = getattr(exc, "strerror", None) or exc
+        raise _fail("unreadable", f"cannot read {shown}: {detail}") from None
     with fp:
         return _decode(fp, f"file {shown}", max_pixels)
 

@@ -136,14 +136,18 @@ class ImageDeduplicateFilter:
         if isinstance(frame, list):
             frame = pd.DataFrame(frame)
         if not isinstance(frame, pd.DataFrame):
-            raise TypeError(f"storage.read('dataframe') returned {type(frame).__name__}, not a DataFrame")
+            raise TypeError(
+                f"storage.read('dataframe') returned {type(frame).__name__}, not a DataFrame"
+            )
+        if len(frame) == 0:
+            raise NoValidImagesError(
+                "the input table has no rows: nothing to deduplicate; nothing written"
+            )
         if input_image_key not in frame.columns:
             raise MissingColumnError(
                 f"image column {input_image_key!r} not found; the table has columns "
                 f"{list(map(str, frame.columns))} (pass input_image_key=...)"
             )
-        if len(frame) == 0:
-            raise NoValidImagesError("the input table has no rows: nothing to deduplicate; nothing written")
         if output_score_key in frame.columns and output_score_key != input_image_key:
             logger.warning("column %r exists and will be overwritten", output_score_key)
 
@@ -163,8 +167,12 @@ class ImageDeduplicateFilter:
             )
 
         result = dedup_embeddings(
-            embeddings, self.threshold, self.backend, self.score,
-            policy=self.policy, threads=self.threads,
+            embeddings,
+            self.threshold,
+            self.backend,
+            self.score,
+            policy=self.policy,
+            threads=self.threads,
         )
         valid_pos = np.asarray(valid, dtype=np.int64)
         scores = pd.Series(np.nan, index=range(len(frame)), dtype=np.float64)
@@ -217,35 +225,46 @@ class ImageDeduplicateFilter:
         return embeddings, valid, failures
 
     def _report_failures(self, failures: list[tuple[int, LoadFailure]], total: int) -> None:
-        action = {"drop": "dropped", "keep": "kept with no score", "raise": "raising"}[self.on_error]
+        action = {"drop": "dropped", "keep": "kept with no score", "raise": "raising"}[
+            self.on_error
+        ]
         logger.warning(
             "%d of %d images failed to load (%s); first: %s",
-            len(failures), total, action, _first_reasons(failures),
+            len(failures),
+            total,
+            action,
+            _first_reasons(failures),
         )
 
     def _rejects(self, frame, key, result: DedupResult, valid_pos, failures) -> pd.DataFrame:
         """One row per input row that left the output, with the reason."""
         removed = result.removed
-        dup_rows = pd.DataFrame({
-            "row": valid_pos[removed],
-            "reject_reason": "duplicate",
-            "duplicate_of_row": valid_pos[result.duplicate_of[removed]],
-            "similarity": result.duplicate_similarity[removed],
-            "error": None,
-        })
+        dup_rows = pd.DataFrame(
+            {
+                "row": valid_pos[removed],
+                "reject_reason": "duplicate",
+                "duplicate_of_row": valid_pos[result.duplicate_of[removed]],
+                "similarity": result.duplicate_similarity[removed],
+                "error": None,
+            }
+        )
         dup_rows["duplicate_of"] = [
             _describe(frame[key].iat[p]) for p in dup_rows["duplicate_of_row"]
         ]
         parts = [dup_rows]
         if failures and self.on_error == "drop":
-            parts.append(pd.DataFrame({
-                "row": [p for p, _ in failures],
-                "reject_reason": "load_error",
-                "duplicate_of_row": -1,
-                "similarity": np.nan,
-                "error": [str(f) for _, f in failures],
-                "duplicate_of": None,
-            }))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "row": [p for p, _ in failures],
+                        "reject_reason": "load_error",
+                        "duplicate_of_row": -1,
+                        "similarity": np.nan,
+                        "error": [str(f) for _, f in failures],
+                        "duplicate_of": None,
+                    }
+                )
+            )
         table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
         table = table.sort_values("row", kind="stable").reset_index(drop=True)
         originals = frame.iloc[table["row"].to_numpy()].reset_index(drop=True)

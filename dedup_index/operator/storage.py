@@ -19,8 +19,14 @@ import pandas as pd
 from .._validation import check_choice
 
 CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
-_EXTENSIONS = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet",
-               "pickle": "pickle", "pkl": "pickle"}
+_EXTENSIONS = {
+    "jsonl": "jsonl",
+    "json": "json",
+    "csv": "csv",
+    "parquet": "parquet",
+    "pickle": "pickle",
+    "pkl": "pickle",
+}
 
 
 class FileStorage:
@@ -52,7 +58,9 @@ class FileStorage:
         """The file step ``step`` reads (step 0: the first entry file)."""
         if step == 0:
             return os.path.join(self.first_entry_file_name)
-        return os.path.join(self.cache_path, f"{self.file_name_prefix}_step{step}.{self.cache_type}")
+        return os.path.join(
+            self.cache_path, f"{self.file_name_prefix}_step{step}.{self.cache_type}"
+        )
 
     # DataFlow's private name, kept for code that calls it.
     _get_cache_file_path = file_path
@@ -83,8 +91,10 @@ class FileStorage:
         else:
             file_type = self.cache_type
         if not os.path.exists(path):
-            what = "first entry file" if self.operator_step == 0 else (
-                f"step {self.operator_step} file (written by the previous step's write())"
+            what = (
+                "first entry file"
+                if self.operator_step == 0
+                else (f"step {self.operator_step} file (written by the previous step's write())")
             )
             raise FileNotFoundError(f"FileStorage: {what} {path!r} does not exist")
         frame = read_table(path, file_type)
@@ -97,7 +107,9 @@ class FileStorage:
         elif isinstance(data, pd.DataFrame):
             frame = data
         else:
-            raise TypeError(f"FileStorage.write takes a DataFrame or a list of dicts, got {type(data).__name__}")
+            raise TypeError(
+                f"FileStorage.write takes a DataFrame or a list of dicts, got {type(data).__name__}"
+            )
         path = self.file_path(self.operator_step + 1)
         write_table(frame, path, self.cache_type)
         return path

@@ -1,5 +1,5 @@
 """Decisions from pairs: which rows stay, which go, and whom each removed row duplicates."""
 
-from .reference import Decisions, POLICIES, decide, reference_decisions
+from .reference import POLICIES, Decisions, decide, reference_decisions
 
 __all__ = ["Decisions", "POLICIES", "decide", "reference_decisions"]

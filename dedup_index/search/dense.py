@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import TooLargeForBackendError
-from .canonical import canonical_scores, candidate_delta
+from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, rescore_candidates
 
 #: Largest N the oracle accepts: a 16384 x 16384 float64 matrix is 2 GiB.

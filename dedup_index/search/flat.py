@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .canonical import canonical_scores, candidate_delta
+from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, best_pair_score, rescore_candidates
 
 DEFAULT_QUERY_BLOCK = 4096
