@@ -78,9 +78,7 @@ def test_reencoded_copy_is_removed_and_run_can_repeat(tmp_path, photo_dir, encod
     storage = FileStorage(str(tmp_path / "in.jsonl"), str(tmp_path / "cache"), "dd", "jsonl")
     filt = ImageDeduplicateFilter(threshold=COPY_THRESHOLD, encoder=encoder, image_root=photo_dir)
     filt.run(storage.step())
-    first = (
-        storage.read("dataframe") if False else read_table(tmp_path / "cache" / "dd_step1.jsonl")
-    )
+    first = read_table(tmp_path / "cache" / "dd_step1.jsonl")
     assert first["image"].tolist() == ["a.jpg", "c.png", "b.jpg"]
     # A second run on the same instance (upstream deletes its model and fails here).
     filt.run(storage.step())

@@ -112,7 +112,12 @@ def _as_tensor(features):
 
 def _load_clip(model_name: str):
     """Load (model, image processor), trying the local cache before the hub."""
-    from transformers import CLIPImageProcessor, CLIPModel
+    from transformers import CLIPModel
+
+    try:  # transformers 5.x: the PIL processor (the default one needs torchvision)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor
 
     def load(**kw):
         model = CLIPModel.from_pretrained(model_name, **kw)

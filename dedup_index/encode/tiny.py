@@ -15,7 +15,12 @@ import os
 def make_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int = 64) -> str:
     """Write a small random CLIP (2 layers, hidden size 32) to ``path``; returns the path."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
+
+    try:  # transformers 5.x: the PIL processor needs no torchvision
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor as processor_class
 
     config = CLIPConfig(
         text_config={
@@ -39,7 +44,7 @@ def make_tiny_clip(path: str | os.PathLike, *, seed: int = 0, image_size: int = 
     torch.manual_seed(seed)
     model = CLIPModel(config)
     model.save_pretrained(path)
-    CLIPImageProcessor(
+    processor_class(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(path)
