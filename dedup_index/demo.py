@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     report = filt.last_report
 
     print("kept:")
-    for k, row in enumerate(storage.step().read("dict")):
+    for row in storage.step().read("dict"):
         print(f"  {row['image']:<30} {row['kind']:<22} max_similarity {row['max_similarity']:.6f}")
     print("\nremoved:")
     for row in report.rejects.to_dict("records"):
