@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dedup_index import TooLargeForBackendError, dedup_embeddings
 from dedup_index.search import DENSE_MAX_ROWS, as_unit_float32, canonical_scores
-from dedup_index.search.flat import flat_nearest, flat_pairs
+from dedup_index.search.flat import flat_pairs, flat_pairs_and_nearest
 
 
 def brute_force(unit: np.ndarray, threshold: float):
@@ -61,8 +61,10 @@ def check_all(E: np.ndarray, threshold: float) -> None:
     # Tiny tiles exercise every tiling edge of the flat backend.
     tiled = flat_pairs(unit, threshold, query_block=3, db_block=5)
     assert tiled.equals(dedup_embeddings(E, threshold, backend="dense").pairs)
-    near = flat_nearest(unit, tiled, threshold, query_block=2, db_block=4)
-    assert np.array_equal(near, nearest if len(unit) else near)
+    for k in (1, 2, 16):
+        both, near = flat_pairs_and_nearest(unit, threshold, k=k, query_block=2, db_block=4)
+        assert both.equals(tiled)
+        assert np.array_equal(near, nearest if len(unit) else near)
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .canonical import as_unit_float32, candidate_delta, canonical_scores
 from .dense import DENSE_MAX_ROWS, dense_search
-from .flat import flat_nearest, flat_pairs
+from .flat import flat_pairs, flat_pairs_and_nearest
 from .pairs import PairSet, best_pair_score
 
 __all__ = [
@@ -68,7 +68,8 @@ def search(
         pairs, near = dense_search(embeddings, threshold, nearest=nearest)
         return SearchResult(pairs, near, "dense")
     if backend == "flat":
-        pairs = flat_pairs(embeddings, threshold, threads=threads)
-        near = flat_nearest(embeddings, pairs, threshold, threads=threads) if nearest else None
-        return SearchResult(pairs, near, "flat")
+        if nearest:
+            pairs, near = flat_pairs_and_nearest(embeddings, threshold, threads=threads)
+            return SearchResult(pairs, near, "flat")
+        return SearchResult(flat_pairs(embeddings, threshold, threads=threads), None, "flat")
     raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")

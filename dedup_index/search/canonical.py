@@ -46,14 +46,29 @@ def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray
         raise ValueError("embeddings must have at least one column (D >= 1); got D = 0")
     if n == 0:
         return np.zeros((0, d), dtype=np.float32)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
+    # Row chunks keep the float64 scratch small: the input may be most of memory.
+    out = np.empty((n, d), dtype=np.float32)
+    norms = np.empty(n, dtype=np.float64)
+    bad_rows = []
+    step = max(1, (64 << 20) // (8 * d))
+    for a in range(0, n, step):
+        chunk = arr[a : a + step].astype(np.float64)
+        finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            bad_rows.append(np.flatnonzero(~finite) + a)
+            chunk[~finite] = 0.0
+        norms[a : a + step] = np.sqrt(np.einsum("ij,ij->i", chunk, chunk))
+        if normalize:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[a : a + step] = chunk / norms[a : a + step, None]
+        else:
+            out[a : a + step] = arr[a : a + step]
+    if bad_rows:
+        rows = np.concatenate(bad_rows)
         raise ValueError(
             f"embeddings contain non-finite values (NaN or inf) in {rows.size} row(s): "
             f"{_list_rows(rows)}"
         )
-    norms = np.sqrt(np.einsum("ij,ij->i", arr.astype(np.float64), arr.astype(np.float64)))
     zero = norms == 0
     if zero.any():
         rows = np.flatnonzero(zero)
@@ -61,9 +76,7 @@ def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray
             f"embeddings contain {rows.size} zero-norm row(s), which have no direction: "
             f"{_list_rows(rows)}"
         )
-    if normalize:
-        out = (arr.astype(np.float64) / norms[:, None]).astype(np.float32)
-    else:
+    if not normalize:
         off = np.abs(norms - 1.0) > 1e-3
         if off.any():
             rows = np.flatnonzero(off)
@@ -71,8 +84,7 @@ def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray
                 f"normalize=False but {rows.size} row(s) are not unit norm "
                 f"(|norm - 1| > 1e-3): {_list_rows(rows)}; pass normalize=True"
             )
-        out = arr.astype(np.float32, copy=False)
-    return np.ascontiguousarray(out)
+    return out
 
 
 def canonical_scores(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:

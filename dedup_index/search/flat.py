@@ -1,11 +1,19 @@
-"""``flat`` backend: FAISS ``IndexFlatIP`` range search over database tiles.
+"""``flat`` backend: FAISS ``IndexFlatIP`` searches over database tiles, exact.
 
-The database is split into tiles of ``db_block`` rows, each its own ``IndexFlatIP``; the
-queries go in blocks of ``query_block`` rows.  Tiling both sides bounds FAISS's per-query
-result buffers (it keeps ~40 bytes per query and 1024-row database block even with no
-hits) and lets us skip tiles lying wholly below the diagonal, where every hit would have
-``j < i``.  Scores are float32 candidates at ``threshold - delta``; decisions are taken on
-the canonical rescoring (see :mod:`dedup_index.search.canonical`).
+The database is split into tiles of ``db_block`` rows, each its own ``IndexFlatIP`` (a
+copy of that tile only, so memory stays ``O(db_block * D)`` beyond the embeddings), and
+queries go in blocks of ``query_block`` rows.  Tiling also bounds FAISS's per-query range
+search buffers (~40 bytes per query and 1024-row database block even with no hits).
+
+Two ways through, both exact after canonical rescoring:
+
+- pairs only (``score="pairs"``): ``range_search`` at ``threshold - delta``, skipping the
+  tiles that lie wholly below the diagonal (their hits would all have ``j < i``), so the
+  arithmetic is about ``(T + 1) / 2T`` of the full square for ``T`` tiles.
+- pairs and nearest neighbours (``score="nearest"``): one top-``k`` pass over the full
+  square gives each row its candidates and its nearest neighbours at once; the few rows
+  whose top-``k`` list is all candidates (more than ``k`` near-duplicates) are completed
+  with ``range_search``.  One pass instead of a range search plus a nearest search.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, best_pair_score, rescore_candidates
 
 DEFAULT_QUERY_BLOCK = 4096
-DEFAULT_DB_BLOCK = 262_144
-#: Neighbours asked of FAISS per row when looking for the true nearest neighbour.
+DEFAULT_DB_BLOCK = 8192
+#: Neighbours asked of FAISS per row in the nearest-neighbour pass.
 NEAREST_K = 16
+#: Scratch for rows whose nearest neighbour needs a look at every row.
+_FULL_ROWS_BYTES = 256 << 20
 
 
 def _faiss(threads: int | None):
@@ -35,6 +45,22 @@ def _db_tiles(n: int, db_block: int) -> list[tuple[int, int]]:
     return [(c, min(n, c + db_block)) for c in range(0, n, db_block)]
 
 
+def _tile_index(faiss, embeddings: np.ndarray, c: int, e: int):
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(embeddings[c:e])
+    return index
+
+
+def _range_hits(index, queries: np.ndarray, radius: float, q0: int, c: int):
+    """``(i, j)`` of all float32 scores ``> radius`` with ``j > i`` (global row numbers)."""
+    lims, _, labels = index.range_search(queries, radius)
+    counts = np.diff(lims.astype(np.int64))
+    qi = np.repeat(np.arange(q0, q0 + queries.shape[0], dtype=np.int64), counts)
+    qj = labels.astype(np.int64) + c
+    upper = qj > qi
+    return qi[upper], qj[upper]
+
+
 def flat_candidates(
     embeddings: np.ndarray,
     radius: float,
@@ -45,19 +71,13 @@ def flat_candidates(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(i, j)`` blocks of row pairs with ``i < j`` and float32 score ``> radius``."""
     faiss = _faiss(threads)
-    n, d = embeddings.shape
+    n = embeddings.shape[0]
     for c, e in _db_tiles(n, db_block):
-        index = faiss.IndexFlatIP(d)
-        index.add(embeddings[c:e])
+        index = _tile_index(faiss, embeddings, c, e)
         # Query rows at or beyond the tile's end can only pair with earlier rows: skip.
-        for a in range(0, min(n, e), query_block):
+        for a in range(0, e, query_block):
             b = min(e, a + query_block)
-            lims, _, labels = index.range_search(embeddings[a:b], radius)
-            counts = np.diff(lims.astype(np.int64))
-            qi = np.repeat(np.arange(a, b, dtype=np.int64), counts)
-            qj = labels.astype(np.int64) + c
-            upper = qj > qi
-            yield qi[upper], qj[upper]
+            yield _range_hits(index, embeddings[a:b], radius, a, c)
         del index
 
 
@@ -77,50 +97,74 @@ def flat_pairs(
     return rescore_candidates(embeddings, blocks, threshold)
 
 
-def flat_nearest(
+def flat_pairs_and_nearest(
     embeddings: np.ndarray,
-    pairs: PairSet,
     threshold: float,
     *,
+    k: int = NEAREST_K,
     query_block: int = DEFAULT_QUERY_BLOCK,
     db_block: int = DEFAULT_DB_BLOCK,
     threads: int | None = None,
-) -> np.ndarray:
-    """Exact ``max(0, max_{k != j} s(j, k))`` per row, canonical scores.
+) -> tuple[PairSet, np.ndarray]:
+    """Exact pairs and ``max(0, max_{k != j} s(j, k))`` per row, in one top-``k`` pass.
 
-    Rows with a pair at or above the threshold already know their nearest neighbour:
-    any closer row would score above ``threshold - delta`` in float32 and so be a pair
-    too.  The other rows ask FAISS for their top neighbours, keep every neighbour
-    within ``delta`` of the float32 best (a float32 near-tie can hide the true maximum)
-    and rescore those canonically; a row whose near-ties fill the whole top-k list is
-    recomputed against all rows.
+    A row's candidates are the list entries above ``threshold - delta``; when even the
+    last of its ``k`` entries is above, the list may be cut short and the row is
+    completed by a range search.  Its nearest neighbour is the canonical maximum over the
+    entries within ``delta`` of the float32 best (a float32 near-tie can hide the true
+    maximum); when those fill the list too, the row is recomputed against all rows.
     """
     n, d = embeddings.shape
-    best = best_pair_score(n, pairs)
     if n < 2:
-        return np.zeros(n, dtype=np.float64)
-    todo = np.flatnonzero(best < threshold)
-    if todo.size:
-        delta = candidate_delta(d)
-        k = min(n, NEAREST_K)
-        faiss = _faiss(threads)
-        for a in range(0, todo.size, query_block):
-            rows = todo[a : a + query_block]
-            scores, labels = _topk(faiss, embeddings, rows, k, db_block)
-            cand_i, cand_j = _near_ties(embeddings, rows, scores, labels, delta, k == n)
-            s = canonical_scores(embeddings, cand_i, cand_j)
-            np.maximum.at(best, cand_i, s)
-    return np.maximum(best, 0.0)
+        return PairSet.empty(), np.zeros(n, dtype=np.float64)
+    delta = candidate_delta(d)
+    radius = threshold - delta
+    k = min(n, k)
+    faiss = _faiss(threads)
+    tiles = _db_tiles(n, db_block)
+    nearest = np.full(n, -np.inf, dtype=np.float64)
+    candidate_blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    overflow: list[np.ndarray] = []
+    unresolved: list[np.ndarray] = []
+    for a in range(0, n, query_block):
+        rows = np.arange(a, min(n, a + query_block), dtype=np.int64)
+        scores, labels = _topk(faiss, embeddings, rows, k, tiles)
+        not_self = labels != rows[:, None]
+        # Candidates of each row among later rows.
+        hit = not_self & (scores > radius) & (labels > rows[:, None])
+        candidate_blocks.append((np.broadcast_to(rows[:, None], labels.shape)[hit], labels[hit]))
+        full = k == n
+        if not full:
+            overflow.append(rows[scores[:, -1] > radius])
+        ti, tj, cut = _near_ties(rows, scores, labels, not_self, delta, full)
+        np.maximum.at(nearest, ti, canonical_scores(embeddings, ti, tj))
+        unresolved.append(cut)
+    extra = np.concatenate(overflow) if overflow else np.zeros(0, np.int64)
+    for c, e in tiles if extra.size else []:
+        index = _tile_index(faiss, embeddings, c, e)
+        for a in range(0, extra.size, query_block):
+            rows = extra[a : a + query_block]
+            lims, _, labels = index.range_search(embeddings[rows], radius)
+            qi = np.repeat(rows, np.diff(lims.astype(np.int64)))
+            qj = labels.astype(np.int64) + c
+            candidate_blocks.append((qi[qj > qi], qj[qj > qi]))
+    pairs = rescore_candidates(embeddings, candidate_blocks, threshold)
+    # A row with a pair at >= threshold has its nearest neighbour among its pairs: any
+    # closer row would be above threshold - delta in float32 and so a candidate too.
+    nearest = np.maximum(nearest, best_pair_score(n, pairs))
+    cut = np.concatenate(unresolved)
+    cut = cut[nearest[cut] < threshold]
+    if cut.size:
+        _nearest_by_full_rows(embeddings, cut, nearest, delta, query_block, db_block)
+    return pairs, np.maximum(nearest, 0.0)
 
 
-def _topk(faiss, embeddings, rows, k, db_block):
+def _topk(faiss, embeddings, rows, k, tiles):
     """Top-``k`` float32 scores and labels of ``rows`` against all rows, tile by tile."""
-    n, d = embeddings.shape
     queries = embeddings[rows]
     all_s, all_l = [], []
-    for c, e in _db_tiles(n, db_block):
-        index = faiss.IndexFlatIP(d)
-        index.add(embeddings[c:e])
+    for c, e in tiles:
+        index = _tile_index(faiss, embeddings, c, e)
         s, lab = index.search(queries, min(k, e - c))
         all_s.append(s)
         all_l.append(lab.astype(np.int64) + c)
@@ -133,25 +177,29 @@ def _topk(faiss, embeddings, rows, k, db_block):
     return scores, labels
 
 
-def _near_ties(embeddings, rows, scores, labels, delta, complete):
-    """Candidate ``(row, neighbour)`` pairs whose float32 score is within ``delta`` of the best."""
-    not_self = (labels != rows[:, None]) & (labels >= 0)
-    masked = np.where(not_self, scores, -np.inf)
-    best32 = masked.max(axis=1)
+def _near_ties(rows, scores, labels, not_self, delta, complete):
+    """``(row, neighbour)`` pairs within ``delta`` of the row's float32 best, and the rows
+    whose list is all near-ties (so may be cut short) and need a full look."""
+    best32 = np.where(not_self, scores, -np.inf).max(axis=1)
     keep = not_self & (scores >= (best32 - delta)[:, None])
-    cand_i = [np.broadcast_to(rows[:, None], labels.shape)[keep]]
-    cand_j = [labels[keep]]
-    # The list may be cut short when its last entry is still a near-tie of the best.
-    if not complete:
-        last = scores[:, -1]
-        cut = np.flatnonzero(last >= best32 - delta)
-        if cut.size:
-            drop = np.isin(cand_i[0], rows[cut])
-            cand_i[0], cand_j[0] = cand_i[0][~drop], cand_j[0][~drop]
-            for r in rows[cut]:
-                full = embeddings @ embeddings[r]
-                full[r] = -np.inf
-                near = np.flatnonzero(full >= full.max() - delta)
-                cand_i.append(np.full(near.size, r, dtype=np.int64))
-                cand_j.append(near.astype(np.int64))
-    return np.concatenate(cand_i), np.concatenate(cand_j)
+    cand_i = np.broadcast_to(rows[:, None], labels.shape)[keep]
+    cand_j = labels[keep]
+    if complete:
+        return cand_i, cand_j, np.zeros(0, np.int64)
+    return cand_i, cand_j, rows[scores[:, -1] >= best32 - delta]
+
+
+def _nearest_by_full_rows(embeddings, rows, nearest, delta, query_block, db_block):
+    """Exact nearest neighbour of ``rows`` against every row (float32 blocks, then canonical)."""
+    n = embeddings.shape[0]
+    step = max(1, min(query_block, _FULL_ROWS_BYTES // (4 * n)))
+    for a in range(0, rows.size, step):
+        block = rows[a : a + step]
+        sims = np.empty((block.size, n), dtype=np.float32)
+        for c, e in _db_tiles(n, db_block):
+            sims[:, c:e] = embeddings[block] @ embeddings[c:e].T
+        sims[np.arange(block.size), block] = -np.inf
+        near = sims >= (sims.max(axis=1) - delta)[:, None]
+        qi, qj = np.nonzero(near)
+        qi = block[qi]
+        np.maximum.at(nearest, qi, canonical_scores(embeddings, qi, qj.astype(np.int64)))
