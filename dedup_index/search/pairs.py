@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,11 @@ class PairSet:
         import pandas as pd
 
         return pd.DataFrame({"i": self.i, "j": self.j, "similarity": self.s})
+
+    def iter_chunks(self, rows: int = 1 << 20) -> Iterator[PairSet]:
+        """The pairs in chunks of at most ``rows`` (the same interface as a spilled pair file)."""
+        for a in range(0, len(self), rows):
+            yield PairSet(self.i[a : a + rows], self.j[a : a + rows], self.s[a : a + rows])
 
     def equals(self, other: PairSet) -> bool:
         """Exact equality: same pairs, bit-identical scores."""
