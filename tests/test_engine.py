@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dedup_index import TooLargeForBackendError, dedup_embeddings
-from dedup_index.search import DENSE_MAX_ROWS, as_unit_float32, canonical_scores
+from dedup_index.search import DENSE_MAX_ROWS, as_unit_float32, canonical_scores, search
+from dedup_index.search.blocked import blocked_search
 from dedup_index.search.flat import flat_pairs, flat_pairs_and_nearest
 
 
@@ -45,10 +46,12 @@ def assert_same(a, b):
 def check_all(E: np.ndarray, threshold: float) -> None:
     unit = as_unit_float32(E)
     removed, dup_of, (pi, pj, ps), nearest = brute_force(unit, threshold)
+    ii_all, pj_all = np.triu_indices(len(unit), k=1)
+    s_all = canonical_scores(unit, ii_all, pj_all)
     for score in ("nearest", "pairs"):
         oracle = dedup_embeddings(E, threshold, backend="dense", score=score)
-        flat = dedup_embeddings(E, threshold, backend="flat", score=score)
-        assert_same(oracle, flat)
+        for backend in ("flat", "blocked"):
+            assert_same(oracle, dedup_embeddings(E, threshold, backend=backend, score=score))
         assert oracle.removed.tolist() == removed
         assert {int(j): int(oracle.duplicate_of[j]) for j in removed} == dup_of
         assert np.array_equal(oracle.pairs.i, pi) and np.array_equal(oracle.pairs.j, pj)
@@ -61,6 +64,16 @@ def check_all(E: np.ndarray, threshold: float) -> None:
     # Tiny tiles exercise every tiling edge of the flat backend.
     tiled = flat_pairs(unit, threshold, query_block=3, db_block=5)
     assert tiled.equals(dedup_embeddings(E, threshold, backend="dense").pairs)
+    # Every tiling of the blocked backend, with the best-earlier score per row.
+    dense = search(unit, threshold, backend="dense")
+    earlier_spec = np.full(len(unit), -np.inf)
+    np.maximum.at(earlier_spec, pj_all, s_all)
+    assert np.array_equal(dense.earlier, earlier_spec)
+    for tile in (1, 2, (2, 5), (3, 64), 64):
+        pairs, near, earlier = blocked_search(unit, threshold, tile=tile)
+        assert pairs.equals(tiled)
+        assert np.array_equal(near, nearest if len(unit) else near)
+        assert np.array_equal(earlier, dense.earlier)
     for k in (1, 2, 16):
         both, near = flat_pairs_and_nearest(unit, threshold, k=k, query_block=2, db_block=4)
         assert both.equals(tiled)
@@ -217,10 +230,11 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng(11)
     base = unit_rows(rng, 200, 64)
     E = np.concatenate([base, base[:50] + 0.01 * rng.standard_normal((50, 64))])
-    one = dedup_embeddings(E, 0.95, backend="flat", threads=1)
-    two = dedup_embeddings(E, 0.95, backend="flat", threads=2)
-    assert_same(one, two)
-    assert one.n_removed >= 50
+    for backend in ("flat", "blocked"):
+        one = dedup_embeddings(E, 0.95, backend=backend, threads=1)
+        two = dedup_embeddings(E, 0.95, backend=backend, threads=2)
+        assert_same(one, two)
+        assert one.n_removed >= 50
 
 
 def test_array_api_does_not_import_torch():

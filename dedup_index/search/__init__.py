@@ -2,7 +2,9 @@
 
 Backends (more arrive with the scale work; each is one module here):
 
-- ``flat``: FAISS ``IndexFlatIP`` range search, tiled; exact, bounded memory.
+- ``flat``: FAISS ``IndexFlatIP`` searches, tiled; exact, bounded memory.
+- ``blocked``: upper-triangle GEMM tiles (torch), half the arithmetic of ``flat``, with
+  each row's best earlier and later row in the same pass; exact.
 - ``dense``: the N x N oracle; small N only.
 - ``auto``: picks one and logs which and why.
 """
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .canonical import as_unit_float32, candidate_delta, canonical_scores
-from .dense import DENSE_MAX_ROWS, dense_search
+from .dense import DENSE_MAX_ROWS, dense_search_all
 from .flat import flat_pairs, flat_pairs_and_nearest
 from .pairs import PairSet, best_pair_score
 
 __all__ = [
     "BACKENDS",
     "DENSE_MAX_ROWS",
+    "EXACT_BACKENDS",
     "PairSet",
     "SearchResult",
     "as_unit_float32",
@@ -34,16 +37,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flat", "dense")
+BACKENDS = ("auto", "flat", "blocked", "dense")
+#: Backends whose decisions equal the oracle's exactly, whatever the data.
+EXACT_BACKENDS = ("flat", "blocked", "dense")
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Pairs at the threshold, nearest-neighbour scores (or None), and who found them."""
+    """Pairs at the threshold, nearest-neighbour scores (or None), and who found them.
+
+    ``earlier`` (when the backend computes it) is ``max_{i<j} s(i, j)`` per row, -inf for
+    row 0: under the reference policy row ``j`` is removed at threshold ``t`` iff
+    ``earlier[j] >= t``, for every ``t`` at once.
+    """
 
     pairs: PairSet
     nearest: np.ndarray | None
     backend: str
+    earlier: np.ndarray | None = None
 
 
 def choose_backend(n: int, dim: int) -> tuple[str, str]:
@@ -65,8 +76,13 @@ def search(
         backend, why = choose_backend(n, d)
         logger.info("backend='auto' picked %r (%s)", backend, why)
     if backend == "dense":
-        pairs, near = dense_search(embeddings, threshold, nearest=nearest)
-        return SearchResult(pairs, near, "dense")
+        pairs, near, earlier = dense_search_all(embeddings, threshold, nearest=nearest)
+        return SearchResult(pairs, near, "dense", earlier)
+    if backend == "blocked":
+        from .blocked import blocked_search
+
+        pairs, near, earlier = blocked_search(embeddings, threshold, threads=threads)
+        return SearchResult(pairs, near if nearest else None, "blocked", earlier)
     if backend == "flat":
         if nearest:
             pairs, near = flat_pairs_and_nearest(embeddings, threshold, threads=threads)

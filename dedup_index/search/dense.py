@@ -34,10 +34,21 @@ def dense_search(
     embeddings: np.ndarray, threshold: float, *, nearest: bool = True
 ) -> tuple[PairSet, np.ndarray | None]:
     """Pairs at ``>= threshold`` and (optionally) each row's nearest-neighbour score."""
+    pairs, near, _ = dense_search_all(embeddings, threshold, nearest=nearest)
+    return pairs, near
+
+
+def dense_search_all(
+    embeddings: np.ndarray, threshold: float, *, nearest: bool = True
+) -> tuple[PairSet, np.ndarray | None, np.ndarray | None]:
+    """Pairs, nearest-neighbour score and best-earlier score ``max_{i<j} s(i, j)`` per row
+    (``-inf`` for row 0); the last two only when ``nearest``."""
     n, d = embeddings.shape
     check_dense_size(n)
     if n < 2:
-        return PairSet.empty(), (np.zeros(n) if nearest else None)
+        return PairSet.empty(), (np.zeros(n) if nearest else None), (
+            np.full(n, -np.inf) if nearest else None
+        )
     e64 = embeddings.astype(np.float64)
     sim = e64 @ e64.T
     np.fill_diagonal(sim, -np.inf)
@@ -45,9 +56,17 @@ def dense_search(
     ci, cj = np.nonzero(np.triu(sim >= radius, k=1))
     pairs = rescore_candidates(embeddings, [(ci, cj)], threshold)
     if not nearest:
-        return pairs, None
+        return pairs, None, None
+    best = _canonical_row_max(embeddings, sim)
+    sim[np.triu_indices(n)] = -np.inf  # keep i < j: row j against earlier rows only
+    earlier = _canonical_row_max(embeddings, sim)
+    return pairs, np.maximum(best, 0.0), earlier
+
+
+def _canonical_row_max(embeddings: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """Canonical max per row over the finite entries of ``sim`` within a hair of the max."""
     row_max = sim.max(axis=1)
-    ti, tj = np.nonzero(sim >= (row_max - _NEAREST_TIE)[:, None])
-    best = np.full(n, -np.inf)
+    ti, tj = np.nonzero((sim >= (row_max - _NEAREST_TIE)[:, None]) & np.isfinite(sim))
+    best = np.full(sim.shape[0], -np.inf)
     np.maximum.at(best, ti, canonical_scores(embeddings, ti, tj))
-    return pairs, np.maximum(best, 0.0)
+    return best

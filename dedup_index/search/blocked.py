@@ -1,0 +1,245 @@
+"""``blocked`` backend: exact upper-triangle GEMM tiles, maxima in the same pass.
+
+Rows are cut into blocks of ``tile`` rows; for every pair of blocks ``a <= c`` one GEMM
+``S = E[a] @ E[c].T`` (torch, into a preallocated buffer; on a CUDA device when asked)
+gives the scores of rows of ``a`` against *later* rows of ``c`` — half the arithmetic of
+a full-square search such as FAISS's range search, which is the physical limit for
+exact all-pairs similarity.  From each tile, in the same pass:
+
+- pair candidates: entries above ``threshold - delta`` (rescored canonically later);
+- row maxima (each row's best *later* row) and column maxima (each row's best *earlier*
+  row).  The best earlier row is what the reference policy needs: row ``j`` is removed at
+  threshold ``t`` iff ``max_{i<j} s(i, j) >= t``, so these maxima give the exact removal
+  count at every lower threshold without re-running.
+
+Maxima are decided canonically like pairs: besides its running float32 maximum, each row
+keeps every entry within ``delta`` of that maximum (a float32 near-tie can hide the true
+one; a tile only adds entries when it raises or nearly ties the running maximum, so this
+costs a few entries per row), and the survivors are rescored in float64 at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .canonical import candidate_delta, canonical_scores
+from .pairs import PairSet, rescore_candidates
+
+logger = logging.getLogger(__name__)
+
+#: Rows per row block, and columns per GEMM tile (a row block meets the later rows in
+#: chunks of this many): wide tiles keep the GEMM near its peak, short row blocks keep
+#: the wasted lower triangle of the diagonal tiles (``N * rows / 2`` products) small.
+DEFAULT_ROWS = 2048
+DEFAULT_COLS = 8192
+
+
+def choose_tile(n: int, dim: int, *, memory_budget: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of a GEMM tile for ``n`` rows: the score buffer fits the budget
+    (default: 1/16 of available memory, at most 512 MiB) and the diagonal waste stays
+    under ~1/16 of the work."""
+    if memory_budget is None:
+        memory_budget = min(512 << 20, _available_memory() // 16)
+    rows = max(64, min(DEFAULT_ROWS, _round64(n / 16)))
+    cols = max(rows, min(DEFAULT_COLS, _round64(n)))
+    while rows * cols * 5 > memory_budget and cols > rows:
+        cols //= 2
+    while rows * cols * 5 > memory_budget and rows > 64:
+        rows //= 2
+        cols = max(rows, cols // 2)
+    return rows, cols
+
+
+def _round64(x: float) -> int:
+    return max(64, int(-(-x // 64)) * 64)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class _NearBest:
+    """Per row: running float32 maximum and the entries within ``delta`` of it."""
+
+    def __init__(self, n: int, delta: float) -> None:
+        self.best = np.full(n, -np.inf, dtype=np.float32)
+        self.delta = np.float32(delta)
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+
+    def update(self, rows: np.ndarray, tile_max: np.ndarray, gather) -> None:
+        """``rows``: global ids; ``tile_max``: their max in this tile; ``gather(sel, lo)``
+        returns ``(local_row, other_global_id, score)`` of the entries ``>= lo`` of local
+        rows ``sel``."""
+        new_best = np.maximum(self.best[rows], tile_max)
+        self.best[rows] = new_best
+        relevant = np.flatnonzero((tile_max >= new_best - self.delta) & np.isfinite(tile_max))
+        if relevant.size:
+            local, other, vals = gather(relevant, new_best[relevant] - self.delta)
+            self.rows.append(rows[local])
+            self.cols.append(other)
+            self.vals.append(vals)
+
+    def survivors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, other)`` entries within ``delta`` of the row's final float32 maximum."""
+        if not self.rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = np.concatenate(self.rows).astype(np.int64)
+        keep = np.concatenate(self.vals) >= self.best[rows] - self.delta
+        return rows[keep], np.concatenate(self.cols).astype(np.int64)[keep]
+
+
+def blocked_search(
+    embeddings,
+    threshold: float,
+    *,
+    tile: tuple[int, int] | int | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+) -> tuple[PairSet, np.ndarray, np.ndarray]:
+    """Exact pairs, nearest-neighbour and best-earlier similarity per row.
+
+    Returns ``(pairs, nearest, earlier)``: ``nearest[j] = max(0, max_{k != j} s(j, k))``
+    and ``earlier[j] = max_{i < j} s(i, j)`` (``-inf`` for row 0), canonical scores.
+    ``embeddings`` is a unit float32 array or anything indexable like one (an
+    :class:`~dedup_index.store.EmbeddingStore`).  ``tile`` is ``(rows, cols)`` of a GEMM
+    tile, or one int for both; by default :func:`choose_tile`.
+    """
+    import torch
+
+    n, d = embeddings.shape
+    if n < 2:
+        return PairSet.empty(), np.zeros(n), np.full(n, -np.inf)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or "cpu")
+    if tile is None:
+        tile = choose_tile(n, d)
+    rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
+    delta = candidate_delta(d)
+    radius = threshold - delta
+    logger.debug("blocked: N=%d D=%d tile=%dx%d on %s", n, d, rows_per, cols_per, dev)
+
+    buf = torch.empty(rows_per * cols_per, dtype=torch.float32, device=dev)
+    # Entries (r, c) with c <= r of a diagonal tile: the row itself and earlier rows.
+    lower = torch.ones(rows_per, rows_per, dtype=torch.bool, device=dev).tril_()
+    later = _NearBest(n, delta)  # row direction: best later row
+    earlier = _NearBest(n, delta)  # column direction: best earlier row
+    candidates: list[tuple[np.ndarray, np.ndarray]] = []
+    resident = _Resident(embeddings, dev)
+
+    for a in range(0, n, rows_per):
+        b = min(n, a + rows_per)
+        ra = b - a
+        rows_a = resident.block(a, b)
+        for c in range(a, n, cols_per):
+            e = min(n, c + cols_per)
+            rc = e - c
+            s = buf[: ra * rc].view(ra, rc)
+            torch.mm(rows_a, resident.block(c, e, second=True).T, out=s)
+            if c == a:  # only the leading ra x ra square holds the row itself and earlier rows
+                s[:, :ra].masked_fill_(lower[:ra, :ra], float("-inf"))
+            row_max = torch.amax(s, dim=1)
+            col_max = torch.amax(s, dim=0)
+            hit = torch.nonzero(row_max > radius).flatten()
+            if hit.numel():
+                li, lj = torch.nonzero(s[hit] > radius, as_tuple=True)
+                candidates.append((hit[li].cpu().numpy() + a, lj.cpu().numpy() + c))
+            later.update(np.arange(a, b), row_max.cpu().numpy(), _gatherer(s, c, dev, False))
+            earlier.update(np.arange(c, e), col_max.cpu().numpy(), _gatherer(s, a, dev, True))
+
+    pairs = rescore_candidates(embeddings, candidates, threshold)
+    best_later, best_earlier = _canonical_maxima(embeddings, later, earlier)
+    nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
+    return pairs, nearest, best_earlier
+
+
+def _canonical_maxima(embeddings, later: _NearBest, earlier: _NearBest):
+    """Canonical best-later and best-earlier score per row, each pair rescored once
+    (the later entry ``(i, j)`` of row ``i`` is the earlier entry of row ``j``)."""
+    n = later.best.shape[0]
+    li, lj = later.survivors()
+    ej, ei = earlier.survivors()  # row j, its earlier partner i
+    lo = np.concatenate([li, ei])
+    hi = np.concatenate([lj, ej])
+    key = np.unique(lo * n + hi)
+    scores = canonical_scores(embeddings, key // n, key % n)
+    best_later = np.full(n, -np.inf)
+    best_earlier = np.full(n, -np.inf)
+    np.maximum.at(best_later, li, scores[np.searchsorted(key, li * n + lj)])
+    np.maximum.at(best_earlier, ej, scores[np.searchsorted(key, ei * n + ej)])
+    return best_later, best_earlier
+
+
+#: Above this share of relevant rows (columns), one compare over the whole tile beats
+#: copying the selected rows (columns) out first.
+_DENSE_GATHER = 0.15
+
+
+def _gatherer(s, offset: int, dev, columns: bool):
+    """Entries ``>= lo`` of selected rows (or columns) of the score tile ``s``."""
+    import torch
+
+    def gather(sel: np.ndarray, lo: np.ndarray):
+        size = s.shape[1] if columns else s.shape[0]
+        if sel.size > _DENSE_GATHER * size:
+            full = torch.full((size,), float("inf"), device=dev)
+            full[torch.from_numpy(sel).to(dev)] = torch.from_numpy(lo).to(dev)
+            bound = full[None, :] if columns else full[:, None]
+            li, lj = torch.nonzero(s >= bound, as_tuple=True)
+            vals = s[li, lj].cpu().numpy()
+            li, lj = li.cpu().numpy(), lj.cpu().numpy()
+            if columns:
+                li, lj = lj, li
+            return li, lj + offset, vals
+        sel_t = torch.from_numpy(sel).to(dev)
+        lo_t = torch.from_numpy(lo).to(dev)
+        sub = s.index_select(1, sel_t).T if columns else s.index_select(0, sel_t)
+        li, lj = torch.nonzero(sub >= lo_t[:, None], as_tuple=True)
+        vals = sub[li, lj].cpu().numpy()
+        return sel[li.cpu().numpy()], lj.cpu().numpy() + offset, vals
+
+    return gather
+
+
+class _Resident:
+    """Row blocks as torch tensors: zero-copy views of an in-memory array on the CPU,
+    read per use from a store, or copied once to the device when it fits there."""
+
+    def __init__(self, embeddings, dev) -> None:
+        import torch
+
+        self.torch = torch
+        self.embeddings = embeddings
+        self.dev = dev
+        self.whole = None
+        if isinstance(embeddings, np.ndarray) and dev.type == "cpu":
+            self.whole = torch.from_numpy(np.ascontiguousarray(embeddings))
+        elif dev.type != "cpu":
+            free, _ = torch.cuda.mem_get_info(dev)
+            need = embeddings.shape[0] * embeddings.shape[1] * 4
+            if need < free // 2:
+                host = embeddings if isinstance(embeddings, np.ndarray) else embeddings[:]
+                self.whole = torch.from_numpy(np.ascontiguousarray(host)).to(dev)
+        self.cache: dict[bool, tuple[tuple[int, int], object]] = {}
+
+    def block(self, a: int, b: int, second: bool = False):
+        """Rows ``a:b``; a store keeps the last row block and the last column block."""
+        if self.whole is not None:
+            return self.whole[a:b]
+        key, t = self.cache.get(second, (None, None))
+        if key != (a, b):
+            t = self.torch.from_numpy(np.ascontiguousarray(self.embeddings[a:b])).to(self.dev)
+            self.cache[second] = ((a, b), t)
+        return t
+
