@@ -1,18 +1,29 @@
 """Candidate search and canonical rescoring: embeddings in, exact pairs (and maxima) out.
 
-Backends (more arrive with the scale work; each is one module here):
+One module per backend; each takes a unit float32 array, or anything indexable like one
+(an :class:`~dedup_index.store.EmbeddingStore` streams tiles from disk):
 
 - ``flat``: FAISS ``IndexFlatIP`` searches, tiled; exact, bounded memory.
-- ``blocked``: upper-triangle GEMM tiles (torch), half the arithmetic of ``flat``, with
-  each row's best earlier and later row in the same pass; exact.
+- ``blocked``: upper-triangle GEMM tiles (torch; CUDA when asked), half the arithmetic of
+  ``flat``, each row's best earlier and later row in the same pass; exact.
+- ``partitioned``: spherical k-means partitions, every row in its nearest ones, exact
+  tiles inside each; approximate, recall measured (:mod:`.recall`), for large N.
+- ``ivf`` / ``hnsw``: FAISS approximate range search; for a few queries against a large
+  index, and as comparison rows in benchmarks.
 - ``dense``: the N x N oracle; small N only.
-- ``auto``: picks one and logs which and why.
+- ``auto``: picks one from N, D, memory and device, and logs which and why.
+
+Exact backends return identical pairs, ``nearest`` and ``earlier`` bit for bit.  With an
+approximate backend every reported pair is exact (its canonical score is ``>=
+threshold``), some pairs may be missing, and ``nearest``/``earlier`` are lower bounds.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "DENSE_MAX_ROWS",
     "EXACT_BACKENDS",
+    "APPROXIMATE_BACKENDS",
     "PairSet",
     "SearchResult",
     "as_unit_float32",
@@ -37,9 +49,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flat", "blocked", "dense")
+BACKENDS = ("auto", "flat", "blocked", "partitioned", "ivf", "hnsw", "dense")
 #: Backends whose decisions equal the oracle's exactly, whatever the data.
 EXACT_BACKENDS = ("flat", "blocked", "dense")
+APPROXIMATE_BACKENDS = ("partitioned", "ivf", "hnsw")
+
+#: ``auto`` runs exact search up to this many rows on a CPU (a few minutes on 2 cores at
+#: D = 512), the partitioned search above.
+AUTO_EXACT_MAX_ROWS = 150_000
 
 
 @dataclass(frozen=True)
@@ -48,44 +65,108 @@ class SearchResult:
 
     ``earlier`` (when the backend computes it) is ``max_{i<j} s(i, j)`` per row, -inf for
     row 0: under the reference policy row ``j`` is removed at threshold ``t`` iff
-    ``earlier[j] >= t``, for every ``t`` at once.
+    ``earlier[j] >= t``, for every ``t`` at once.  ``exact`` says whether pairs and
+    maxima are complete; ``info`` carries backend details (parameters, partition sizes).
     """
 
     pairs: PairSet
     nearest: np.ndarray | None
     backend: str
     earlier: np.ndarray | None = None
+    exact: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-def choose_backend(n: int, dim: int) -> tuple[str, str]:
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def choose_backend(n: int, dim: int, *, device: str | None = None) -> tuple[str, str]:
     """The backend ``auto`` runs for ``n`` rows of ``dim`` dimensions, and why."""
-    return "flat", f"N = {n}, D = {dim}: exact FAISS flat range search with bounded memory"
+    if not _torch_available():
+        return "flat", f"N = {n}: exact; torch is not installed, so FAISS flat search"
+    if device is not None and str(device).startswith("cuda"):
+        return "blocked", f"N = {n}: exact upper-triangle GEMM tiles on {device}"
+    if n <= AUTO_EXACT_MAX_ROWS:
+        return "blocked", (
+            f"N = {n} <= {AUTO_EXACT_MAX_ROWS}: exact upper-triangle GEMM tiles "
+            "(half the arithmetic of FAISS flat range search)"
+        )
+    return "partitioned", (
+        f"N = {n} > {AUTO_EXACT_MAX_ROWS}: k-means partitions with exact tiles inside; "
+        "approximate, measure recall with dedup_index.search.recall.measure_recall"
+    )
 
 
 def search(
-    embeddings: np.ndarray,
+    embeddings: Any,
     threshold: float,
     *,
     backend: str = "auto",
     nearest: bool = True,
     threads: int | None = None,
+    device: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> SearchResult:
-    """Run one backend over unit float32 ``embeddings`` (see :func:`as_unit_float32`)."""
+    """Run one backend over unit float32 ``embeddings`` (see :func:`as_unit_float32`).
+
+    ``options`` are passed to the backend: ``tile`` (blocked); ``params`` or
+    ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``
+    (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
+    ``ef_construction``, ``ef_search`` (hnsw).
+    """
+    options = dict(options or {})
     n, d = embeddings.shape
     if backend == "auto":
-        backend, why = choose_backend(n, d)
+        backend, why = choose_backend(n, d, device=device)
         logger.info("backend='auto' picked %r (%s)", backend, why)
     if backend == "dense":
-        pairs, near, earlier = dense_search_all(embeddings, threshold, nearest=nearest)
+        pairs, near, earlier = dense_search_all(_in_memory(embeddings), threshold, nearest=nearest)
         return SearchResult(pairs, near, "dense", earlier)
     if backend == "blocked":
         from .blocked import blocked_search
 
-        pairs, near, earlier = blocked_search(embeddings, threshold, threads=threads)
+        pairs, near, earlier = blocked_search(
+            embeddings, threshold, threads=threads, device=device, **options
+        )
         return SearchResult(pairs, near if nearest else None, "blocked", earlier)
     if backend == "flat":
         if nearest:
-            pairs, near = flat_pairs_and_nearest(embeddings, threshold, threads=threads)
+            pairs, near = flat_pairs_and_nearest(embeddings, threshold, threads=threads, **options)
             return SearchResult(pairs, near, "flat")
-        return SearchResult(flat_pairs(embeddings, threshold, threads=threads), None, "flat")
+        pairs = flat_pairs(embeddings, threshold, threads=threads, **options)
+        return SearchResult(pairs, None, "flat")
+    if backend == "partitioned":
+        from .partitioned import default_params, partitioned_search
+
+        params = options.pop("params", None) or default_params(n, **options)
+        pairs, near, earlier, info = partitioned_search(
+            embeddings, threshold, params=params, threads=threads
+        )
+        return SearchResult(
+            pairs,
+            near if nearest else None,
+            "partitioned",
+            earlier,
+            exact=params.exhaustive,
+            info={"partitions": info, "summary": info.summary(n)},
+        )
+    if backend == "ivf":
+        from .ivf import ivf_search
+
+        pairs, near = ivf_search(embeddings, threshold, nearest=nearest, threads=threads, **options)
+        return SearchResult(pairs, near, "ivf", exact=False, info=dict(options))
+    if backend == "hnsw":
+        from .hnsw import hnsw_search
+
+        pairs, near = hnsw_search(
+            embeddings, threshold, nearest=nearest, threads=threads, **options
+        )
+        return SearchResult(pairs, near, "hnsw", exact=False, info=dict(options))
     raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+
+
+def _in_memory(embeddings: Any) -> np.ndarray:
+    return embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings[:])

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 #: the wasted lower triangle of the diagonal tiles (``N * rows / 2`` products) small.
 DEFAULT_ROWS = 2048
 DEFAULT_COLS = 8192
+#: Up to this many rows one numpy tile does it all (partitions are mostly this small).
+SINGLE_TILE_ROWS = 1024
 
 
 def choose_tile(n: int, dim: int, *, memory_budget: int | None = None) -> tuple[int, int]:
@@ -42,7 +44,7 @@ def choose_tile(n: int, dim: int, *, memory_budget: int | None = None) -> tuple[
     under ~1/16 of the work."""
     if memory_budget is None:
         memory_budget = min(512 << 20, _available_memory() // 16)
-    rows = max(64, min(DEFAULT_ROWS, _round64(n / 16)))
+    rows = max(min(512, _round64(n)), min(DEFAULT_ROWS, _round64(n / 16)))
     cols = max(rows, min(DEFAULT_COLS, _round64(n)))
     while rows * cols * 5 > memory_budget and cols > rows:
         cols //= 2
@@ -120,6 +122,8 @@ def blocked_search(
     n, d = embeddings.shape
     if n < 2:
         return PairSet.empty(), np.zeros(n), np.full(n, -np.inf)
+    if n <= SINGLE_TILE_ROWS and tile is None and device in (None, "cpu"):
+        return _single_tile(np.ascontiguousarray(embeddings[:]), threshold)
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device or "cpu")
@@ -160,6 +164,30 @@ def blocked_search(
 
     pairs = rescore_candidates(embeddings, candidates, threshold)
     best_later, best_earlier = _canonical_maxima(embeddings, later, earlier)
+    nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
+    return pairs, nearest, best_earlier
+
+
+def _single_tile(x: np.ndarray, threshold: float) -> tuple[PairSet, np.ndarray, np.ndarray]:
+    """The whole search in one ``n x n`` float32 tile (small ``n``), same decisions."""
+    n, d = x.shape
+    delta = np.float32(candidate_delta(d))
+    sim = x @ x.T
+    sim[np.tril_indices(n)] = -np.inf  # strict upper triangle: i < j
+    ci, cj = np.nonzero(sim > threshold - delta)
+    pairs = rescore_candidates(x, [(ci, cj)], threshold)
+    later = sim.max(axis=1)
+    earlier = sim.max(axis=0)
+    li, lj = np.nonzero((sim >= (later - delta)[:, None]) & np.isfinite(later)[:, None])
+    ei, ej = np.nonzero((sim >= (earlier - delta)[None, :]) & np.isfinite(earlier)[None, :])
+    lo = np.concatenate([li, ei]).astype(np.int64)
+    hi = np.concatenate([lj, ej]).astype(np.int64)
+    key = np.unique(lo * n + hi)
+    scores = canonical_scores(x, key // n, key % n)
+    best_later = np.full(n, -np.inf)
+    best_earlier = np.full(n, -np.inf)
+    np.maximum.at(best_later, key // n, scores)
+    np.maximum.at(best_earlier, key % n, scores)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
 

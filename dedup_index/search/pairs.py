@@ -64,6 +64,16 @@ def rescore_candidates(
         parts_i.append(ci[hit].astype(np.int64, copy=False))
         parts_j.append(cj[hit].astype(np.int64, copy=False))
         parts_s.append(s[hit])
+    return _sorted_unique(parts_i, parts_j, parts_s)
+
+
+def concat_pairsets(parts: Iterable[PairSet]) -> PairSet:
+    """One sorted PairSet from several, a pair found more than once kept once."""
+    parts = [p for p in parts if len(p)]
+    return _sorted_unique([p.i for p in parts], [p.j for p in parts], [p.s for p in parts])
+
+
+def _sorted_unique(parts_i, parts_j, parts_s) -> PairSet:
     if not parts_i:
         return PairSet.empty()
     i = np.concatenate(parts_i)

@@ -1,0 +1,220 @@
+"""``partitioned`` backend: approximate all-pairs search for large N, exact inside partitions.
+
+Spherical k-means centroids (FAISS ``Kmeans`` on a sample) cut the collection into ``C``
+partitions; every row joins the partition of its nearest centroid and those of its next
+``p - 1`` nearest whose similarity is within ``margin`` of the nearest, so a pair near a
+boundary still shares a partition.  (Joining the ``p`` nearest unconditionally makes
+"hub" centroids near the collection's mean direction — CLIP embeddings share one — the
+second choice of most rows: measured on CLIP-like data, one partition held 40% of the
+rows and the work was 16x that of the margin rule at the same recall.)
+
+Partitions grown beyond ``max_partition`` rows are split again the same way, so the work
+stays balanced.  Inside each partition the exact ``blocked`` search runs (upper-triangle
+GEMM tiles, canonical rescoring); pairs found in more than one partition are kept once.
+The cost is about ``p^2 N^2 D / C`` against ``N^2 D`` for exact search.
+
+SemDeDup-style pipelines compare rows only within their single nearest cluster and miss
+every pair split by a boundary; with ``p >= 2`` those pairs are found unless both rows'
+``p`` nearest centroids are disjoint.  What is missed is measured, never assumed: see
+:func:`dedup_index.search.recall.measure_recall`.  Every pair reported is exact (its score
+is canonical and ``>= threshold``); a row's ``max_similarity`` below the threshold is a
+lower bound (its nearest neighbour may live in a partition it did not join).  With
+``n_probe = n_clusters`` every row joins every partition and the result is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocked import blocked_search
+from .pairs import PairSet, concat_pairsets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartitionParams:
+    """``n_clusters`` (C), ``n_probe`` (p: most partitions per row), ``margin`` (a row
+    joins a further partition only if its centroid is within this cosine of the
+    nearest one; 2 or more means always), ``max_partition`` (rows above which a
+    partition is split again), ``sample`` (k-means training rows), ``niter``."""
+
+    n_clusters: int
+    n_probe: int
+    max_partition: int
+    sample: int
+    seed: int = 0
+    niter: int = 10
+    margin: float = 0.05
+
+    @property
+    def exhaustive(self) -> bool:
+        """Every row in every partition: the search is then exact."""
+        return self.n_probe >= self.n_clusters and self.margin >= 2.0
+
+
+@dataclass
+class PartitionInfo:
+    """What the partitioning looked like: sizes and the arithmetic it implies."""
+
+    params: PartitionParams
+    partitions: int = 0
+    largest: int = 0
+    splits: int = 0
+    pair_work: float = 0.0  # sum of m^2 / 2 over partitions: row pairs compared
+    sizes: list[int] = field(default_factory=list, repr=False)
+
+    def summary(self, n: int) -> str:
+        full = n * (n - 1) / 2 or 1.0
+        return (
+            f"C={self.params.n_clusters} p={self.params.n_probe}: {self.partitions} partitions "
+            f"(largest {self.largest}, {self.splits} split), "
+            f"{self.pair_work / full:.3f} of the exact pair comparisons"
+        )
+
+
+def default_params(
+    n: int,
+    *,
+    n_clusters: int | None = None,
+    n_probe: int | None = None,
+    margin: float | None = None,
+    max_partition: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> PartitionParams:
+    """Parameters from N: about 64 rows per centroid (``C`` at most 4096), ``p = 2``
+    within a 0.05 margin, partitions split above 8x the mean size (at least 4096 rows),
+    k-means on 20 sampled rows per centroid (at least 10k)."""
+    c = n_clusters or max(1, min(4096, round(n / 64)))
+    c = max(1, min(c, n)) if n else 1
+    p = max(1, min(n_probe or 2, c))
+    mean = p * n / c if c else n
+    m = max_partition or max(4096, int(8 * mean))
+    s = sample or min(n, max(20 * c, 10_000))
+    return PartitionParams(c, p, m, s, seed, margin=0.05 if margin is None else margin)
+
+
+def exhaustive_params(n_clusters: int = 4, seed: int = 0) -> PartitionParams:
+    """Every row in every partition: exact, for proving the machinery on small sets."""
+    return PartitionParams(n_clusters, n_clusters, 1 << 62, 1 << 62, seed, margin=2.0)
+
+
+def partitioned_search(
+    embeddings,
+    threshold: float,
+    *,
+    params: PartitionParams | None = None,
+    threads: int | None = None,
+) -> tuple[PairSet, np.ndarray, np.ndarray, PartitionInfo]:
+    """Pairs (exact scores; recall measured separately), lower bounds of each row's
+    nearest and best-earlier score, and how the collection was partitioned."""
+    n, d = embeddings.shape
+    params = params or default_params(n)
+    info = PartitionInfo(params)
+    nearest = np.zeros(n, dtype=np.float64)
+    earlier = np.full(n, -np.inf, dtype=np.float64)
+    if n < 2:
+        return PairSet.empty(), nearest, earlier, info
+    faiss = _faiss(threads)
+    rows = np.arange(n, dtype=np.int64)
+    parts = _partition(faiss, embeddings, rows, params, info, depth=0)
+    found: list[PairSet] = []
+    for members in parts:
+        m = members.size
+        info.sizes.append(m)
+        if m < 2:
+            continue
+        info.pair_work += m * (m - 1) / 2
+        pairs, near, early = blocked_search(embeddings[members], threshold, threads=threads)
+        found.append(PairSet(members[pairs.i], members[pairs.j], pairs.s))
+        np.maximum.at(nearest, members, near)
+        np.maximum.at(earlier, members, early)
+    info.partitions = len(parts)
+    info.largest = max(info.sizes, default=0)
+    logger.info("partitioned: %s", info.summary(n))
+    return concat_pairsets(found), nearest, earlier, info
+
+
+def _faiss(threads: int | None):
+    import faiss
+
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    return faiss
+
+
+def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]:
+    """Row ids of each partition (ascending), oversize ones split recursively."""
+    n = rows.size
+    c = min(params.n_clusters, n)
+    p = min(params.n_probe, c)
+    if c <= 1 or params.exhaustive:
+        return [rows] * max(1, c if params.exhaustive else 1)
+    centroids = _train(faiss, embeddings, rows, c, params, depth)
+    assign = _assign(faiss, embeddings, rows, centroids, p, params.margin)
+    flat = assign.ravel()
+    joined = flat >= 0
+    order = np.argsort(flat[joined], kind="stable")
+    members = np.repeat(rows, p)[joined][order]
+    bounds = np.searchsorted(flat[joined][order], np.arange(c + 1))
+    out: list[np.ndarray] = []
+    for k in range(c):
+        part = np.sort(members[bounds[k] : bounds[k + 1]])
+        if part.size > params.max_partition and depth < 3 and part.size < n:
+            info.splits += 1
+            sub = PartitionParams(
+                n_clusters=max(2, math.ceil(2 * p * part.size / params.max_partition)),
+                n_probe=p,
+                max_partition=params.max_partition,
+                sample=min(part.size, params.sample),
+                seed=params.seed + depth + 1,
+                niter=params.niter,
+                margin=params.margin,
+            )
+            pieces = _partition(faiss, embeddings, part, sub, info, depth + 1)
+            # A cluster too tight to split duplicates its rows instead: keep it whole.
+            if sum(float(q.size) ** 2 for q in pieces) < float(part.size) ** 2:
+                out.extend(pieces)
+            else:
+                out.append(part)
+        elif part.size:
+            out.append(part)
+    return out
+
+
+def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
+    """Spherical k-means centroids from a seeded sample of ``rows``."""
+    rng = np.random.default_rng(params.seed + 7919 * depth)
+    take = min(rows.size, max(params.sample, 4 * c))
+    pick = np.sort(rng.choice(rows, size=take, replace=False)) if take < rows.size else rows
+    sample = np.ascontiguousarray(embeddings[pick], dtype=np.float32)
+    km = faiss.Kmeans(
+        sample.shape[1],
+        c,
+        niter=params.niter,
+        spherical=True,
+        seed=params.seed + depth,
+        verbose=False,
+        max_points_per_centroid=max(256, take // c + 1),
+    )
+    km.train(sample)
+    return km.centroids
+
+
+def _assign(faiss, embeddings, rows, centroids, p, margin, block: int = 65536) -> np.ndarray:
+    """Each row's nearest centroid and up to ``p - 1`` more within ``margin`` of it,
+    ``(len(rows), p)``, -1 where a row does not join."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    out = np.empty((rows.size, p), dtype=np.int64)
+    for a in range(0, rows.size, block):
+        x = np.ascontiguousarray(embeddings[rows[a : a + block]], dtype=np.float32)
+        sims, labels = index.search(x, p)
+        labels[sims < sims[:, :1] - margin] = -1
+        out[a : a + block] = labels
+    return out

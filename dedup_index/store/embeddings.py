@@ -1,0 +1,775 @@
+"""An append-only embedding store on disk: fixed-size ``.npy`` shards and a JSON manifest.
+
+Embeddings of a large collection do not fit in memory, and encoding them is the slow part
+of the pipeline, so they are written once, to disk, as they are produced, and read back
+through memory maps by every later stage.  A store is one directory::
+
+    manifest.json        format version, dim, dtype, shard_rows, row count, shards, keys, meta
+    shard-00000.npy      rows [0, shard_rows)            fixed capacity, sparse on disk
+    shard-00001.npy      rows [shard_rows, 2*shard_rows)
+    keys.jsonl           optional: one JSON string per row (an image path, an id, ...)
+
+The manifest is the commit point.  :meth:`EmbeddingStore.append` writes the new rows into
+the shards and fsyncs them, appends the keys and fsyncs them, and only then replaces the
+manifest atomically (temp file in the same directory, fsync, ``os.replace``, fsync of the
+directory).  A crash at any moment therefore leaves the previous manifest in place; rows
+and keys written beyond its count are ignored on open and overwritten by the next append.
+Committed rows are never rewritten, so readers may map a store while one writer appends;
+each reader sees the rows committed when it opened.  One writer at a time.
+
+Reading returns C-contiguous float32 arrays (fresh copies, never views of the maps) with
+the semantics of the equivalent ndarray for ``len``, ``.shape``, ``x[a:b]``, ``x[k]`` and
+``x[int_array]``, so search backends take a store wherever they take an array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._validation import check_choice, check_positive_int
+from ..errors import DedupIndexError
+from ..search.canonical import as_unit_float32
+
+__all__ = [
+    "DEFAULT_SHARD_ROWS",
+    "FORMAT_VERSION",
+    "EmbeddingStore",
+    "StoreError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "open_or_array",
+]
+
+#: Version written to (and the only one accepted from) ``manifest.json``.
+FORMAT_VERSION = 1
+#: Rows per shard file: 512 MiB at D = 512 float32, allocated lazily (sparse).
+DEFAULT_SHARD_ROWS = 262_144
+
+MANIFEST = "manifest.json"
+KEYS_FILE = "keys.jsonl"
+_MANIFEST_TMP = ".manifest.json.tmp"
+_FORMAT_NAME = "dedup_index.EmbeddingStore"
+_DTYPES = ("float32", "float16")
+# Test-only: "point" or "point@n" makes the n-th arrival at that point call os._exit(77),
+# to prove that a crash there leaves a consistent store (tests/test_store.py).
+_CRASH_ENV = "DEDUP_INDEX_STORE_CRASH_AT"
+_crash_hits: dict[str, int] = {}
+
+
+class StoreError(DedupIndexError, OSError):
+    """A store on disk is missing, corrupt, or does not match what was asked for."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """``create`` found a store (or other files) where it was asked to make a new one."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The path holds no store (no ``manifest.json``)."""
+
+
+def shard_name(k: int) -> str:
+    """File name of shard ``k``."""
+    return f"shard-{k:05d}.npy"
+
+
+class EmbeddingStore:
+    """Append-only ``(N, D)`` unit-norm embeddings in memory-mapped shards, keys optional.
+
+    Make one with :meth:`create`, reopen it with :meth:`open`.  ``len(store)``,
+    ``store.shape``, ``store[a:b]``, ``store[k]`` and ``store[int_array]`` behave like the
+    same operations on the equivalent float32 ndarray (out-of-range indices raise
+    ``IndexError``); results are fresh float32 arrays.
+
+    ``dtype="float16"`` halves the disk and the page cache.  Rows are then rounded to
+    float16 when written, and every later stage (candidate search and canonical rescoring)
+    works on the rounded vectors converted back to float32: scores differ from those of
+    the float32 originals by up to about 1e-3, but they are still exact and deterministic
+    functions of what is stored, so decisions stay identical across backends and machines.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], mode: str) -> None:
+        # Use create() or open(); this only takes a manifest already checked by _load_manifest.
+        self._path = path
+        self._mode = mode
+        self._dim = int(manifest["dim"])
+        self._storage = np.dtype(manifest["dtype"])
+        self._shard_rows = int(manifest["shard_rows"])
+        self._count = int(manifest["count"])
+        self._n_shards = int(manifest["n_shards"])
+        self._meta = manifest["meta"]
+        keys = manifest["keys"]
+        self._has_keys: bool | None = None if keys is None else True
+        if keys is None and self._count > 0:
+            self._has_keys = False
+        self._keys_bytes = 0 if keys is None else int(keys["bytes"])
+        self._keys: list[str] | None = None
+        self._key_index: dict[str, int] | None = None
+        self._offsets: list[int] = []
+        self._maps: list[np.ndarray | None] = []
+        self._closed = False
+        for k in range(self._n_shards):
+            self._offsets.append(self._check_shard(k))
+            self._maps.append(None)
+        if keys is not None:
+            kpath = path / KEYS_FILE
+            size = kpath.stat().st_size if kpath.exists() else -1
+            if size < self._keys_bytes:
+                what = "is missing" if size < 0 else f"has {size} bytes"
+                raise StoreError(
+                    f"keys file {kpath} {what}; the manifest says {self._keys_bytes} bytes "
+                    f"for {self._count} keys (the store is damaged)"
+                )
+
+    # ------------------------------------------------------------------ creating, opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        dim: int,
+        *,
+        dtype: str | np.dtype = "float32",
+        shard_rows: int = DEFAULT_SHARD_ROWS,
+        meta: dict[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> EmbeddingStore:
+        """Make an empty store in directory ``path`` and return it open for appending.
+
+        ``meta`` is any JSON-serialisable dict kept in the manifest (model name, threshold,
+        source file, ...).  If ``path`` already holds a store, this raises unless
+        ``exist_ok``; with ``exist_ok`` the existing store is opened for appending after
+        checking that its ``dim`` and ``dtype`` are the ones asked for (its own
+        ``shard_rows`` and ``meta`` are kept).  A directory holding other files is refused.
+        """
+        path = Path(path)
+        dim = check_positive_int(dim, "dim")
+        shard_rows = check_positive_int(shard_rows, "shard_rows")
+        storage = _dtype_name(dtype)
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict or None; got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(meta))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"meta must be JSON-serialisable: {err}") from err
+        if (path / MANIFEST).exists():
+            if not exist_ok:
+                raise StoreExistsError(
+                    f"{path} already holds an embedding store; open it with "
+                    "EmbeddingStore.open(path, mode='a') or pass exist_ok=True"
+                )
+            store = cls.open(path, mode="a")
+            if store.dim != dim or store.storage_dtype != np.dtype(storage):
+                found = f"dim={store.dim}, dtype={store.storage_dtype.name}"
+                store.close()
+                raise StoreError(
+                    f"the store at {path} has {found}, but dim={dim}, dtype={storage} was "
+                    "asked for; use another directory or the store's own dim and dtype"
+                )
+            return store
+        if path.exists() and not path.is_dir():
+            raise StoreExistsError(f"{path} exists and is not a directory")
+        if path.is_dir():
+            others = sorted(p.name for p in path.iterdir() if p.name != _MANIFEST_TMP)
+            if others:
+                raise StoreExistsError(
+                    f"{path} is not empty and holds no embedding store "
+                    f"(found {', '.join(others[:5])}); use an empty or new directory"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "dim": dim,
+            "dtype": storage,
+            "shard_rows": shard_rows,
+            "count": 0,
+            "n_shards": 0,
+            "keys": None,
+            "meta": meta,
+        }
+        _write_manifest(path, manifest)
+        return cls(path, manifest, "a")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> EmbeddingStore:
+        """Open the store in ``path``: ``mode="r"`` reads only (never writes), ``"a"`` appends.
+
+        Checks the manifest and that every shard it counts exists at full size, so a damaged
+        store fails here, naming the file, rather than in the middle of a search.
+        """
+        check_choice(mode, ("r", "a"), "mode")
+        path = Path(path)
+        return cls(path, _load_manifest(path), mode)
+
+    # ------------------------------------------------------------------------ properties
+
+    @property
+    def path(self) -> Path:
+        """The store's directory."""
+        return self._path
+
+    @property
+    def mode(self) -> str:
+        """``"r"`` (read-only) or ``"a"`` (append)."""
+        return self._mode
+
+    @property
+    def dim(self) -> int:
+        """Number of columns D."""
+        return self._dim
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, D)``, like an ndarray's."""
+        return (self._count, self._dim)
+
+    @property
+    def ndim(self) -> int:
+        """Always 2, like the equivalent ndarray."""
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of what reads return: always float32, whatever the storage dtype."""
+        return np.dtype(np.float32)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The dtype of the shards on disk: float32 or float16."""
+        return self._storage
+
+    @property
+    def shard_rows(self) -> int:
+        """Capacity of one shard file, in rows."""
+        return self._shard_rows
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """A copy of the user metadata given to :meth:`create`."""
+        return json.loads(json.dumps(self._meta))
+
+    @property
+    def has_keys(self) -> bool | None:
+        """Whether rows carry keys; None while the store is empty and no append has said."""
+        return self._has_keys
+
+    @property
+    def nbytes_on_disk(self) -> int:
+        """Bytes the store occupies on disk.
+
+        Counts allocated blocks where the platform reports them, so the unwritten (sparse)
+        tail of the last shard is not counted; apparent file sizes elsewhere.
+        """
+        files = [self._path / MANIFEST, self._path / KEYS_FILE]
+        files += [self._path / shard_name(k) for k in range(self._n_shards)]
+        total = 0
+        for f in files:
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            blocks = getattr(st, "st_blocks", None)
+            total += st.st_size if blocks is None else blocks * 512
+        return total
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"mode={self._mode!r}"
+        return (
+            f"EmbeddingStore({str(self._path)!r}, shape={self.shape}, "
+            f"storage_dtype={self._storage.name}, {state})"
+        )
+
+    # --------------------------------------------------------------------------- writing
+
+    def append(
+        self,
+        embeddings: object,
+        keys: Sequence[str] | None = None,
+        *,
+        normalize: bool = True,
+    ) -> np.ndarray:
+        """Append ``(n, D)`` rows (and their keys) durably; return their row ids (int64).
+
+        Rows are validated and L2-normalised by
+        :func:`~dedup_index.search.canonical.as_unit_float32` (NaN, inf and zero rows are
+        refused, naming the rows of ``embeddings``), then cast to the storage dtype.  Keys
+        are all-or-nothing over the store's life: once rows were appended with keys, every
+        append needs keys, and vice versa.  The append is committed when this returns; if
+        the process dies before, the store reopens as it was before the call.
+        """
+        self._check_open()
+        if self._mode != "a":
+            raise StoreError(
+                f"the store at {self._path} is open read-only (mode='r'); "
+                "open it with mode='a' to append"
+            )
+        arr = np.asarray(embeddings)
+        if arr.ndim == 2 and arr.shape[1] != self._dim:
+            raise ValueError(
+                f"embeddings have {arr.shape[1]} columns but the store at {self._path} "
+                f"has dim {self._dim}"
+            )
+        unit = as_unit_float32(arr, normalize=normalize)
+        n = unit.shape[0]
+        key_list = self._check_keys(keys, n)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        data = unit if self._storage == np.float32 else unit.astype(self._storage)
+        start = self._count
+        stop = start + n
+        new_shards = self._write_rows(data, start)
+        _crash_point("shards_written")
+        keys_record = None
+        if key_list is not None:
+            keys_record = {"count": stop, "bytes": self._write_keys(key_list)}
+            _crash_point("keys_written")
+        n_shards = -(-stop // self._shard_rows)
+        manifest = self._manifest(count=stop, n_shards=n_shards, keys=keys_record)
+        _write_manifest(self._path, manifest)
+        # Committed: update the in-memory view.
+        for k in range(self._n_shards, n_shards):
+            self._offsets.append(new_shards[k])
+            self._maps.append(None)
+        self._count = stop
+        self._n_shards = n_shards
+        if key_list is not None:
+            self._has_keys = True
+            self._keys_bytes = keys_record["bytes"]
+            if self._keys is not None:
+                self._keys.extend(key_list)
+            if self._key_index is not None:
+                for r, key in enumerate(key_list, start):
+                    self._key_index.setdefault(key, r)
+        else:
+            self._has_keys = False
+        return np.arange(start, stop, dtype=np.int64)
+
+    def flush(self) -> None:
+        """Nothing to do: every :meth:`append` is durable when it returns.  Kept for the
+        file-like protocol, so callers may flush without knowing that."""
+        self._check_open()
+
+    def close(self) -> None:
+        """Release the memory maps; the store object is unusable afterwards."""
+        self._maps = [None] * len(self._maps)
+        self._keys = None
+        self._key_index = None
+        self._closed = True
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_keys(self, keys: Sequence[str] | None, n: int) -> list[str] | None:
+        if keys is None:
+            if self._has_keys:
+                raise ValueError(
+                    f"the store at {self._path} has keys for its {self._count} rows; "
+                    "every append must give keys (one str per row)"
+                )
+            return None
+        if isinstance(keys, (str, bytes)):
+            raise TypeError("keys must be a sequence of str (one per row), not a single string")
+        key_list = list(keys)
+        if len(key_list) != n:
+            raise ValueError(f"got {len(key_list)} keys for {n} rows; give one key per row")
+        for r, key in enumerate(key_list):
+            if not isinstance(key, str):
+                raise TypeError(f"keys must be str; key {r} is {type(key).__name__}: {key!r}")
+        if self._has_keys is False:
+            raise ValueError(
+                f"the store at {self._path} has {self._count} rows without keys; "
+                "appends to it cannot give keys (use a new store to keep keys)"
+            )
+        return key_list
+
+    def _write_rows(self, data: np.ndarray, start: int) -> dict[int, int]:
+        """Write ``data`` at rows ``start...`` across shards; return offsets of new shards."""
+        new: dict[int, int] = {}
+        row_bytes = self._dim * self._storage.itemsize
+        r = 0
+        while r < data.shape[0]:
+            k, r0 = divmod(start + r, self._shard_rows)
+            take = min(data.shape[0] - r, self._shard_rows - r0)
+            fname = self._path / shard_name(k)
+            if k < self._n_shards:
+                offset = self._offsets[k]
+            else:
+                # A shard beyond the committed ones: (re)create it, discarding what a
+                # crashed append may have left there.
+                mm = np.lib.format.open_memmap(
+                    fname, mode="w+", dtype=self._storage, shape=(self._shard_rows, self._dim)
+                )
+                offset = int(mm.offset)
+                del mm
+                new[k] = offset
+            with open(fname, "r+b") as f:
+                f.seek(offset + r0 * row_bytes)
+                f.write(np.ascontiguousarray(data[r : r + take]).data)
+                f.flush()
+                os.fsync(f.fileno())
+            _crash_point("shard_chunk")
+            r += take
+        if new:
+            _fsync_dir(self._path)
+        return new
+
+    def _write_keys(self, key_list: list[str]) -> int:
+        """Append keys after the committed ones (dropping any uncommitted tail)."""
+        kpath = self._path / KEYS_FILE
+        payload = "".join(json.dumps(key) + "\n" for key in key_list).encode("ascii")
+        created = not kpath.exists()
+        with open(kpath, "ab" if created else "r+b") as f:
+            f.truncate(self._keys_bytes)
+            f.seek(self._keys_bytes)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self._path)
+        return self._keys_bytes + len(payload)
+
+    def _manifest(self, *, count: int, n_shards: int, keys: dict[str, int] | None) -> dict:
+        return {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "dim": self._dim,
+            "dtype": self._storage.name,
+            "shard_rows": self._shard_rows,
+            "count": count,
+            "n_shards": n_shards,
+            "keys": None if keys is None else {"file": KEYS_FILE, **keys},
+            "meta": self._meta,
+        }
+
+    # --------------------------------------------------------------------------- reading
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """Rows as a fresh C-contiguous float32 array, with ndarray indexing semantics.
+
+        ``int`` -> ``(D,)``; ``slice`` -> ``(m, D)``; integer array or list (any order,
+        repeats, negatives counted from the end) -> ``idx.shape + (D,)``; a boolean mask
+        of length N; a tuple indexes rows with its first item and columns with the rest.
+        """
+        self._check_open()
+        if isinstance(key, tuple):
+            if not key:
+                return self.to_array()
+            rows = self[key[0]]
+            rest = key[1:]
+            if not rest:
+                return rows
+            if rows.ndim == 1:
+                return np.ascontiguousarray(rows[rest])
+            return np.ascontiguousarray(rows[(slice(None),) * (rows.ndim - 1) + rest])
+        if isinstance(key, (bool, np.bool_)):
+            raise TypeError("a store cannot be indexed with a bool; use an index or a mask")
+        if isinstance(key, numbers.Integral):
+            k = int(key)
+            if not -self._count <= k < self._count:
+                raise IndexError(f"index {k} is out of bounds for a store of {self._count} rows")
+            return self._range(k % self._count, k % self._count + 1)[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._count)
+            if step == 1:
+                return self._range(start, max(start, stop))
+            return self._gather(np.arange(start, stop, step, dtype=np.int64))
+        if key is Ellipsis:
+            return self.to_array()
+        idx = np.asarray(key)
+        if idx.dtype == np.bool_:
+            if idx.shape != (self._count,):
+                raise IndexError(
+                    f"boolean index of shape {idx.shape} does not match a store of "
+                    f"{self._count} rows"
+                )
+            return self._gather(np.flatnonzero(idx))
+        if idx.size == 0 and idx.dtype.kind not in "iu":
+            idx = idx.astype(np.int64)
+        if idx.dtype.kind not in "iu":
+            raise IndexError(
+                f"arrays used as indices must be of integer (or boolean) type; got {idx.dtype}"
+            )
+        flat = self._gather(idx.reshape(-1).astype(np.int64, copy=False))
+        return flat.reshape(idx.shape + (self._dim,))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(store)``: all rows in memory (see :meth:`to_array`)."""
+        if copy is False:
+            raise ValueError("an EmbeddingStore cannot be viewed as an array without a copy")
+        arr = self.to_array()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def astype(self, dtype: Any, copy: bool = True) -> np.ndarray:
+        """All rows in memory as ``dtype`` (an ndarray, like ``ndarray.astype``; loads all)."""
+        return self.to_array().astype(dtype, copy=False)
+
+    def to_array(self) -> np.ndarray:
+        """All rows as one ``(N, D)`` float32 array in memory."""
+        self._check_open()
+        return self._range(0, self._count)
+
+    def iter_blocks(
+        self, block_rows: int = 65_536, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(row_start, rows)`` float32 blocks of at most ``block_rows`` rows.
+
+        Covers rows ``[start, stop)`` in order (``stop=None``: to the end), so memory stays
+        ``O(block_rows * D)`` however large the store.
+        """
+        self._check_open()
+        block_rows = check_positive_int(block_rows, "block_rows")
+        stop = self._count if stop is None else stop
+        if not 0 <= start <= stop <= self._count:
+            raise IndexError(
+                f"iter_blocks range [{start}, {stop}) is not within [0, {self._count}]"
+            )
+        for a in range(start, stop, block_rows):
+            yield a, self._range(a, min(a + block_rows, stop))
+
+    def keys(self) -> list[str] | None:
+        """The key of every row, in row order, or None if the store has no keys."""
+        self._check_open()
+        if not self._has_keys:
+            return None
+        if self._keys is None:
+            self._keys = self._read_keys()
+        return list(self._keys)
+
+    def key_index(self) -> dict[str, int]:
+        """``key -> row``; a key given to several rows maps to the first.  Empty if no keys."""
+        self._check_open()
+        if self._key_index is None:
+            index: dict[str, int] = {}
+            for r, key in enumerate(self.keys() or []):
+                index.setdefault(key, r)
+            self._key_index = index
+        return dict(self._key_index)
+
+    def _read_keys(self) -> list[str]:
+        kpath = self._path / KEYS_FILE
+        with open(kpath, "rb") as f:
+            data = f.read(self._keys_bytes)
+        lines = data.split(b"\n")
+        if len(data) < self._keys_bytes or lines[-1] != b"" or len(lines) - 1 != self._count:
+            raise StoreError(
+                f"keys file {kpath} does not hold {self._count} keys in its first "
+                f"{self._keys_bytes} bytes (the store is damaged)"
+            )
+        out = []
+        for r, line in enumerate(lines[:-1]):
+            try:
+                key = json.loads(line)
+            except ValueError as err:
+                raise StoreError(f"keys file {kpath}: line {r + 1} is not JSON: {err}") from err
+            if not isinstance(key, str):
+                raise StoreError(f"keys file {kpath}: line {r + 1} is not a JSON string")
+            out.append(key)
+        return out
+
+    def _map(self, k: int) -> np.ndarray:
+        mm = self._maps[k]
+        if mm is None:
+            mm = np.load(self._path / shard_name(k), mmap_mode="r")
+            self._maps[k] = mm
+        return mm
+
+    def _range(self, a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a, self._dim), dtype=np.float32)
+        r = a
+        while r < b:
+            k, r0 = divmod(r, self._shard_rows)
+            take = min(b - r, self._shard_rows - r0)
+            out[r - a : r - a + take] = self._map(k)[r0 : r0 + take]
+            r += take
+        return out
+
+    def _gather(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (1-D int64) in the caller's order: one fancy index per shard."""
+        n = self._count
+        out = np.empty((idx.shape[0], self._dim), dtype=np.float32)
+        if idx.shape[0] == 0:
+            return out
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"index {int(idx[bad][0])} is out of bounds for a store of {n} rows")
+        if (idx < 0).any():
+            idx = np.where(idx < 0, idx + n, idx)
+        shard = idx // self._shard_rows
+        lo, hi = int(shard.min()), int(shard.max())
+        if lo == hi:
+            out[:] = self._map(lo)[idx - lo * self._shard_rows]
+            return out
+        order = np.argsort(shard, kind="stable")
+        ordered = shard[order]
+        cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, order.shape[0]], strict=True):
+            k = int(ordered[a])
+            pos = order[a:b]
+            out[pos] = self._map(k)[idx[pos] - k * self._shard_rows]
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"the store at {self._path} is closed")
+
+    def _check_shard(self, k: int) -> int:
+        """Check shard ``k``'s header and size against the manifest; return its data offset."""
+        fname = self._path / shard_name(k)
+        try:
+            with open(fname, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise StoreError(
+                f"shard file {fname} is missing; the manifest of {self._path} counts "
+                f"{self._n_shards} shard(s) for {self._count} rows (the store is damaged)"
+            ) from None
+        except ValueError as err:
+            raise StoreError(f"shard file {fname} is not a valid .npy file: {err}") from err
+        want = (self._shard_rows, self._dim)
+        if tuple(shape) != want or fortran or dtype != self._storage:
+            raise StoreError(
+                f"shard file {fname} holds a {dtype} array of shape {tuple(shape)}; the "
+                f"manifest says {self._storage.name} {want} (the store is damaged)"
+            )
+        need = offset + self._shard_rows * self._dim * self._storage.itemsize
+        if size < need:
+            raise StoreError(
+                f"shard file {fname} is truncated: {size} bytes, the manifest needs {need} "
+                "(the store is damaged)"
+            )
+        return offset
+
+
+def open_or_array(x: Any) -> Any:
+    """Embeddings as search backends take them: a store stays, a store's path is opened.
+
+    An :class:`EmbeddingStore` is returned unchanged; a ``str`` or path-like naming an
+    existing directory is opened read-only (so a directory that is not a store fails with
+    :class:`StoreNotFoundError`); anything else (an ndarray, a list) is returned as is.
+    """
+    if isinstance(x, EmbeddingStore):
+        return x
+    if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+        return EmbeddingStore.open(x, mode="r")
+    return x
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _dtype_name(dtype: str | np.dtype) -> str:
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    return check_choice(name, _DTYPES, "dtype")
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    try:
+        text = mpath.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
+        raise StoreNotFoundError(
+            f"{path} is not an embedding store: it {what} (make one with EmbeddingStore.create)"
+        ) from None
+    try:
+        m = json.loads(text)
+    except ValueError as err:
+        raise StoreError(f"manifest {mpath} is corrupt (not JSON: {err})") from err
+    if not isinstance(m, dict) or m.get("format") != _FORMAT_NAME:
+        raise StoreError(f"manifest {mpath} is corrupt or not an embedding store manifest")
+    if m.get("version") != FORMAT_VERSION:
+        raise StoreError(
+            f"manifest {mpath} has format version {m.get('version')!r}; this dedup_index "
+            f"reads version {FORMAT_VERSION} only"
+        )
+    try:
+        ints = {f: m[f] for f in ("dim", "shard_rows", "count", "n_shards")}
+        keys, meta, dtype = m["keys"], m["meta"], m["dtype"]
+    except KeyError as err:
+        raise StoreError(f"manifest {mpath} is corrupt: field {err} is missing") from err
+    bad = [f for f, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad or ints["dim"] < 1 or ints["shard_rows"] < 1:
+        raise StoreError(f"manifest {mpath} is corrupt: bad value of {bad or ['dim/shard_rows']}")
+    if dtype not in _DTYPES or not isinstance(meta, dict):
+        raise StoreError(f"manifest {mpath} is corrupt: bad dtype {dtype!r} or meta")
+    if ints["n_shards"] != math.ceil(ints["count"] / ints["shard_rows"]):
+        raise StoreError(
+            f"manifest {mpath} is corrupt: {ints['n_shards']} shards cannot hold exactly "
+            f"{ints['count']} rows of {ints['shard_rows']} per shard"
+        )
+    if keys is not None and (
+        not isinstance(keys, dict)
+        or keys.get("count") != ints["count"]
+        or not isinstance(keys.get("bytes"), int)
+    ):
+        raise StoreError(f"manifest {mpath} is corrupt: its keys record does not match count")
+    return m
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace ``manifest.json`` atomically and durably: the store's commit point."""
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    tmp = path / _MANIFEST_TMP
+    with open(tmp, "wb") as f:
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        _crash_point("manifest_partial")
+        f.write(data[half:])
+        f.flush()
+        os.fsync(f.fileno())
+    _crash_point("manifest_tmp")
+    os.replace(tmp, path / MANIFEST)
+    _crash_point("manifest_replaced")
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (new files, renames) durable; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _crash_point(name: str) -> None:
+    spec = os.environ.get(_CRASH_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("@")
+    if point != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] >= int(nth or 1):
+        os._exit(77)
