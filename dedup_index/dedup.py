@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ._validation import check_choice, check_positive_int, check_threshold
 from .policy import POLICIES, decide
 from .search import BACKENDS, PairSet, as_unit_float32, best_pair_score, search
+from .store import EmbeddingStore, open_or_array
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +31,34 @@ class DedupResult:
 
     Attributes:
         keep: bool mask, True for rows that stay.
-        duplicate_of: for each removed row the earliest row it duplicates, -1 for kept rows.
-        duplicate_similarity: canonical similarity to ``duplicate_of``; NaN for kept rows.
+        duplicate_of: for each removed row the earliest row it duplicates (under ``greedy``
+            the earliest kept one, under ``component`` its component's lowest row), -1 for
+            kept rows.
+        duplicate_similarity: canonical similarity to ``duplicate_of`` (under ``component``
+            when that pair exists; see :mod:`dedup_index.policy.component`); NaN for kept
+            rows.
+        group: for each row the index of the kept row representing its duplicate group;
+            the row itself for kept rows (how a removed row maps to it depends on the
+            policy: see :mod:`dedup_index.policy`).
         pairs: every pair ``i < j`` with canonical similarity ``>= threshold``.
         max_similarity: per row; with ``score="nearest"`` the highest similarity to any
             other row, floored at 0; with ``score="pairs"`` (upstream's value) the highest
             pair score at or above the threshold, else 0.
         threshold, backend, policy, score: what produced it (``backend`` as resolved).
+        exact: False when an approximate backend produced it: every pair reported is
+            exact, but pairs may be missing and ``max_similarity`` below the threshold is
+            a lower bound.
+        max_earlier_similarity: ``max_{i<j} s(i, j)`` per row (-inf for row 0) when the
+            backend computes it (``blocked``, ``dense``, ``partitioned`` as a lower
+            bound), else None.  Under the reference policy row ``j`` is removed at any
+            threshold ``t`` iff this is ``>= t``: see :meth:`removed_at`.
+        info: backend details (partition sizes, parameters, recall notes).
     """
 
     keep: np.ndarray
     duplicate_of: np.ndarray
     duplicate_similarity: np.ndarray
+    group: np.ndarray
     pairs: PairSet
     max_similarity: np.ndarray
     threshold: float
@@ -47,6 +66,9 @@ class DedupResult:
     policy: str
     score: str
     seconds: float = field(default=0.0, compare=False)
+    exact: bool = True
+    max_earlier_similarity: np.ndarray | None = field(default=None, compare=False)
+    info: dict = field(default_factory=dict, compare=False)
 
     @property
     def n(self) -> int:
@@ -66,11 +88,27 @@ class DedupResult:
     def n_removed(self) -> int:
         return int((~self.keep).sum())
 
+    def removed_at(self, thresholds) -> np.ndarray:
+        """Rows the reference policy removes at each of ``thresholds``, without re-running.
+
+        Exact for any threshold when the backend was exact (from the best-earlier score
+        of every row); a lower bound with an approximate backend.
+        """
+        if self.max_earlier_similarity is None:
+            raise ValueError(
+                f"backend {self.backend!r} does not compute the best-earlier score; "
+                "use backend='blocked' or 'partitioned'"
+            )
+        t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+        earlier = np.sort(self.max_earlier_similarity)
+        return earlier.size - np.searchsorted(earlier, t, side="left")
+
     def summary(self) -> str:
+        kind = "" if self.exact else ", approximate"
         return (
             f"{self.n} rows: {self.n - self.n_removed} kept, {self.n_removed} removed as "
             f"near-duplicates ({len(self.pairs)} pairs at >= {self.threshold:g}, "
-            f"backend {self.backend}, policy {self.policy}, {self.seconds:.2f} s)"
+            f"backend {self.backend}{kind}, policy {self.policy}, {self.seconds:.2f} s)"
         )
 
 
@@ -83,6 +121,8 @@ def dedup_embeddings(
     policy: str = "reference",
     normalize: bool = True,
     threads: int | None = None,
+    device: str | None = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> DedupResult:
     """Find near-duplicate rows of an ``(N, D)`` embedding matrix.
 
@@ -94,11 +134,19 @@ def dedup_embeddings(
     Args:
         embeddings: ``(N, D)`` real array; rows are L2-normalised unless ``normalize=False``
             (then they must already be unit norm).  Zero or non-finite rows are rejected.
+            Or an :class:`~dedup_index.store.EmbeddingStore` (or its directory): its rows
+            are unit float32 already and stream from disk tile by tile.
         threshold: cosine similarity in [0, 1]; ``>=`` means near-duplicate.
-        backend: ``"auto"``, ``"flat"`` (FAISS range search) or ``"dense"`` (the oracle).
+        backend: ``"auto"`` (logs its pick), exact ``"blocked"`` (GEMM tiles), ``"flat"``
+            (FAISS), approximate ``"partitioned"``, ``"ivf"``, ``"hnsw"``, or ``"dense"``
+            (the oracle); see :mod:`dedup_index.search`.
         score: ``"nearest"`` (true nearest-neighbour similarity) or ``"pairs"`` (upstream).
-        policy: keep policy; ``"reference"``.
-        threads: CPU threads for FAISS (default: FAISS's own).
+        policy: keep policy: ``"reference"`` (the ``i < j`` semantics above),
+            ``"greedy"`` or ``"component"``; see :mod:`dedup_index.policy`.
+        threads: CPU threads for FAISS and torch (default: their own).
+        device: ``"cuda"`` runs the ``blocked`` backend's GEMM tiles on the GPU.
+        backend_options: extra parameters of the backend (tile sizes, partitions,
+            nprobe, ...): see :func:`dedup_index.search.search`.
     """
     threshold = check_threshold(threshold)
     check_choice(backend, BACKENDS, "backend")
@@ -106,9 +154,21 @@ def dedup_embeddings(
     check_choice(policy, POLICIES, "policy")
     threads = check_positive_int(threads, "threads", allow_none=True)
     start = time.perf_counter()
-    unit = as_unit_float32(embeddings, normalize=normalize)
+    source = open_or_array(embeddings)
+    if isinstance(source, EmbeddingStore):
+        unit = source  # validated and normalised once, when appended
+    else:
+        unit = as_unit_float32(source, normalize=normalize)
     n = unit.shape[0]
-    found = search(unit, threshold, backend=backend, nearest=score == "nearest", threads=threads)
+    found = search(
+        unit,
+        threshold,
+        backend=backend,
+        nearest=score == "nearest",
+        threads=threads,
+        device=device,
+        options=backend_options,
+    )
     if score == "nearest":
         max_similarity = found.nearest
     else:
@@ -119,6 +179,7 @@ def dedup_embeddings(
         keep=decisions.keep,
         duplicate_of=decisions.duplicate_of,
         duplicate_similarity=decisions.duplicate_similarity,
+        group=decisions.group,
         pairs=found.pairs,
         max_similarity=max_similarity,
         threshold=threshold,
@@ -126,6 +187,9 @@ def dedup_embeddings(
         policy=policy,
         score=score,
         seconds=time.perf_counter() - start,
+        exact=found.exact,
+        max_earlier_similarity=found.earlier,
+        info=dict(found.info),
     )
     logger.info("%s", result.summary())
     return result

@@ -186,7 +186,7 @@ def test_pairs_frame_and_summary():
     r = dedup_embeddings(E, 0.9)
     frame = r.pairs.to_frame()
     assert frame.to_dict("list") == {"i": [0], "j": [3], "similarity": [1.0]}
-    assert "1 removed" in r.summary() and r.backend == "flat"
+    assert "1 removed" in r.summary() and r.backend == "blocked" and r.exact
 
 
 def test_dense_refuses_large_inputs_with_a_clear_message():

@@ -2,50 +2,40 @@
 
 This is the upstream operator's ``i < j`` scan, kept as the default: in a chain A~B~C with
 A not similar to C, both B and C are removed, because B pairs with A and C pairs with B
-(C goes although the only row it duplicates was itself removed).  A removed row's
-``duplicate_of`` is the earliest row it pairs with.
+(C goes although the only row it duplicates was itself removed).
+
+- ``duplicate_of[j]``: the earliest row ``j`` pairs with (smallest ``i`` over all pairs).
+- ``duplicate_similarity[j]``: the score of that pair ``(duplicate_of[j], j)``.
+- ``group[j]``: the kept row reached by following ``duplicate_of`` (C -> B -> A gives A),
+  so the whole chain A~B~C is group A.
+
+Memory O(n) plus one chunk of pairs: the pairs are streamed, never held all at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..search.pairs import PairSet
+from .groups import (
+    Decisions,
+    EarliestPartner,
+    Pairs,
+    check_rows,
+    follow_to_kept,
+    iter_pair_chunks,
+)
 
-POLICIES = ("reference",)
-
-
-@dataclass(frozen=True)
-class Decisions:
-    """Per-row outcome: ``keep``; for removed rows, ``duplicate_of`` and its similarity."""
-
-    keep: np.ndarray
-    duplicate_of: np.ndarray
-    duplicate_similarity: np.ndarray
+__all__ = ["Decisions", "reference_decisions"]
 
 
-def reference_decisions(n: int, pairs: PairSet) -> Decisions:
-    """Decisions of the reference policy over ``n`` rows; memory O(n + pairs)."""
-    keep = np.ones(n, dtype=bool)
-    duplicate_of = np.full(n, -1, dtype=np.int64)
-    duplicate_similarity = np.full(n, np.nan, dtype=np.float64)
-    if len(pairs):
-        order = np.lexsort((pairs.i, pairs.j))  # by j, then earliest i
-        j_sorted = pairs.j[order]
-        first = np.ones(j_sorted.size, dtype=bool)
-        first[1:] = j_sorted[1:] != j_sorted[:-1]
-        pick = order[first]
-        removed = pairs.j[pick]
-        keep[removed] = False
-        duplicate_of[removed] = pairs.i[pick]
-        duplicate_similarity[removed] = pairs.s[pick]
-    return Decisions(keep, duplicate_of, duplicate_similarity)
-
-
-def decide(n: int, pairs: PairSet, policy: str = "reference") -> Decisions:
-    """Apply the keep ``policy`` to ``pairs`` over ``n`` rows."""
-    if policy == "reference":
-        return reference_decisions(n, pairs)
-    raise ValueError(f"policy must be one of {POLICIES}; got {policy!r}")
+def reference_decisions(n: int, pairs: Pairs) -> Decisions:
+    """Decisions of the reference policy over ``n`` rows (pairs streamed, O(n) memory)."""
+    n = check_rows(n)
+    earliest = EarliestPartner(n)
+    for i, j, s in iter_pair_chunks(n, pairs):
+        earliest.add(i, j, s)
+    removed = earliest.has_partner()
+    keep = ~removed
+    duplicate_of = np.where(removed, earliest.first, -1)
+    duplicate_similarity = np.where(removed, earliest.score, np.nan)
+    return Decisions(keep, duplicate_of, duplicate_similarity, follow_to_kept(keep, duplicate_of))
