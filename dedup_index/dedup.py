@@ -8,6 +8,7 @@ canonical vectors -> search (pairs, nearest) -> policy (decisions).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import numpy as np
 from ._validation import check_choice, check_positive_int, check_threshold
 from .policy import POLICIES, decide
 from .search import BACKENDS, PairSet, as_unit_float32, best_pair_score, search
-from .store import EmbeddingStore, open_or_array
+from .store import EmbeddingStore, PairSink, open_or_array
+from .store.pairs_file import DEFAULT_MEMORY_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ def dedup_embeddings(
     threads: int | None = None,
     device: str | None = None,
     backend_options: Mapping[str, Any] | None = None,
+    pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    pairs_path: str | os.PathLike | None = None,
 ) -> DedupResult:
     """Find near-duplicate rows of an ``(N, D)`` embedding matrix.
 
@@ -147,6 +151,11 @@ def dedup_embeddings(
         device: ``"cuda"`` runs the ``blocked`` backend's GEMM tiles on the GPU.
         backend_options: extra parameters of the backend (tile sizes, partitions,
             nprobe, ...): see :func:`dedup_index.search.search`.
+        pairs_memory_budget, pairs_path: ``blocked`` and ``partitioned`` stream pairs into
+            memory up to this many bytes (24 a pair), then into a Parquet file at
+            ``pairs_path`` (a temporary file if None); ``result.pairs`` is then a
+            :class:`~dedup_index.store.PairFile` read in chunks, and the policies run over
+            it with memory O(N).
     """
     threshold = check_threshold(threshold)
     check_choice(backend, BACKENDS, "backend")
@@ -160,6 +169,7 @@ def dedup_embeddings(
     else:
         unit = as_unit_float32(source, normalize=normalize)
     n = unit.shape[0]
+    sink = PairSink(pairs_path, memory_budget=pairs_memory_budget)
     found = search(
         unit,
         threshold,
@@ -168,6 +178,7 @@ def dedup_embeddings(
         threads=threads,
         device=device,
         options=backend_options,
+        sink=sink,
     )
     if score == "nearest":
         max_similarity = found.nearest

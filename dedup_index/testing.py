@@ -628,6 +628,9 @@ def default_backends() -> tuple[str, ...]:
     return tuple(b for b in names if b not in ("auto", ORACLE))
 
 
+_DIRECT_ARGS = frozenset({"normalize", "threads", "device", "pairs_memory_budget", "pairs_path"})
+
+
 def check_equivalence(
     embeddings: np.ndarray,
     threshold: float,
@@ -674,9 +677,17 @@ def check_equivalence(
                 record(ORACLE, literal.backend, policy, score, compare_results(literal, oracle))
             for name in names:
                 extra = dict(options.get(name) or {})
+                # Arguments of dedup_embeddings itself go there; the rest to the backend.
+                direct = {k: extra.pop(k) for k in list(extra) if k in _DIRECT_ARGS}
                 try:
                     got = dedup_embeddings(
-                        embeddings, threshold, backend=name, score=score, policy=policy, **extra
+                        embeddings,
+                        threshold,
+                        backend=name,
+                        score=score,
+                        policy=policy,
+                        backend_options=extra or None,
+                        **direct,
                     )
                 except Exception as exc:  # a failing backend is a result, not a crash
                     found = [

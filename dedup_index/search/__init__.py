@@ -109,13 +109,17 @@ def search(
     threads: int | None = None,
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
+    sink: Any = None,
 ) -> SearchResult:
     """Run one backend over unit float32 ``embeddings`` (see :func:`as_unit_float32`).
 
     ``options`` are passed to the backend: ``tile`` (blocked); ``params`` or
     ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``
     (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
-    ``ef_construction``, ``ef_search`` (hnsw).
+    ``ef_construction``, ``ef_search`` (hnsw).  ``sink``: a
+    :class:`~dedup_index.store.PairSink` that ``blocked`` and ``partitioned`` stream their
+    pairs into (spilled to Parquet above its memory budget); the other backends keep
+    their pairs in memory.
     """
     options = dict(options or {})
     n, d = embeddings.shape
@@ -129,7 +133,7 @@ def search(
         from .blocked import blocked_search
 
         pairs, near, earlier = blocked_search(
-            embeddings, threshold, threads=threads, device=device, **options
+            embeddings, threshold, threads=threads, device=device, sink=sink, **options
         )
         return SearchResult(pairs, near if nearest else None, "blocked", earlier)
     if backend == "flat":
@@ -143,7 +147,7 @@ def search(
 
         params = options.pop("params", None) or default_params(n, **options)
         pairs, near, earlier, info = partitioned_search(
-            embeddings, threshold, params=params, threads=threads
+            embeddings, threshold, params=params, threads=threads, sink=sink
         )
         return SearchResult(
             pairs,

@@ -108,6 +108,7 @@ def blocked_search(
     tile: tuple[int, int] | int | None = None,
     threads: int | None = None,
     device: str | None = None,
+    sink=None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Exact pairs, nearest-neighbour and best-earlier similarity per row.
 
@@ -115,7 +116,9 @@ def blocked_search(
     and ``earlier[j] = max_{i < j} s(i, j)`` (``-inf`` for row 0), canonical scores.
     ``embeddings`` is a unit float32 array or anything indexable like one (an
     :class:`~dedup_index.store.EmbeddingStore`).  ``tile`` is ``(rows, cols)`` of a GEMM
-    tile, or one int for both; by default :func:`choose_tile`.
+    tile, or one int for both; by default :func:`choose_tile`.  ``sink`` (a
+    :class:`~dedup_index.store.PairSink`) receives each tile's pairs as they are found and
+    its ``finish()`` is returned as the pairs: a Parquet file once over its budget.
     """
     import torch
 
@@ -123,7 +126,11 @@ def blocked_search(
     if n < 2:
         return PairSet.empty(), np.zeros(n), np.full(n, -np.inf)
     if n <= SINGLE_TILE_ROWS and tile is None and device in (None, "cpu"):
-        return _single_tile(np.ascontiguousarray(embeddings[:]), threshold)
+        pairs, nearest, earlier = _single_tile(np.ascontiguousarray(embeddings[:]), threshold)
+        if sink is not None:
+            sink.add(pairs)
+            pairs = sink.finish()
+        return pairs, nearest, earlier
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device or "cpu")
@@ -158,11 +165,18 @@ def blocked_search(
             hit = torch.nonzero(row_max > radius).flatten()
             if hit.numel():
                 li, lj = torch.nonzero(s[hit] > radius, as_tuple=True)
-                candidates.append((hit[li].cpu().numpy() + a, lj.cpu().numpy() + c))
+                found = (hit[li].cpu().numpy() + a, lj.cpu().numpy() + c)
+                if sink is None:
+                    candidates.append(found)
+                else:  # rescore now: memory stays with the sink's budget
+                    sink.add(rescore_candidates(embeddings, [found], threshold))
             later.update(np.arange(a, b), row_max.cpu().numpy(), _gatherer(s, c, dev, False))
             earlier.update(np.arange(c, e), col_max.cpu().numpy(), _gatherer(s, a, dev, True))
 
-    pairs = rescore_candidates(embeddings, candidates, threshold)
+    if sink is None:
+        pairs = rescore_candidates(embeddings, candidates, threshold)
+    else:
+        pairs = sink.finish()
     best_later, best_earlier = _canonical_maxima(embeddings, later, earlier)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
@@ -270,4 +284,3 @@ class _Resident:
             t = self.torch.from_numpy(np.ascontiguousarray(self.embeddings[a:b])).to(self.dev)
             self.cache[second] = ((a, b), t)
         return t
-

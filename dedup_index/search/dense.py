@@ -46,8 +46,10 @@ def dense_search_all(
     n, d = embeddings.shape
     check_dense_size(n)
     if n < 2:
-        return PairSet.empty(), (np.zeros(n) if nearest else None), (
-            np.full(n, -np.inf) if nearest else None
+        return (
+            PairSet.empty(),
+            (np.zeros(n) if nearest else None),
+            (np.full(n, -np.inf) if nearest else None),
         )
     e64 = embeddings.astype(np.float64)
     sim = e64 @ e64.T

@@ -88,10 +88,13 @@ def _sorted_unique(parts_i, parts_j, parts_s) -> PairSet:
     return PairSet(i, j, s)
 
 
-def best_pair_score(n: int, pairs: PairSet) -> np.ndarray:
-    """Per row, the highest pair score it takes part in (either side); -inf if none."""
+def best_pair_score(n: int, pairs) -> np.ndarray:
+    """Per row, the highest pair score it takes part in (either side); -inf if none.
+
+    ``pairs`` is a PairSet or a spilled pair file (anything with ``iter_chunks``).
+    """
     best = np.full(n, -np.inf, dtype=np.float64)
-    if len(pairs):
-        np.maximum.at(best, pairs.i, pairs.s)
-        np.maximum.at(best, pairs.j, pairs.s)
+    for chunk in pairs.iter_chunks():
+        np.maximum.at(best, chunk.i, chunk.s)
+        np.maximum.at(best, chunk.j, chunk.s)
     return best

@@ -110,9 +110,15 @@ def partitioned_search(
     *,
     params: PartitionParams | None = None,
     threads: int | None = None,
+    sink=None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray, PartitionInfo]:
     """Pairs (exact scores; recall measured separately), lower bounds of each row's
-    nearest and best-earlier score, and how the collection was partitioned."""
+    nearest and best-earlier score, and how the collection was partitioned.
+
+    A pair is reported by the first partition holding both rows only, so no pair is
+    reported twice; ``sink`` (a :class:`~dedup_index.store.PairSink`) receives the pairs
+    partition by partition and its ``finish()`` is returned.
+    """
     n, d = embeddings.shape
     params = params or default_params(n)
     info = PartitionInfo(params)
@@ -123,21 +129,51 @@ def partitioned_search(
     faiss = _faiss(threads)
     rows = np.arange(n, dtype=np.int64)
     parts = _partition(faiss, embeddings, rows, params, info, depth=0)
+    first_shared = _FirstShared(n, parts)
     found: list[PairSet] = []
-    for members in parts:
+    for k, members in enumerate(parts):
         m = members.size
         info.sizes.append(m)
         if m < 2:
             continue
         info.pair_work += m * (m - 1) / 2
         pairs, near, early = blocked_search(embeddings[members], threshold, threads=threads)
-        found.append(PairSet(members[pairs.i], members[pairs.j], pairs.s))
+        gi, gj = members[pairs.i], members[pairs.j]
+        mine = first_shared(gi, gj) == k
+        part_pairs = PairSet(gi[mine], gj[mine], pairs.s[mine])
+        if sink is None:
+            found.append(part_pairs)
+        else:
+            sink.add(part_pairs)
         np.maximum.at(nearest, members, near)
         np.maximum.at(earlier, members, early)
     info.partitions = len(parts)
     info.largest = max(info.sizes, default=0)
     logger.info("partitioned: %s", info.summary(n))
-    return concat_pairsets(found), nearest, earlier, info
+    pairs = concat_pairsets(found) if sink is None else sink.finish()
+    return pairs, nearest, earlier, info
+
+
+class _FirstShared:
+    """For row pairs, the lowest-numbered partition holding both rows."""
+
+    def __init__(self, n: int, parts: list[np.ndarray]) -> None:
+        counts = np.zeros(n, dtype=np.int64)
+        for members in parts:
+            counts[members] += 1
+        width = max(1, int(counts.max(initial=1)))
+        self.table = np.full((n, width), -1, dtype=np.int64)
+        fill = np.zeros(n, dtype=np.int64)
+        for k, members in enumerate(parts):  # ascending k: each row's list is sorted
+            self.table[members, fill[members]] = k
+            fill[members] += 1
+
+    def __call__(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        a = self.table[i][:, :, None]
+        b = self.table[j][:, None, :]
+        shared = (a == b) & (a >= 0)
+        big = np.iinfo(np.int64).max
+        return np.where(shared, a, big).min(axis=(1, 2))
 
 
 def _faiss(threads: int | None):
