@@ -69,8 +69,16 @@ def check_all(E: np.ndarray, threshold: float) -> None:
     earlier_spec = np.full(len(unit), -np.inf)
     np.maximum.at(earlier_spec, pj_all, s_all)
     assert np.array_equal(dense.earlier, earlier_spec)
-    for tile in (1, 2, (2, 5), (3, 64), 64):
-        pairs, near, earlier = blocked_search(unit, threshold, tile=tile)
+    for tile, engine in (
+        (1, None),
+        (2, None),
+        ((2, 5), None),
+        ((3, 64), None),
+        (64, None),
+        ((3, 7), "torch"),
+        (64, "torch"),
+    ):
+        pairs, near, earlier = blocked_search(unit, threshold, tile=tile, engine=engine)
         assert pairs.equals(tiled)
         assert np.array_equal(near, nearest if len(unit) else near)
         assert np.array_equal(earlier, dense.earlier)
@@ -241,6 +249,7 @@ def test_array_api_does_not_import_torch():
     code = (
         "import sys, numpy as np, dedup_index as d;"
         "d.dedup_embeddings(np.eye(4), 0.9, backend='flat');"
+        "d.dedup_embeddings(np.random.rand(3000, 8), 0.9);"
         "import dedup_index.io, dedup_index.search, dedup_index.policy, dedup_index.encode;"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"

@@ -110,6 +110,7 @@ def blocked_search(
     threads: int | None = None,
     device: str | None = None,
     sink=None,
+    engine: str | None = None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Exact pairs, nearest-neighbour and best-earlier similarity per row.
 
@@ -118,7 +119,8 @@ def blocked_search(
     ``embeddings`` is a unit float32 array or anything indexable like one (an
     :class:`~dedup_index.store.EmbeddingStore`).  ``tile`` is ``(rows, cols)`` of a GEMM
     tile, or one int for both; by default :func:`choose_tile`.  ``device="cuda"`` runs the
-    tiles in torch on the GPU; the CPU path is numpy alone (its BLAS).  ``sink`` (a
+    tiles in torch on the GPU; the CPU path is numpy alone (its BLAS) unless
+    ``engine="torch"`` (the GPU code, run on the CPU: how the tests hold it).  ``sink`` (a
     :class:`~dedup_index.store.PairSink`) receives each tile's pairs as they are found and
     its ``finish()`` is returned as the pairs: a Parquet file once over its budget.
     """
@@ -126,7 +128,8 @@ def blocked_search(
     if n < 2:
         return PairSet.empty(), np.zeros(n), np.full(n, -np.inf)
     on_cpu = device in (None, "cpu")
-    if n <= SINGLE_TILE_ROWS and tile is None and on_cpu:
+    use_torch = engine == "torch" or not on_cpu
+    if n <= SINGLE_TILE_ROWS and tile is None and not use_torch:
         pairs, nearest, earlier = _single_tile(np.ascontiguousarray(embeddings[:]), threshold)
         if sink is not None:
             sink.add(pairs)
