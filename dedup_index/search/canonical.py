@@ -87,15 +87,20 @@ def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray
     return out
 
 
-def canonical_scores(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Canonical float64 similarity of the row pairs ``(i[k], j[k])`` of unit float32 rows."""
+def canonical_scores(
+    embeddings: np.ndarray, i: np.ndarray, j: np.ndarray, other: np.ndarray | None = None
+) -> np.ndarray:
+    """Canonical float64 similarity of the row pairs ``(i[k], j[k])`` of unit float32 rows
+    (``j`` indexing ``other`` when given: queries against a base).  Symmetric and the
+    same bits whichever matrix a vector is read from."""
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
+    second = embeddings if other is None else other
     out = np.empty(i.shape[0], dtype=np.float64)
     for start in range(0, i.shape[0], RESCORE_CHUNK):
         stop = start + RESCORE_CHUNK
         a = embeddings[i[start:stop]].astype(np.float64)
-        b = embeddings[j[start:stop]].astype(np.float64)
+        b = second[j[start:stop]].astype(np.float64)
         out[start:stop] = _tree_sum(a * b)
     return out
 

@@ -357,6 +357,40 @@ class EmbeddingStore:
             self._has_keys = False
         return np.arange(start, stop, dtype=np.int64)
 
+    def truncate(self, count: int) -> None:
+        """Drop the rows from ``count`` on, durably (a new manifest with the lower count).
+
+        For a caller that commits its own state after appending here (the persistent
+        index): rows its commit never covered are rolled back before it appends again.
+        """
+        self._check_open()
+        if self._mode != "a":
+            raise StoreError(f"the store at {self._path} is open read-only; cannot truncate")
+        if not 0 <= count <= self._count:
+            raise ValueError(f"truncate(count={count}): must be in [0, {self._count}]")
+        if count == self._count:
+            return
+        keys_record = None
+        if self._has_keys:
+            nbytes = 0
+            with open(self._path / KEYS_FILE, "rb") as f:
+                for _ in range(count):
+                    nbytes += len(f.readline())
+            keys_record = {"count": count, "bytes": nbytes}
+            self._keys_bytes = nbytes
+        n_shards = -(-count // self._shard_rows)
+        _write_manifest(
+            self._path, self._manifest(count=count, n_shards=n_shards, keys=keys_record)
+        )
+        self._count = count
+        self._n_shards = n_shards
+        del self._offsets[n_shards:]
+        del self._maps[n_shards:]
+        self._keys = None
+        self._key_index = None
+        if count == 0:
+            self._has_keys = None
+
     def flush(self) -> None:
         """Nothing to do: every :meth:`append` is durable when it returns.  Kept for the
         file-like protocol, so callers may flush without knowing that."""

@@ -1,0 +1,580 @@
+"""``DedupIndex``: incremental add-and-query with exactly the one-shot decisions.
+
+One directory holds everything:
+
+- ``embeddings/``: an :class:`~dedup_index.store.EmbeddingStore` (float32 unit rows and
+  their keys), read tile by tile, never re-embedded;
+- ``pairs/part-NNNNNN.parquet``: the pairs each ``add`` found, one immutable part per add;
+- ``state-NNNNNN.npz``: per-row decisions and scores of one generation;
+- ``manifest.json``: format version, dimension, threshold, policy, model name, the row
+  count, the parts and state of the current generation with their SHA-256 checksums.
+  It is written last (temp file, fsync, rename): a process killed at any point leaves the
+  previous generation readable, and the next writer rolls back whatever the dead one
+  appended.  A corrupted or truncated file is refused with an error naming it.
+
+Adding rows ``Q`` to ``N`` indexed rows searches ``Q`` against the store exactly
+(:func:`~dedup_index.search.cross.cross_search`) and ``Q`` against itself (``blocked``),
+so every pair involving a new row is found, every new row's nearest and best-earlier
+score is exact, and old rows' nearest scores are raised where a new row is nearer.  The
+decisions are then recomputed by the policy over all stored pairs (O(N + pairs), no
+embeddings touched), so any number of batches, with closes and reopens in between, gives
+what one-shot :func:`~dedup_index.dedup_embeddings` of the concatenation gives.  Under the
+``reference`` policy removed rows stay in the index: later rows are compared with them too.
+
+Writers take an exclusive lock on ``.lock`` (a second writer gets :class:`IndexLockedError`
+at once); readers (``DedupIndex.open(path)``, mode ``"r"``) take none and see the last
+committed generation.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._validation import check_choice, check_threshold
+from ..errors import DedupIndexError
+from ..policy import POLICIES, decide
+from ..search import as_unit_float32
+from ..search.blocked import blocked_search
+from ..search.cross import cross_search
+from ..search.pairs import PairSet, concat_pairsets
+from ..store import EmbeddingStore
+
+FORMAT = "dedup-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+_STATE_FIELDS = ("keep", "duplicate_of", "duplicate_similarity", "group", "nearest", "earlier")
+ON_DUPLICATE_KEY = ("error", "skip")
+
+
+class IndexError_(DedupIndexError):
+    """Base of the persistent index's errors (the name avoids the builtin)."""
+
+
+class IndexLockedError(IndexError_):
+    """Another process holds the index open for writing."""
+
+
+class IndexCorruptError(IndexError_):
+    """A file of the index is missing, truncated or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """Outcome for the rows of one ``add``, in the order given.
+
+    ``kept[k]`` is False for a near-duplicate; ``duplicate_of[k]`` is then the key of the
+    row it duplicates (else None) and ``similarity[k]`` their canonical similarity (NaN
+    when kept); ``max_similarity[k]`` is its nearest-neighbour score over the whole index.
+    ``skipped`` lists keys left out because they were already indexed
+    (``on_duplicate_key="skip"``).
+    """
+
+    keys: list[str]
+    kept: np.ndarray
+    duplicate_of: list[str | None]
+    similarity: np.ndarray
+    max_similarity: np.ndarray
+    skipped: list[str]
+
+    @property
+    def n_removed(self) -> int:
+        return int((~self.kept).sum())
+
+
+class DedupIndex:
+    """A directory of embeddings, pairs and decisions that grows by ``add``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock_fd: int | None):
+        self.path = path
+        self.mode = mode
+        self._manifest = manifest
+        self._lock_fd = lock_fd
+        self.store = EmbeddingStore.open(path / "embeddings", mode="a" if mode == "a" else "r")
+        n = int(manifest["count"])
+        if len(self.store) < n:
+            raise IndexCorruptError(
+                f"{path / 'embeddings'} holds {len(self.store)} rows but {path / MANIFEST} "
+                f"says {n}: the embedding store is damaged"
+            )
+        if len(self.store) > n:  # a writer died after appending: roll back
+            if mode == "a":
+                self.store.truncate(n)
+        self._state = _load_state(path, manifest)
+        self._keys: list[str] | None = None
+        self._key_rows: dict[str, int] | None = None
+
+    # ------------------------------------------------------------------ create, open
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        dim: int,
+        threshold: float = 0.9,
+        *,
+        policy: str = "reference",
+        backend: str = "blocked",
+        model_name: str | None = None,
+        dtype: str = "float32",
+    ) -> DedupIndex:
+        """A new, empty index at ``path`` (which must not hold one), open for writing."""
+        path = Path(path)
+        threshold = check_threshold(threshold)
+        check_choice(policy, POLICIES, "policy")
+        check_choice(backend, ("blocked", "flat"), "backend")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if (path / MANIFEST).exists():
+            raise IndexError_(f"{path} already holds a dedup index; use DedupIndex.open")
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path)
+        try:
+            (path / "pairs").mkdir(exist_ok=True)
+            meta = {"model_name": model_name}
+            EmbeddingStore.create(path / "embeddings", dim, dtype=dtype, meta=meta, exist_ok=True)
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "dim": dim,
+                "threshold": threshold,
+                "policy": policy,
+                "backend": backend,
+                "model_name": model_name,
+                "count": 0,
+                "generation": 0,
+                "pairs": [],
+                "state": None,
+                "checksums": {},
+            }
+            _write_json(path / MANIFEST, manifest)
+            return cls(path, manifest, "a", lock_fd)
+        except BaseException:
+            _unlock(lock_fd)
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        mode: str = "r",
+        *,
+        dim: int | None = None,
+        model_name: str | None = None,
+    ) -> DedupIndex:
+        """Open an index (``mode="a"`` to add, with an exclusive lock).  ``dim`` and
+        ``model_name``, when given, must match what the index was built with."""
+        path = Path(path)
+        check_choice(mode, ("r", "a"), "mode")
+        manifest = _load_manifest(path)
+        if dim is not None and dim != manifest["dim"]:
+            raise IndexError_(
+                f"the index at {path} holds {manifest['dim']}-dimensional embeddings; got dim={dim}"
+            )
+        if model_name is not None and manifest["model_name"] not in (None, model_name):
+            raise IndexError_(
+                f"the index at {path} was built with model {manifest['model_name']!r}; "
+                f"embeddings of {model_name!r} are not comparable with it"
+            )
+        lock_fd = _lock(path) if mode == "a" else None
+        try:
+            if mode == "a":  # the last writer may have died after its manifest: re-read
+                manifest = _load_manifest(path)
+            return cls(path, manifest, mode, lock_fd)
+        except BaseException:
+            _unlock(lock_fd)
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+        _unlock(self._lock_fd)
+        self._lock_fd = None
+
+    def __enter__(self) -> DedupIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self._manifest["threshold"])
+
+    @property
+    def policy(self) -> str:
+        return str(self._manifest["policy"])
+
+    @property
+    def model_name(self) -> str | None:
+        return self._manifest["model_name"]
+
+    def __len__(self) -> int:
+        return int(self._manifest["count"])
+
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = (self.store.keys() or [])[: len(self)]
+        return self._keys
+
+    def _rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        if self._key_rows is None:
+            self._key_rows = {}
+            for r, k in enumerate(self.keys()):
+                self._key_rows.setdefault(k, r)
+        missing = [k for k in keys if k not in self._key_rows]
+        if missing:
+            raise KeyError(f"{len(missing)} key(s) not in the index, e.g. {missing[:3]}")
+        return np.array([self._key_rows[k] for k in keys], dtype=np.int64)
+
+    def max_similarity(self, keys: Sequence[str]) -> np.ndarray:
+        """Nearest-neighbour similarity of indexed ``keys`` (floored at 0)."""
+        return self._state["nearest"][self._rows_of(keys)].copy()
+
+    def decisions(self) -> dict[str, np.ndarray]:
+        """Per-row arrays: keep, duplicate_of, duplicate_similarity, group, nearest, earlier."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def pairs(self) -> PairSet:
+        """Every pair ``i < j`` at or above the threshold, sorted."""
+        sums = self._manifest["checksums"]
+        return concat_pairsets(_read_part(self.path, p, sums) for p in self._manifest["pairs"])
+
+    def stats(self) -> dict[str, Any]:
+        keep = self._state["keep"]
+        return {
+            "rows": len(self),
+            "kept": int(keep.sum()),
+            "removed": int((~keep).sum()),
+            "pairs": int(self._manifest.get("n_pairs", 0)),
+            "dim": self.dim,
+            "threshold": self.threshold,
+            "policy": self.policy,
+            "model_name": self.model_name,
+            "generation": int(self._manifest["generation"]),
+            "bytes_on_disk": _tree_size(self.path),
+        }
+
+    def query(self, embeddings) -> list[list[tuple[str, float]]]:
+        """For each query row, the indexed rows at or above the threshold as ``(key,
+        similarity)``, most similar first.  Read-only."""
+        q = self._prepare(embeddings)
+        found = cross_search(q, _Prefix(self.store, len(self)), self.threshold)
+        keys = self.keys()
+        out: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
+        for qi, bi, s in sorted(zip(found.q, found.b, found.s, strict=True), key=lambda t: -t[2]):
+            out[int(qi)].append((keys[int(bi)] if keys else str(int(bi)), float(s)))
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def add(
+        self,
+        embeddings,
+        keys: Sequence[str] | None = None,
+        *,
+        on_duplicate_key: str = "error",
+    ) -> AddResult:
+        """Add rows; decisions equal one-shot dedup of everything added so far."""
+        self._check_writable()
+        check_choice(on_duplicate_key, ON_DUPLICATE_KEY, "on_duplicate_key")
+        q = self._prepare(embeddings)
+        n_old = len(self)
+        keys = [str(n_old + k) for k in range(q.shape[0])] if keys is None else list(keys)
+        if len(keys) != q.shape[0]:
+            raise ValueError(f"got {len(keys)} keys for {q.shape[0]} rows")
+        keys, q, skipped = self._filter_keys(keys, q, on_duplicate_key)
+        m = q.shape[0]
+        if m == 0:
+            return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
+        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold)
+        within, near_in, earlier_in = blocked_search(q, self.threshold)
+        new_pairs = concat_pairsets(
+            [
+                PairSet(cross.b, cross.q + n_old, cross.s),
+                PairSet(within.i + n_old, within.j + n_old, within.s),
+            ]
+        )
+        state = self._state
+        nearest = np.concatenate(
+            [
+                np.maximum(state["nearest"], np.maximum(cross.base_best, 0.0)),
+                np.maximum(np.maximum(cross.query_best, near_in), 0.0),
+            ]
+        )
+        earlier = np.concatenate([state["earlier"], np.maximum(cross.query_best, earlier_in)])
+        # Commit order: rows, pair part, state, manifest (the commit point).
+        self.store.truncate(n_old)
+        self.store.append(q, keys=keys, normalize=False)
+        _crash_point("rows_appended")
+        generation = int(self._manifest["generation"]) + 1
+        part = f"pairs/part-{generation:06d}.parquet"
+        checksums = dict(self._manifest["checksums"])
+        checksums[part] = _write_part(self.path / part, new_pairs)
+        _crash_point("pairs_written")
+        parts = [*self._manifest["pairs"], part]
+        n = n_old + m
+        decisions = decide(n, _Parts(self.path, parts, checksums), self.policy)
+        new_state = {
+            "keep": decisions.keep,
+            "duplicate_of": decisions.duplicate_of,
+            "duplicate_similarity": decisions.duplicate_similarity,
+            "group": decisions.group,
+            "nearest": nearest,
+            "earlier": earlier,
+        }
+        state_name = f"state-{generation:06d}.npz"
+        checksums[state_name] = _write_state(self.path / state_name, new_state)
+        old_state = self._manifest["state"]
+        if old_state:
+            checksums.pop(old_state, None)
+        _crash_point("state_written")
+        manifest = dict(
+            self._manifest,
+            count=n,
+            generation=generation,
+            pairs=parts,
+            state=state_name,
+            checksums=checksums,
+            n_pairs=int(self._manifest.get("n_pairs", 0)) + len(new_pairs),
+        )
+        _write_json(self.path / MANIFEST, manifest)
+        _crash_point("manifest_written")
+        if old_state and (self.path / old_state).exists():
+            os.unlink(self.path / old_state)
+        self._manifest, self._state = manifest, new_state
+        self._keys = None
+        self._key_rows = None
+        rows = np.arange(n_old, n)
+        all_keys = self.keys()
+        dup = new_state["duplicate_of"][rows]
+        return AddResult(
+            keys=keys,
+            kept=new_state["keep"][rows].copy(),
+            duplicate_of=[all_keys[int(d)] if d >= 0 else None for d in dup],
+            similarity=new_state["duplicate_similarity"][rows].copy(),
+            max_similarity=nearest[rows].copy(),
+            skipped=skipped,
+        )
+
+    def add_images(self, values: Sequence, *, encoder, image_root=None, keys=None) -> AddResult:
+        """Load, embed and add images; failures raise (use the operator to report them)."""
+        from ..io import load_image
+
+        images = [load_image(v, image_root=image_root) for v in values]
+        embeddings = np.asarray(encoder.encode(images), dtype=np.float32)
+        if keys is None:
+            keys = [str(v) if isinstance(v, str | os.PathLike) else None for v in values]
+            keys = None if any(k is None for k in keys) else keys
+        return self.add(embeddings, keys)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_writable(self) -> None:
+        if self.mode != "a" or self._lock_fd is None:
+            raise IndexError_(f"the index at {self.path} is open read-only; open it with mode='a'")
+
+    def _prepare(self, embeddings) -> np.ndarray:
+        arr = np.asarray(embeddings)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(
+                f"the index holds {self.dim}-dimensional embeddings; got shape {arr.shape}"
+            )
+        return as_unit_float32(arr)
+
+    def _filter_keys(self, keys, q, on_duplicate_key):
+        if len(set(keys)) != len(keys):
+            counts: dict[str, int] = {}
+            for k in keys:
+                counts[k] = counts.get(k, 0) + 1
+            dups = [k for k, c in counts.items() if c > 1]
+            raise ValueError(f"keys repeat within this batch, e.g. {dups[:3]}")
+        existing = set(self.keys())
+        clash = [k for k in keys if k in existing]
+        if clash and on_duplicate_key == "error":
+            raise IndexError_(
+                f"{len(clash)} key(s) are already in the index, e.g. {clash[:3]}; pass "
+                "on_duplicate_key='skip' to leave them out"
+            )
+        if clash:
+            mask = np.array([k not in existing for k in keys])
+            return [k for k in keys if k not in existing], q[mask], clash
+        return keys, q, []
+
+
+class _Prefix:
+    """The first ``n`` rows of a store, indexable like an array (committed rows only)."""
+
+    def __init__(self, store: EmbeddingStore, n: int) -> None:
+        self.store, self.n = store, n
+        self.shape = (n, store.dim)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, _ = key.indices(self.n)
+            return self.store[a:b]
+        return self.store[key]
+
+
+class _Parts:
+    """The stored pair parts as one chunked pair source for the policies."""
+
+    def __init__(self, path: Path, parts: list[str], checksums: dict[str, str]) -> None:
+        self.path, self.parts, self.checksums = path, parts, checksums
+
+    def iter_chunks(self, rows: int = 1 << 20):
+        for part in self.parts:
+            yield from _read_part(self.path, part, self.checksums).iter_chunks(rows)
+
+
+# ---------------------------------------------------------------------- files
+def _lock(path: Path) -> int:
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise IndexLockedError(
+            f"the index at {path} is locked by another writer; open it read-only "
+            "(mode='r') or wait for that process to finish"
+        ) from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _atomic_write(path: Path, payload: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _write_part(path: Path, pairs: PairSet) -> str:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"i": pairs.i, "j": pairs.j, "similarity": pairs.s})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return _atomic_write(path, buf.getvalue())
+
+
+def _write_state(path: Path, state: dict[str, np.ndarray]) -> str:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    return _atomic_write(path, buf.getvalue())
+
+
+def _verified_bytes(root: Path, name: str, checksums: dict[str, str]) -> bytes:
+    path = root / name
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{path} is missing (listed in {root / MANIFEST})") from None
+    want = checksums.get(name)
+    if want is not None and hashlib.sha256(payload).hexdigest() != want:
+        raise IndexCorruptError(f"{path} fails its checksum: the file is corrupted or truncated")
+    return payload
+
+
+def _read_part(root: Path, name: str, checksums: dict[str, str]) -> PairSet:
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(_verified_bytes(root, name, checksums)))
+    return PairSet(
+        table.column("i").to_numpy().astype(np.int64),
+        table.column("j").to_numpy().astype(np.int64),
+        table.column("similarity").to_numpy().astype(np.float64),
+    )
+
+
+def _load_state(root: Path, manifest: dict) -> dict[str, np.ndarray]:
+    import io
+
+    if manifest["state"] is None:
+        return {
+            "keep": np.zeros(0, bool),
+            "duplicate_of": np.zeros(0, np.int64),
+            "duplicate_similarity": np.zeros(0),
+            "group": np.zeros(0, np.int64),
+            "nearest": np.zeros(0),
+            "earlier": np.zeros(0),
+        }
+    payload = _verified_bytes(root, manifest["state"], manifest["checksums"])
+    with np.load(io.BytesIO(payload)) as data:
+        state = {k: data[k] for k in _STATE_FIELDS}
+    if any(v.shape[0] != manifest["count"] for v in state.values()):
+        raise IndexCorruptError(f"{root / manifest['state']} does not match the row count")
+    for part in manifest["pairs"]:  # parts are small to check and wrong answers are worse
+        _verified_bytes(root, part, manifest["checksums"])
+    return state
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise IndexError_(f"{path} is not a dedup index (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexCorruptError(f"{file} is corrupted: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise IndexCorruptError(f"{file} is not a dedup-index manifest")
+    if manifest.get("version") != VERSION:
+        raise IndexError_(
+            f"{file} has format version {manifest.get('version')}; this release reads {VERSION}"
+        )
+    return manifest
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: ``DEDUP_INDEX_CRASH_AT=name`` ends the process here, as a kill would."""
+    if os.environ.get("DEDUP_INDEX_CRASH_AT") == name:
+        os._exit(77)

@@ -1,0 +1,92 @@
+"""Exact search of new rows (queries) against a base of rows: the incremental step.
+
+``cross_search(queries, base, threshold)`` tiles ``queries @ base.T`` like the ``blocked``
+backend (numpy GEMM tiles, canonical rescoring of candidates at ``threshold - delta``) and
+returns, in one pass, the pairs at or above the threshold, each query's best base row and
+each base row's best query.  With the queries' own ``blocked`` search this gives exactly
+what a one-shot search of ``base + queries`` gives for every pair involving a query, and
+the update every old row's nearest neighbour needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from .blocked import DEFAULT_COLS, DEFAULT_ROWS, _NearBest, _NumpyTiles
+from .canonical import candidate_delta, canonical_scores
+
+
+@dataclass(frozen=True)
+class CrossResult:
+    """Pairs ``(query q, base row b, s)`` with canonical ``s >= threshold`` (sorted by
+    ``(b, q)``), each query's canonical best base score and each base row's canonical
+    best query score (``-inf`` where none)."""
+
+    q: np.ndarray
+    b: np.ndarray
+    s: np.ndarray
+    query_best: np.ndarray
+    base_best: np.ndarray
+
+
+def cross_search(
+    queries: np.ndarray,
+    base,
+    threshold: float,
+    *,
+    rows: int = DEFAULT_ROWS,
+    cols: int = DEFAULT_COLS,
+) -> CrossResult:
+    """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact)."""
+    m, d = queries.shape
+    n = base.shape[0]
+    empty = np.zeros(0, np.int64)
+    if m == 0 or n == 0:
+        return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
+    delta = candidate_delta(d)
+    radius = np.float32(threshold - delta)
+    q_tiles = _NumpyTiles(queries, rows, cols)
+    b_tiles = _NumpyTiles(base, rows, cols)
+    q_near = _NearBest(m, delta)
+    b_near = _NearBest(n, delta)
+    found_q, found_b = [], []
+    for a in range(0, m, rows):
+        e_a = min(m, a + rows)
+        qa = q_tiles.block(a, e_a, second=False)
+        for c in range(0, n, cols):
+            e_c = min(n, c + cols)
+            s = q_tiles.product(qa, b_tiles.block(c, e_c, second=True))
+            row_max, col_max = q_tiles.maxima(s)
+            hit = np.flatnonzero(row_max > radius)
+            if hit.size:
+                li, lj = q_tiles.above(s, hit, radius)
+                found_q.append(hit[li] + a)
+                found_b.append(lj + c)
+            q_near.update(np.arange(a, e_a), row_max, partial(q_tiles.gather, s, c, False))
+            b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
+    q = np.concatenate(found_q) if found_q else empty
+    b = np.concatenate(found_b) if found_b else empty
+    scores = canonical_scores(queries, q, b, other=base)
+    keep = scores >= threshold
+    q, b, scores = q[keep], b[keep], scores[keep]
+    order = np.lexsort((q, b))
+    return CrossResult(
+        q[order],
+        b[order],
+        scores[order],
+        _best(queries, base, q_near, swap=False),
+        _best(base, queries, b_near, swap=True),
+    )
+
+
+def _best(own, other, near: _NearBest, *, swap: bool) -> np.ndarray:
+    """Canonical best score per row from its near-best survivors."""
+    rows, partners = near.survivors()
+    out = np.full(near.best.shape[0], -np.inf)
+    if rows.size:
+        # Score as (query, base) whichever side ``own`` is: the same bits either way.
+        np.maximum.at(out, rows, canonical_scores(own, rows, partners, other=other))
+    return out

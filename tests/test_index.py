@@ -1,0 +1,166 @@
+"""The persistent index: batches with reopens equal one-shot dedup, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedup_index import dedup_embeddings
+from dedup_index.index import DedupIndex, IndexCorruptError, IndexError_, IndexLockedError
+from dedup_index.testing import mixed_adversarial
+
+
+def one_shot(E, threshold, policy):
+    return dedup_embeddings(E, threshold, backend="dense", policy=policy)
+
+
+def assert_matches(index: DedupIndex, expected) -> None:
+    state = index.decisions()
+    assert np.array_equal(state["keep"], expected.keep)
+    assert np.array_equal(state["duplicate_of"], expected.duplicate_of)
+    assert np.array_equal(
+        state["duplicate_similarity"], expected.duplicate_similarity, equal_nan=True
+    )
+    assert np.array_equal(state["group"], expected.group)
+    assert np.array_equal(state["nearest"], expected.max_similarity)
+    assert np.array_equal(state["earlier"], expected.max_earlier_similarity)
+    assert index.pairs().equals(expected.pairs)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 50),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+    policy=st.sampled_from(["reference", "greedy", "component"]),
+    data=st.data(),
+)
+def test_batches_with_reopens_equal_one_shot(tmp_path_factory, seed, n, threshold, policy, data):
+    E = mixed_adversarial(seed, n, 16, threshold)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, n - 1)), max_size=4)))
+    reopen = data.draw(st.lists(st.booleans(), min_size=len(cuts) + 1, max_size=len(cuts) + 1))
+    path = tmp_path_factory.mktemp("idx") / "index"
+    index = DedupIndex.create(path, 16, threshold, policy=policy)
+    for a, b, again in zip([0, *cuts], [*cuts, n], reopen, strict=True):
+        if a >= b:
+            continue
+        index.add(E[a:b], keys=[f"k{r}" for r in range(a, b)])
+        if again:
+            index.close()
+            index = DedupIndex.open(path, mode="a")
+    assert len(index) == n
+    assert_matches(index, one_shot(E, threshold, policy))
+    index.close()
+    with DedupIndex.open(path) as reader:  # read-only reopen sees the same
+        assert_matches(reader, one_shot(E, threshold, policy))
+
+
+def test_add_result_query_stats_and_keys(tmp_path):
+    rng = np.random.default_rng(0)
+    E = rng.standard_normal((20, 8)).astype(np.float32)
+    with DedupIndex.create(tmp_path / "i", 8, 0.95, model_name="m") as index:
+        first = index.add(E, keys=[f"img{r}.jpg" for r in range(20)])
+        assert first.kept.all() and first.duplicate_of == [None] * 20
+        second = index.add(np.stack([E[3], E[7] * 2]), keys=["copy3.jpg", "copy7.jpg"])
+        assert second.kept.tolist() == [False, False]
+        assert second.duplicate_of == ["img3.jpg", "img7.jpg"]
+        assert np.all(second.similarity >= 0.95)
+        assert index.max_similarity(["img3.jpg"])[0] >= 0.95
+        hits = index.query(np.stack([E[5], -E[5]]))
+        assert [k for k, _ in hits[0]] == ["img5.jpg"] and hits[1] == []
+        assert len(index) == 22 and index.keys()[-1] == "copy7.jpg"
+        stats = index.stats()
+        assert (stats["rows"], stats["removed"], stats["pairs"]) == (22, 2, 2)
+        with pytest.raises(IndexError_, match="already in the index"):
+            index.add(E[:1], keys=["img0.jpg"])
+        skipped = index.add(E[:2], keys=["img0.jpg", "new.jpg"], on_duplicate_key="skip")
+        assert skipped.skipped == ["img0.jpg"] and skipped.keys == ["new.jpg"]
+        with pytest.raises(ValueError, match="8-dimensional"):
+            index.add(np.ones((1, 4)))
+        with pytest.raises(ValueError, match="repeat within this batch"):
+            index.add(E[:2], keys=["x", "x"])
+
+
+def test_refusals(tmp_path):
+    DedupIndex.create(tmp_path / "i", 8, 0.9, model_name="clip-a").close()
+    with pytest.raises(IndexError_, match="already holds"):
+        DedupIndex.create(tmp_path / "i", 8)
+    with pytest.raises(IndexError_, match="8-dimensional"):
+        DedupIndex.open(tmp_path / "i", dim=16)
+    with pytest.raises(IndexError_, match="built with model 'clip-a'"):
+        DedupIndex.open(tmp_path / "i", model_name="clip-b")
+    with pytest.raises(IndexError_, match="not a dedup index"):
+        DedupIndex.open(tmp_path / "nothing")
+    writer = DedupIndex.open(tmp_path / "i", mode="a")
+    with pytest.raises(IndexLockedError, match="locked by another writer"):
+        DedupIndex.open(tmp_path / "i", mode="a")
+    with DedupIndex.open(tmp_path / "i") as reader:  # readers need no lock
+        assert len(reader) == 0
+        with pytest.raises(IndexError_, match="read-only"):
+            reader.add(np.ones((1, 8)))
+    writer.close()
+    DedupIndex.open(tmp_path / "i", mode="a").close()
+
+
+def test_corrupted_files_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    with DedupIndex.create(tmp_path / "i", 8, 0.9) as index:
+        index.add(rng.standard_normal((10, 8)))
+        index.add(rng.standard_normal((10, 8)))
+    state = next(p for p in os.listdir(tmp_path / "i") if p.startswith("state-"))
+    (tmp_path / "i" / state).write_bytes((tmp_path / "i" / state).read_bytes()[:100])
+    with pytest.raises(IndexCorruptError, match=state):
+        DedupIndex.open(tmp_path / "i")
+    (tmp_path / "i" / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexCorruptError, match="manifest.json"):
+        DedupIndex.open(tmp_path / "i")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from dedup_index.index import DedupIndex
+    E = np.load(sys.argv[2])
+    with DedupIndex.open(sys.argv[1], mode="a") as index:
+        index.add(E[20:], keys=[f"k{r}" for r in range(20, len(E))])
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "point", ["rows_appended", "pairs_written", "state_written", "manifest_written"]
+)
+def test_killed_mid_add_leaves_a_consistent_index(tmp_path, point):
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((30, 8)).astype(np.float32)
+    E = np.concatenate([base, base[:10] + 1e-4]).astype(np.float32)
+    np.save(tmp_path / "E.npy", E)
+    with DedupIndex.create(tmp_path / "i", 8, 0.99) as index:
+        index.add(E[:20], keys=[f"k{r}" for r in range(20)])
+    env = dict(os.environ, DEDUP_INDEX_CRASH_AT=point)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "i"), str(tmp_path / "E.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 77, done.stderr
+    with DedupIndex.open(tmp_path / "i") as reader:
+        committed = len(reader)
+        assert committed == (len(E) if point == "manifest_written" else 20)
+        assert_matches(reader, one_shot(E[:committed], 0.99, "reference"))
+    with DedupIndex.open(tmp_path / "i", mode="a") as index:  # the next writer goes on
+        if committed == 20:
+            index.add(E[20:], keys=[f"k{r}" for r in range(20, len(E))])
+        assert_matches(index, one_shot(E, 0.99, "reference"))
