@@ -164,3 +164,55 @@ def test_killed_mid_add_leaves_a_consistent_index(tmp_path, point):
         if committed == 20:
             index.add(E[20:], keys=[f"k{r}" for r in range(20, len(E))])
         assert_matches(index, one_shot(E, 0.99, "reference"))
+
+
+def test_operator_dedups_a_new_table_against_the_index(tmp_path, photo_dir, encoder):
+    import pandas as pd
+    from conftest import COPY_THRESHOLD
+
+    from dedup_index import ImageDeduplicateFilter
+
+    class Memory:
+        def __init__(self, frame):
+            self.frame, self.out = frame, None
+
+        def read(self, output_type):
+            return self.frame
+
+        def write(self, frame):
+            self.out = frame
+
+    index_path = tmp_path / "index"
+    filt = ImageDeduplicateFilter(
+        threshold=COPY_THRESHOLD, encoder=encoder, image_root=photo_dir, index_path=index_path
+    )
+    week1 = Memory(pd.DataFrame({"image": ["a.jpg", "b.jpg", "a_copy.jpg"]}))
+    filt.run(week1)
+    assert week1.out["image"].tolist() == ["a.jpg", "b.jpg"]
+    week2 = Memory(pd.DataFrame({"image": ["c.png", "a_reenc.jpg", "b.jpg"]}))
+    filt.run(week2)
+    assert week2.out["image"].tolist() == ["c.png"]
+    rejects = filt.last_report.rejects
+    assert rejects["reject_reason"].tolist() == ["duplicate", "already_indexed"]
+    assert rejects["duplicate_of"].tolist() == ["a.jpg", "b.jpg"]
+    with DedupIndex.open(index_path) as index:
+        assert index.keys() == ["a.jpg", "b.jpg", "a_copy.jpg", "c.png", "a_reenc.jpg"]
+        assert index.model_name == filt.model_name
+        # The same as one pass over both tables (b.jpg once).
+        from dedup_index.io import load_image
+
+        names = ["a.jpg", "b.jpg", "a_copy.jpg", "c.png", "a_reenc.jpg"]
+        E = encoder.encode([load_image(photo_dir / n) for n in names])
+        assert np.array_equal(
+            index.decisions()["keep"], one_shot(E, COPY_THRESHOLD, "reference").keep
+        )
+
+
+def test_add_images(tmp_path, photo_dir, encoder):
+    from conftest import COPY_THRESHOLD
+
+    with DedupIndex.create(tmp_path / "i", encoder.dim, COPY_THRESHOLD) as index:
+        paths = [str(photo_dir / n) for n in ["a.jpg", "b.jpg", "a_copy.jpg"]]
+        result = index.add_images(paths, encoder=encoder)
+        assert result.kept.tolist() == [True, True, False]
+        assert result.duplicate_of[2] == paths[0]

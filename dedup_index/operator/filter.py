@@ -83,6 +83,10 @@ class ImageDeduplicateFilter:
         max_pixels: images larger than this are refused as decompression bombs.
         encoder: an already-built encoder (anything with ``encode(images) -> (N, D)``);
             ``model_name``/``device`` are then not loaded.
+        index_path: dedup against a persistent :class:`~dedup_index.index.DedupIndex`
+            (created on first use): rows duplicating indexed images, or earlier rows of
+            the table, are removed; the table's rows join the index, keyed by path (or a
+            content hash).  Rows whose key is already indexed leave as ``already_indexed``.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class ImageDeduplicateFilter:
         threads: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         encoder: Any = None,
+        index_path: str | os.PathLike | None = None,
     ) -> None:
         self.model_name = model_name
         self.threshold = check_threshold(threshold)
@@ -113,6 +118,7 @@ class ImageDeduplicateFilter:
         self.policy = check_choice(policy, POLICIES, "policy")
         self.threads = check_positive_int(threads, "threads", allow_none=True)
         self.max_pixels = max_pixels
+        self.index_path = index_path
         if encoder is None:
             from ..encode import load_encoder
 
@@ -166,30 +172,35 @@ class ImageDeduplicateFilter:
                 f"{_first_reasons(failures)}; nothing written"
             )
 
-        result = dedup_embeddings(
-            embeddings,
-            self.threshold,
-            self.backend,
-            self.score,
-            policy=self.policy,
-            threads=self.threads,
-        )
         valid_pos = np.asarray(valid, dtype=np.int64)
+        if self.index_path is None:
+            result = dedup_embeddings(
+                embeddings,
+                self.threshold,
+                self.backend,
+                self.score,
+                policy=self.policy,
+                threads=self.threads,
+            )
+            outcome = _Outcome.from_result(result, valid_pos, frame[input_image_key])
+        else:
+            result = None
+            outcome = self._against_index(embeddings, valid_pos, frame[input_image_key])
         scores = pd.Series(np.nan, index=range(len(frame)), dtype=np.float64)
-        scores.iloc[valid_pos] = result.max_similarity
-        keep_pos = valid_pos[result.keep]
+        scores.iloc[valid_pos] = outcome.max_similarity
+        keep_pos = valid_pos[outcome.keep]
         if self.on_error == "keep" and failures:
             keep_pos = np.sort(np.concatenate([keep_pos, [p for p, _ in failures]]))
         out = frame.iloc[keep_pos].reset_index(drop=True)
         out[output_score_key] = scores.iloc[keep_pos].to_numpy()
 
-        rejects = self._rejects(frame, input_image_key, result, valid_pos, failures)
+        rejects = self._rejects(frame, input_image_key, outcome, valid_pos, failures)
         output_path = storage.write(out)
         rejects_path = self._write_rejects(storage, rejects)
         report = RunReport(
             rows_in=len(frame),
             kept=len(out),
-            removed_duplicates=result.n_removed,
+            removed_duplicates=int((~outcome.keep).sum()),
             failed=len(failures),
             seconds=time.perf_counter() - start,
             result=result,
@@ -236,21 +247,19 @@ class ImageDeduplicateFilter:
             _first_reasons(failures),
         )
 
-    def _rejects(self, frame, key, result: DedupResult, valid_pos, failures) -> pd.DataFrame:
+    def _rejects(self, frame, key, outcome: _Outcome, valid_pos, failures) -> pd.DataFrame:
         """One row per input row that left the output, with the reason."""
-        removed = result.removed
+        removed = np.flatnonzero(~outcome.keep)
         dup_rows = pd.DataFrame(
             {
                 "row": valid_pos[removed],
-                "reject_reason": "duplicate",
-                "duplicate_of_row": valid_pos[result.duplicate_of[removed]],
-                "similarity": result.duplicate_similarity[removed],
+                "reject_reason": outcome.reason[removed],
+                "duplicate_of_row": outcome.dup_row[removed],
+                "duplicate_of": outcome.dup_label[removed],
+                "similarity": outcome.similarity[removed],
                 "error": None,
             }
         )
-        dup_rows["duplicate_of"] = [
-            _describe(frame[key].iat[p]) for p in dup_rows["duplicate_of_row"]
-        ]
         parts = [dup_rows]
         if failures and self.on_error == "drop":
             parts.append(
@@ -259,9 +268,9 @@ class ImageDeduplicateFilter:
                         "row": [p for p, _ in failures],
                         "reject_reason": "load_error",
                         "duplicate_of_row": -1,
+                        "duplicate_of": None,
                         "similarity": np.nan,
                         "error": [str(f) for _, f in failures],
-                        "duplicate_of": None,
                     }
                 )
             )
@@ -273,6 +282,57 @@ class ImageDeduplicateFilter:
         cols = ["row", "reject_reason", "duplicate_of_row", "duplicate_of", "similarity", "error"]
         return pd.concat([table[cols], originals], axis=1)
 
+    def _against_index(self, embeddings, valid_pos, values) -> _Outcome:
+        """Dedup against a persistent index: rows duplicating indexed images (or earlier
+        rows of this table) go; all new rows join the index (see DedupIndex)."""
+        from ..index import DedupIndex
+
+        path = os.fspath(self.index_path)
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            index = DedupIndex.open(
+                path, mode="a", dim=embeddings.shape[1], model_name=self.model_name
+            )
+        else:
+            index = DedupIndex.create(
+                path,
+                embeddings.shape[1],
+                self.threshold,
+                policy=self.policy,
+                model_name=self.model_name,
+            )
+        with index:
+            if abs(index.threshold - self.threshold) > 0:
+                logger.warning(
+                    "the index at %s was built with threshold %g; using it, not %g",
+                    path,
+                    index.threshold,
+                    self.threshold,
+                )
+            keys = [_index_key(values.iat[p], p) for p in valid_pos]
+            indexed = set(index.keys())
+            known = np.array([k in indexed for k in keys], dtype=bool)
+            fresh = np.flatnonzero(~known)
+            added = index.add(embeddings[fresh], keys=[keys[k] for k in fresh])
+            if known.any():
+                known_sims = index.max_similarity([keys[k] for k in np.flatnonzero(known)])
+        n = len(valid_pos)
+        out = _Outcome.empty(n)
+        out.keep[fresh] = added.kept
+        out.max_similarity[fresh] = added.max_similarity
+        out.similarity[fresh] = added.similarity
+        row_of_key = {k: int(valid_pos[r]) for r, k in enumerate(keys)}
+        for r, dup in zip(fresh, added.duplicate_of, strict=True):
+            if dup is not None:
+                out.dup_label[r] = dup
+                out.dup_row[r] = row_of_key.get(dup, -1)
+        if known.any():
+            where = np.flatnonzero(known)
+            out.keep[where] = False
+            out.reason[where] = "already_indexed"
+            out.dup_label[where] = [keys[k] for k in where]
+            out.max_similarity[where] = known_sims
+        return out
+
     def _write_rejects(self, storage: Any, rejects: pd.DataFrame) -> str | None:
         path = self.rejects_path
         if path is None and hasattr(storage, "side_file_path"):
@@ -282,6 +342,59 @@ class ImageDeduplicateFilter:
         write_table(rejects, path)
         logger.info("wrote %d rejected rows to %s", len(rejects), path)
         return os.fspath(path)
+
+
+@dataclass
+class _Outcome:
+    """Per valid row: kept?, its score, and for removed rows why and whom it duplicates."""
+
+    keep: np.ndarray
+    max_similarity: np.ndarray
+    similarity: np.ndarray
+    dup_row: np.ndarray
+    dup_label: np.ndarray
+    reason: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> _Outcome:
+        return cls(
+            np.ones(n, bool),
+            np.zeros(n),
+            np.full(n, np.nan),
+            np.full(n, -1, np.int64),
+            np.full(n, None, dtype=object),
+            np.full(n, "duplicate", dtype=object),
+        )
+
+    @classmethod
+    def from_result(cls, result: DedupResult, valid_pos: np.ndarray, values) -> _Outcome:
+        out = cls.empty(len(valid_pos))
+        out.keep[:] = result.keep
+        out.max_similarity[:] = result.max_similarity
+        out.similarity[:] = result.duplicate_similarity
+        removed = result.removed
+        out.dup_row[removed] = valid_pos[result.duplicate_of[removed]]
+        out.dup_label[removed] = [_describe(values.iat[p]) for p in out.dup_row[removed]]
+        return out
+
+
+def _index_key(value: Any, row: int) -> str:
+    """The index key of an image value: its path, else a hash of its content."""
+    import hashlib
+
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
+        return str(value["path"])
+    if isinstance(value, dict) and value.get("bytes"):
+        value = value["bytes"]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "sha1:" + hashlib.sha1(bytes(value)).hexdigest()
+    if isinstance(value, np.ndarray):
+        return "sha1:" + hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()
+    if hasattr(value, "tobytes"):
+        return "sha1:" + hashlib.sha1(value.tobytes()).hexdigest()
+    return f"row:{row}"
 
 
 def _first_reasons(failures: list[tuple[int, LoadFailure]]) -> str:
