@@ -216,3 +216,39 @@ def test_add_images(tmp_path, photo_dir, encoder):
         result = index.add_images(paths, encoder=encoder)
         assert result.kept.tolist() == [True, True, False]
         assert result.duplicate_of[2] == paths[0]
+
+
+@pytest.mark.parametrize("policy", ["reference", "greedy", "component"])
+def test_remove_answers_as_if_never_added(tmp_path, policy):
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((25, 8))
+    E = np.concatenate([base, base[:8] + 0.01 * rng.standard_normal((8, 8)), base[:3]])
+    keys = [f"k{r}" for r in range(len(E))]
+    gone = ["k0", "k5", "k30"]
+    with DedupIndex.create(tmp_path / "i", 8, 0.99, policy=policy) as index:
+        index.add(E[:20], keys=keys[:20])
+        index.add(E[20:], keys=keys[20:])
+        assert index.remove(gone) == 3
+        live = [r for r, k in enumerate(keys) if k not in gone]
+        expected = one_shot(E[live], 0.99, policy)
+        state = index.decisions()
+        assert state["removed"].sum() == 3 and not state["keep"][[0, 5, 30]].any()
+        assert np.array_equal(state["keep"][live], expected.keep)
+        assert np.array_equal(state["nearest"][live], expected.max_similarity)
+        live_idx = np.array(live)
+        dup = state["duplicate_of"][live]
+        mapped = np.where(dup >= 0, np.searchsorted(live_idx, dup), -1)
+        assert np.array_equal(mapped, expected.duplicate_of)
+        with pytest.raises(KeyError, match="already removed"):
+            index.remove(["k0"])
+        # Adding after a removal still equals one-shot of the live rows.
+        extra = rng.standard_normal((5, 8))
+        extra[0] = E[0]  # a copy of a removed row: nothing earlier to duplicate now
+        index.add(extra, keys=[f"x{r}" for r in range(5)])
+    with DedupIndex.open(tmp_path / "i") as reader:
+        expected = one_shot(np.concatenate([E[live], extra]), 0.99, policy)
+        state = reader.decisions()
+        alive = ~state["removed"]
+        assert np.array_equal(state["keep"][alive], expected.keep)
+        assert np.array_equal(state["nearest"][alive], expected.max_similarity)
+        assert reader.pairs().to_frame().shape[0] == len(expected.pairs)

@@ -52,7 +52,15 @@ from ..store import EmbeddingStore
 FORMAT = "dedup-index"
 VERSION = 1
 MANIFEST = "manifest.json"
-_STATE_FIELDS = ("keep", "duplicate_of", "duplicate_similarity", "group", "nearest", "earlier")
+_STATE_FIELDS = (
+    "keep",
+    "duplicate_of",
+    "duplicate_similarity",
+    "group",
+    "nearest",
+    "earlier",
+    "removed",
+)
 ON_DUPLICATE_KEY = ("error", "skip")
 
 
@@ -298,7 +306,9 @@ class DedupIndex:
         m = q.shape[0]
         if m == 0:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
-        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold)
+        removed = self._state["removed"]
+        live = None if not removed.any() else ~removed
+        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
         within, near_in, earlier_in = blocked_search(q, self.threshold)
         new_pairs = concat_pairsets(
             [
@@ -333,7 +343,69 @@ class DedupIndex:
             "group": decisions.group,
             "nearest": nearest,
             "earlier": earlier,
+            "removed": np.concatenate([removed, np.zeros(m, bool)]),
         }
+        _tombstone(new_state)
+        self._commit(generation, parts, checksums, new_state, n, len(new_pairs))
+        rows = np.arange(n_old, n)
+        all_keys = self.keys()
+        dup = new_state["duplicate_of"][rows]
+        return AddResult(
+            keys=keys,
+            kept=new_state["keep"][rows].copy(),
+            duplicate_of=[all_keys[int(d)] if d >= 0 else None for d in dup],
+            similarity=new_state["duplicate_similarity"][rows].copy(),
+            max_similarity=nearest[rows].copy(),
+            skipped=skipped,
+        )
+
+    def remove(self, keys: Sequence[str]) -> int:
+        """Take ``keys`` out: afterwards the index answers exactly as if they had never
+        been added (one-shot dedup of the remaining rows, in their order).
+
+        Under the ``reference`` policy this can bring rows back: a row removed only as a
+        duplicate of a removed key becomes kept (it no longer has an earlier duplicate).
+        Rows stay in the embedding store as tombstones; the scores are recomputed from the
+        remaining rows, which costs an exact search over them (O(N^2 D)).
+        """
+        self._check_writable()
+        keys = list(keys)
+        rows = self._rows_of(keys)
+        removed = self._state["removed"].copy()
+        if removed[rows].any():
+            gone = [k for k, r in zip(keys, rows, strict=True) if removed[r]]
+            raise KeyError(f"key(s) already removed: {gone[:3]}")
+        removed[rows] = True
+        live = np.flatnonzero(~removed)
+        n = len(self)
+        pairs, near, early = blocked_search(self.store[live], self.threshold)
+        mapped = PairSet(live[pairs.i], live[pairs.j], pairs.s)
+        decisions = decide(n, mapped, self.policy)
+        nearest = np.full(n, np.nan)
+        earlier = np.full(n, np.nan)
+        nearest[live], earlier[live] = near, early
+        new_state = {
+            "keep": decisions.keep,
+            "duplicate_of": decisions.duplicate_of,
+            "duplicate_similarity": decisions.duplicate_similarity,
+            "group": decisions.group,
+            "nearest": nearest,
+            "earlier": earlier,
+            "removed": removed,
+        }
+        _tombstone(new_state)
+        generation = int(self._manifest["generation"]) + 1
+        part = f"pairs/part-{generation:06d}.parquet"
+        checksums = {
+            k: v for k, v in self._manifest["checksums"].items() if not k.startswith("pairs/")
+        }
+        checksums[part] = _write_part(self.path / part, mapped)
+        self._manifest = dict(self._manifest, n_pairs=0)
+        self._commit(generation, [part], checksums, new_state, n, len(mapped))
+        return len(rows)
+
+    def _commit(self, generation, parts, checksums, new_state, n, n_new_pairs) -> None:
+        """Write the state, then the manifest (the commit point); drop superseded files."""
         state_name = f"state-{generation:06d}.npz"
         checksums[state_name] = _write_state(self.path / state_name, new_state)
         old_state = self._manifest["state"]
@@ -347,26 +419,16 @@ class DedupIndex:
             pairs=parts,
             state=state_name,
             checksums=checksums,
-            n_pairs=int(self._manifest.get("n_pairs", 0)) + len(new_pairs),
+            n_pairs=int(self._manifest.get("n_pairs", 0)) + n_new_pairs,
         )
         _write_json(self.path / MANIFEST, manifest)
         _crash_point("manifest_written")
-        if old_state and (self.path / old_state).exists():
-            os.unlink(self.path / old_state)
+        for name in [old_state, *(p for p in self._manifest["pairs"] if p not in parts)]:
+            if name and (self.path / name).exists():
+                os.unlink(self.path / name)
         self._manifest, self._state = manifest, new_state
         self._keys = None
         self._key_rows = None
-        rows = np.arange(n_old, n)
-        all_keys = self.keys()
-        dup = new_state["duplicate_of"][rows]
-        return AddResult(
-            keys=keys,
-            kept=new_state["keep"][rows].copy(),
-            duplicate_of=[all_keys[int(d)] if d >= 0 else None for d in dup],
-            similarity=new_state["duplicate_similarity"][rows].copy(),
-            max_similarity=nearest[rows].copy(),
-            skipped=skipped,
-        )
 
     def add_images(self, values: Sequence, *, encoder, image_root=None, keys=None) -> AddResult:
         """Load, embed and add images; failures raise (use the operator to report them)."""
@@ -412,6 +474,16 @@ class DedupIndex:
             mask = np.array([k not in existing for k in keys])
             return [k for k in keys if k not in existing], q[mask], clash
         return keys, q, []
+
+
+def _tombstone(state: dict[str, np.ndarray]) -> None:
+    """Removed keys: not kept, no group, no duplicate."""
+    gone = state["removed"]
+    if gone.any():
+        state["keep"][gone] = False
+        state["duplicate_of"][gone] = -1
+        state["group"][gone] = -1
+        state["duplicate_similarity"][gone] = np.nan
 
 
 class _Prefix:
@@ -542,10 +614,12 @@ def _load_state(root: Path, manifest: dict) -> dict[str, np.ndarray]:
             "group": np.zeros(0, np.int64),
             "nearest": np.zeros(0),
             "earlier": np.zeros(0),
+            "removed": np.zeros(0, bool),
         }
     payload = _verified_bytes(root, manifest["state"], manifest["checksums"])
     with np.load(io.BytesIO(payload)) as data:
-        state = {k: data[k] for k in _STATE_FIELDS}
+        state = {k: data[k] for k in _STATE_FIELDS if k in data}
+    state.setdefault("removed", np.zeros(manifest["count"], bool))
     if any(v.shape[0] != manifest["count"] for v in state.values()):
         raise IndexCorruptError(f"{root / manifest['state']} does not match the row count")
     for part in manifest["pairs"]:  # parts are small to check and wrong answers are worse

@@ -39,8 +39,12 @@ def cross_search(
     *,
     rows: int = DEFAULT_ROWS,
     cols: int = DEFAULT_COLS,
+    base_live: np.ndarray | None = None,
 ) -> CrossResult:
-    """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact)."""
+    """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact).
+
+    ``base_live`` (bool per base row) leaves out the base rows marked False, as if they
+    were not there: the index's removed keys."""
     m, d = queries.shape
     n = base.shape[0]
     empty = np.zeros(0, np.int64)
@@ -59,6 +63,8 @@ def cross_search(
         for c in range(0, n, cols):
             e_c = min(n, c + cols)
             s = q_tiles.product(qa, b_tiles.block(c, e_c, second=True))
+            if base_live is not None and not base_live[c:e_c].all():
+                s[:, ~base_live[c:e_c]] = -np.inf
             row_max, col_max = q_tiles.maxima(s)
             hit = np.flatnonzero(row_max > radius)
             if hit.size:
