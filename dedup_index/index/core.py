@@ -12,6 +12,10 @@ One directory holds everything:
   previous generation readable, and the next writer rolls back whatever the dead one
   appended.  A corrupted or truncated file is refused with an error naming it.
 
+With ``backend="ivf"``/``"hnsw"`` new rows go through a FAISS index instead (see
+:mod:`.ann`): pairs found are exact, some may be missed, and an old row's nearest score
+is only raised through candidates found (a lower bound).  With the exact backends:
+
 Adding rows ``Q`` to ``N`` indexed rows searches ``Q`` against the store exactly
 (:func:`~dedup_index.search.cross.cross_search`) and ``Q`` against itself (``blocked``),
 so every pair involving a new row is found, every new row's nearest and best-earlier
@@ -48,6 +52,7 @@ from ..search.blocked import blocked_search
 from ..search.cross import cross_search
 from ..search.pairs import PairSet, concat_pairsets
 from ..store import EmbeddingStore
+from .ann import ANN_BACKENDS, AnnIndex
 
 FORMAT = "dedup-index"
 VERSION = 1
@@ -118,6 +123,12 @@ class DedupIndex:
             if mode == "a":
                 self.store.truncate(n)
         self._state = _load_state(path, manifest)
+        self._ann: AnnIndex | None = None
+        if manifest.get("ann"):
+            payload = _verified_bytes(path, manifest["ann"], manifest["checksums"])
+            self._ann = AnnIndex.from_bytes(
+                payload, manifest["backend"], manifest.get("backend_options", {})
+            )
         self._keys: list[str] | None = None
         self._key_rows: dict[str, int] | None = None
 
@@ -133,12 +144,18 @@ class DedupIndex:
         backend: str = "blocked",
         model_name: str | None = None,
         dtype: str = "float32",
+        backend_options: dict[str, Any] | None = None,
     ) -> DedupIndex:
-        """A new, empty index at ``path`` (which must not hold one), open for writing."""
+        """A new, empty index at ``path`` (which must not hold one), open for writing.
+
+        ``backend``: ``"blocked"`` or ``"flat"`` (exact: every new row against every
+        stored row, numpy tiles) or ``"ivf"`` / ``"hnsw"`` (a FAISS index; approximate,
+        for very large indexes: see :mod:`dedup_index.index.ann`), with
+        ``backend_options`` (``nlist``, ``nprobe``, ``m``, ``ef_search``...)."""
         path = Path(path)
         threshold = check_threshold(threshold)
         check_choice(policy, POLICIES, "policy")
-        check_choice(backend, ("blocked", "flat"), "backend")
+        check_choice(backend, ("blocked", "flat", *ANN_BACKENDS), "backend")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         if (path / MANIFEST).exists():
@@ -159,6 +176,8 @@ class DedupIndex:
                 "model_name": model_name,
                 "count": 0,
                 "generation": 0,
+                "backend_options": dict(backend_options or {}),
+                "ann": None,
                 "pairs": [],
                 "state": None,
                 "checksums": {},
@@ -222,6 +241,11 @@ class DedupIndex:
         return float(self._manifest["threshold"])
 
     @property
+    def exact(self) -> bool:
+        """False with an approximate backend: pairs may be missed, scores are lower bounds."""
+        return self._manifest["backend"] not in ANN_BACKENDS
+
+    @property
     def policy(self) -> str:
         return str(self._manifest["policy"])
 
@@ -270,6 +294,8 @@ class DedupIndex:
             "dim": self.dim,
             "threshold": self.threshold,
             "policy": self.policy,
+            "backend": self._manifest["backend"],
+            "exact": self.exact,
             "model_name": self.model_name,
             "generation": int(self._manifest["generation"]),
             "bytes_on_disk": _tree_size(self.path),
@@ -279,7 +305,8 @@ class DedupIndex:
         """For each query row, the indexed rows at or above the threshold as ``(key,
         similarity)``, most similar first.  Read-only."""
         q = self._prepare(embeddings)
-        found = cross_search(q, _Prefix(self.store, len(self)), self.threshold)
+        removed = self._state["removed"]
+        found = self._search(q, len(self), ~removed if removed.any() else None)
         keys = self.keys()
         out: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
         for qi, bi, s in sorted(zip(found.q, found.b, found.s, strict=True), key=lambda t: -t[2]):
@@ -308,7 +335,7 @@ class DedupIndex:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
         removed = self._state["removed"]
         live = None if not removed.any() else ~removed
-        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
+        cross = self._search(q, n_old, live)
         within, near_in, earlier_in = blocked_search(q, self.threshold)
         new_pairs = concat_pairsets(
             [
@@ -346,7 +373,16 @@ class DedupIndex:
             "removed": np.concatenate([removed, np.zeros(m, bool)]),
         }
         _tombstone(new_state)
-        self._commit(generation, parts, checksums, new_state, n, len(new_pairs))
+        ann_payload = None
+        if self._manifest["backend"] in ANN_BACKENDS:
+            if self._ann is None:
+                self._ann = AnnIndex.build(
+                    self._manifest["backend"], q, self._manifest.get("backend_options", {})
+                )
+            else:
+                self._ann.add(q)
+            ann_payload = self._ann.to_bytes()
+        self._commit(generation, parts, checksums, new_state, n, len(new_pairs), ann_payload)
         rows = np.arange(n_old, n)
         all_keys = self.keys()
         dup = new_state["duplicate_of"][rows]
@@ -404,8 +440,23 @@ class DedupIndex:
         self._commit(generation, [part], checksums, new_state, n, len(mapped))
         return len(rows)
 
-    def _commit(self, generation, parts, checksums, new_state, n, n_new_pairs) -> None:
+    def _search(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
+        """New rows against the committed ones: exact tiles, or the FAISS index."""
+        if self._ann is not None:
+            return self._ann.search(q, _Prefix(self.store, n_old), self.threshold, live)
+        return cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
+
+    def _commit(
+        self, generation, parts, checksums, new_state, n, n_new_pairs, ann_payload=None
+    ) -> None:
         """Write the state, then the manifest (the commit point); drop superseded files."""
+        old_ann = self._manifest.get("ann")
+        ann_name = old_ann
+        if ann_payload is not None:
+            ann_name = f"ann-{generation:06d}.faiss"
+            checksums[ann_name] = _atomic_write(self.path / ann_name, ann_payload)
+            if old_ann:
+                checksums.pop(old_ann, None)
         state_name = f"state-{generation:06d}.npz"
         checksums[state_name] = _write_state(self.path / state_name, new_state)
         old_state = self._manifest["state"]
@@ -420,10 +471,14 @@ class DedupIndex:
             state=state_name,
             checksums=checksums,
             n_pairs=int(self._manifest.get("n_pairs", 0)) + n_new_pairs,
+            ann=ann_name,
         )
         _write_json(self.path / MANIFEST, manifest)
         _crash_point("manifest_written")
-        for name in [old_state, *(p for p in self._manifest["pairs"] if p not in parts)]:
+        stale = [old_state, *(p for p in self._manifest["pairs"] if p not in parts)]
+        if old_ann != ann_name:
+            stale.append(old_ann)
+        for name in stale:
             if name and (self.path / name).exists():
                 os.unlink(self.path / name)
         self._manifest, self._state = manifest, new_state
