@@ -14,6 +14,7 @@ about ``N x D x 4`` bytes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,14 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+@dataclass(frozen=True)
+class AnnResult(CrossResult):
+    """A :class:`CrossResult` plus every rescored candidate ``(q, b, s)``, below the
+    threshold too (for best-earlier lower bounds)."""
+
+    all_candidates: tuple = ()
 
 
 class AnnIndex:
@@ -79,15 +88,26 @@ class AnnIndex:
             self.index.hnsw.efSearch = int(self.params.get("ef_search", 64))
 
     def search(
-        self, queries: np.ndarray, base, threshold: float, live: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        base,
+        threshold: float,
+        live: np.ndarray | None = None,
+        *,
+        self_offset: int | None = None,
     ) -> CrossResult:
         """Like :func:`~dedup_index.search.cross.cross_search`, through the FAISS index:
-        pairs found are exact, pairs may be missed, best scores are lower bounds."""
+        pairs found are exact, pairs may be missed, best scores are lower bounds.
+
+        ``base`` gives the rows of the index's labels (for rescoring).  When the queries
+        are themselves in the index as rows ``self_offset + k``, each query's own row is
+        left out."""
         m, d = queries.shape
         n = len(self)
         empty = np.zeros(0, np.int64)
         if m == 0 or n == 0:
-            return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
+            nothing = (empty, empty, np.zeros(0))
+            return AnnResult(*nothing, np.full(m, -np.inf), np.full(n, -np.inf), nothing)
         delta = candidate_delta(d)
         block = 4096
         if self.kind == "hnsw":
@@ -100,8 +120,10 @@ class AnnIndex:
             lims, _, labels = self.index.range_search(chunk, threshold - delta)
             qs.append(np.repeat(np.arange(a, a + chunk.shape[0]), np.diff(lims.astype(np.int64))))
             bs.append(labels.astype(np.int64))
-            scores, top = self.index.search(chunk, min(NEAREST_K, n))
+            scores, top = self.index.search(chunk, min(NEAREST_K + 1, n))
             ok = top >= 0
+            if self_offset is not None:
+                ok &= top != (np.arange(a, a + chunk.shape[0]) + self_offset)[:, None]
             if live is not None:
                 ok &= live[np.where(ok, top, 0)]
             best = np.where(ok, scores, -np.inf).max(axis=1)
@@ -110,9 +132,12 @@ class AnnIndex:
             bs.append(top[near].astype(np.int64))
         q = np.concatenate(qs)
         b = np.concatenate(bs)
+        keep = b >= 0
         if live is not None:
-            keep = live[b]
-            q, b = q[keep], b[keep]
+            keep &= live[np.where(keep, b, 0)]
+        if self_offset is not None:
+            keep &= b != q + self_offset
+        q, b = q[keep], b[keep]
         key = np.unique(q * n + b)
         q, b = key // n, key % n
         s = canonical_scores(queries, q, b, other=base)
@@ -122,4 +147,24 @@ class AnnIndex:
         np.maximum.at(base_best, b, s)
         hit = s >= threshold
         order = np.lexsort((q[hit], b[hit]))
-        return CrossResult(q[hit][order], b[hit][order], s[hit][order], query_best, base_best)
+        return AnnResult(
+            q[hit][order], b[hit][order], s[hit][order], query_best, base_best, (q, b, s)
+        )
+
+
+class Concat:
+    """Rows ``0..n_old-1`` from ``old`` and ``n_old..`` from ``new``, indexable by int
+    arrays (for rescoring candidates that may be old or new rows)."""
+
+    def __init__(self, old, n_old: int, new: np.ndarray) -> None:
+        self.old, self.n_old, self.new = old, n_old, new
+        self.shape = (n_old + new.shape[0], new.shape[1])
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((idx.shape[0], self.shape[1]), dtype=np.float32)
+        old = idx < self.n_old
+        if old.any():
+            out[old] = self.old[idx[old]]
+        out[~old] = self.new[idx[~old] - self.n_old]
+        return out

@@ -52,7 +52,7 @@ from ..search.blocked import blocked_search
 from ..search.cross import cross_search
 from ..search.pairs import PairSet, concat_pairsets
 from ..store import EmbeddingStore
-from .ann import ANN_BACKENDS, AnnIndex
+from .ann import ANN_BACKENDS, AnnIndex, Concat
 
 FORMAT = "dedup-index"
 VERSION = 1
@@ -335,22 +335,10 @@ class DedupIndex:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
         removed = self._state["removed"]
         live = None if not removed.any() else ~removed
-        cross = self._search(q, n_old, live)
-        within, near_in, earlier_in = blocked_search(q, self.threshold)
-        new_pairs = concat_pairsets(
-            [
-                PairSet(cross.b, cross.q + n_old, cross.s),
-                PairSet(within.i + n_old, within.j + n_old, within.s),
-            ]
-        )
-        state = self._state
-        nearest = np.concatenate(
-            [
-                np.maximum(state["nearest"], np.maximum(cross.base_best, 0.0)),
-                np.maximum(np.maximum(cross.query_best, near_in), 0.0),
-            ]
-        )
-        earlier = np.concatenate([state["earlier"], np.maximum(cross.query_best, earlier_in)])
+        if self._manifest["backend"] in ANN_BACKENDS:
+            new_pairs, nearest, earlier = self._ann_step(q, n_old, removed)
+        else:
+            new_pairs, nearest, earlier = self._exact_step(q, n_old, live)
         # Commit order: rows, pair part, state, manifest (the commit point).
         self.store.truncate(n_old)
         self.store.append(q, keys=keys, normalize=False)
@@ -373,15 +361,7 @@ class DedupIndex:
             "removed": np.concatenate([removed, np.zeros(m, bool)]),
         }
         _tombstone(new_state)
-        ann_payload = None
-        if self._manifest["backend"] in ANN_BACKENDS:
-            if self._ann is None:
-                self._ann = AnnIndex.build(
-                    self._manifest["backend"], q, self._manifest.get("backend_options", {})
-                )
-            else:
-                self._ann.add(q)
-            ann_payload = self._ann.to_bytes()
+        ann_payload = self._ann.to_bytes() if self._ann is not None else None
         self._commit(generation, parts, checksums, new_state, n, len(new_pairs), ann_payload)
         rows = np.arange(n_old, n)
         all_keys = self.keys()
@@ -439,6 +419,52 @@ class DedupIndex:
         self._manifest = dict(self._manifest, n_pairs=0)
         self._commit(generation, [part], checksums, new_state, n, len(mapped))
         return len(rows)
+
+    def _exact_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
+        """New rows against the committed ones (exact tiles) and among themselves."""
+        m = q.shape[0]
+        state = self._state
+        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
+        within, near_in, earlier_in = blocked_search(q, self.threshold)
+        new_pairs = concat_pairsets(
+            [
+                PairSet(cross.b, cross.q + n_old, cross.s),
+                PairSet(within.i + n_old, within.j + n_old, within.s),
+            ]
+        )
+        nearest = np.concatenate(
+            [
+                np.maximum(state["nearest"], np.maximum(cross.base_best, 0.0)),
+                np.maximum(np.maximum(cross.query_best, near_in), 0.0),
+            ]
+        )
+        earlier = np.concatenate([state["earlier"], np.maximum(cross.query_best, earlier_in)])
+        assert nearest.shape[0] == n_old + m
+        return new_pairs, nearest, earlier
+
+    def _ann_step(self, q: np.ndarray, n_old: int, removed: np.ndarray):
+        """New rows join the FAISS index, then search it (old and new rows at once)."""
+        m = q.shape[0]
+        options = self._manifest.get("backend_options", {})
+        if self._ann is None:
+            self._ann = AnnIndex.build(self._manifest["backend"], q, options)
+        else:
+            self._ann.add(q)
+        live = np.concatenate([~removed, np.ones(m, bool)])
+        base = Concat(_Prefix(self.store, n_old), n_old, q)
+        found = self._ann.search(q, base, self.threshold, live, self_offset=n_old)
+        rows = found.q + n_old  # a found pair is (row, partner), either order
+        lo, hi = np.minimum(rows, found.b), np.maximum(rows, found.b)
+        new_pairs = concat_pairsets([PairSet(lo, hi, found.s)])
+        nearest = np.concatenate([self._state["nearest"], np.zeros(m)])
+        nearest = np.maximum(nearest, np.maximum(found.base_best, 0.0))
+        nearest[n_old:] = np.maximum(nearest[n_old:], np.maximum(found.query_best, 0.0))
+        # Best earlier partner among the candidates found (a lower bound).
+        earlier = np.concatenate([self._state["earlier"], np.full(m, -np.inf)])
+        cand_q, cand_b, cand_s = found.all_candidates
+        before = cand_b < cand_q + n_old
+        np.maximum.at(earlier, cand_q[before] + n_old, cand_s[before])
+        return new_pairs, nearest, earlier
 
     def _search(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
         """New rows against the committed ones: exact tiles, or the FAISS index."""
