@@ -306,7 +306,13 @@ class DedupIndex:
         similarity)``, most similar first.  Read-only."""
         q = self._prepare(embeddings)
         removed = self._state["removed"]
-        found = self._search(q, len(self), ~removed if removed.any() else None)
+        live = ~removed if removed.any() else None
+        if self._ann is not None:
+            found = self._ann.search(q, _Prefix(self.store, len(self)), self.threshold, live)
+        else:
+            found = cross_search(
+                q, _Prefix(self.store, len(self)), self.threshold, base_live=live, base_best=False
+            )
         keys = self.keys()
         out: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
         for qi, bi, s in sorted(zip(found.q, found.b, found.s, strict=True), key=lambda t: -t[2]):
@@ -465,12 +471,6 @@ class DedupIndex:
         before = cand_b < cand_q + n_old
         np.maximum.at(earlier, cand_q[before] + n_old, cand_s[before])
         return new_pairs, nearest, earlier
-
-    def _search(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
-        """New rows against the committed ones: exact tiles, or the FAISS index."""
-        if self._ann is not None:
-            return self._ann.search(q, _Prefix(self.store, n_old), self.threshold, live)
-        return cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
 
     def _commit(
         self, generation, parts, checksums, new_state, n, n_new_pairs, ann_payload=None

@@ -186,7 +186,8 @@ class _NumpyTiles:
         self.embeddings = embeddings
         self.in_memory = isinstance(embeddings, np.ndarray)
         self.buf = np.empty(rows_per * cols_per, dtype=np.float32)
-        self.lower = np.tri(rows_per, dtype=bool)  # c <= r: the row itself and earlier rows
+        self.rows_per = rows_per
+        self._lower: np.ndarray | None = None  # c <= r: the row itself and earlier rows
         self.cache: dict[bool, tuple[tuple[int, int], np.ndarray]] = {}
 
     def block(self, a: int, b: int, second: bool) -> np.ndarray:
@@ -203,7 +204,9 @@ class _NumpyTiles:
         return np.matmul(rows_a, rows_c.T, out=out)
 
     def mask_diagonal(self, s: np.ndarray, ra: int) -> None:
-        np.copyto(s[:, :ra], -np.inf, where=self.lower[:ra, :ra])
+        if self._lower is None:
+            self._lower = np.tri(self.rows_per, dtype=bool)
+        np.copyto(s[:, :ra], -np.inf, where=self._lower[:ra, :ra])
 
     def maxima(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return s.max(axis=1), s.max(axis=0)

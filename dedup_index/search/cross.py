@@ -40,11 +40,13 @@ def cross_search(
     rows: int = DEFAULT_ROWS,
     cols: int = DEFAULT_COLS,
     base_live: np.ndarray | None = None,
+    base_best: bool = True,
 ) -> CrossResult:
     """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact).
 
     ``base_live`` (bool per base row) leaves out the base rows marked False, as if they
-    were not there: the index's removed keys."""
+    were not there: the index's removed keys.  ``base_best=False`` skips the base rows'
+    best scores (a read-only query needs only the pairs)."""
     m, d = queries.shape
     n = base.shape[0]
     empty = np.zeros(0, np.int64)
@@ -52,6 +54,7 @@ def cross_search(
         return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
     delta = candidate_delta(d)
     radius = np.float32(threshold - delta)
+    rows, cols = min(rows, m), min(cols, n)  # a single query needs a 1 x n tile, not more
     q_tiles = _NumpyTiles(queries, rows, cols)
     b_tiles = _NumpyTiles(base, rows, cols)
     q_near = _NearBest(m, delta)
@@ -72,7 +75,8 @@ def cross_search(
                 found_q.append(hit[li] + a)
                 found_b.append(lj + c)
             q_near.update(np.arange(a, e_a), row_max, partial(q_tiles.gather, s, c, False))
-            b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
+            if base_best:
+                b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
     q = np.concatenate(found_q) if found_q else empty
     b = np.concatenate(found_b) if found_b else empty
     scores = canonical_scores(queries, q, b, other=base)
