@@ -89,8 +89,9 @@ def default_params(
 ) -> PartitionParams:
     """Parameters from N: about 64 rows per centroid (``C`` at most 4096), ``p = 2``
     (3 above 500k rows, where ``C`` is capped and partitions are larger: measured at 1M,
-    recall 0.985 with p = 2, 0.998 with p = 3) within a 0.05 margin, partitions split above 8x the mean size (at least 4096 rows),
-    k-means on 20 sampled rows per centroid (at least 10k)."""
+    recall 0.985 with p = 2, 0.998 with p = 3) within a 0.05 margin, partitions split
+    above 8x the mean size (at least 4096 rows), k-means on 20 sampled rows per centroid
+    (at least 10k)."""
     c = n_clusters or max(1, min(4096, round(n / 64)))
     c = max(1, min(c, n)) if n else 1
     p = max(1, min(n_probe or (3 if n > 500_000 else 2), c))
