@@ -39,17 +39,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--add", type=int, default=20_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--backends", default="flat,ivf,hnsw")
+    ap.add_argument(
+        "--store",
+        default=None,
+        help="base rows from an EmbeddingStore (e.g. bench/_out/store_1m); new rows are then "
+        "30%% near-copies of base rows and 70%% fresh rows",
+    )
     args = ap.parse_args(argv)
     print("\n".join(machine_lines()))
-    n, m = args.base, args.add
-    E = clustered_unit_vectors(n + m, 512, seed=0)
-    base, new = E[:n], E[n:]
-    print(f"data: clustered_unit_vectors({n + m}, 512); base {n}, add {m}; threshold {THRESHOLD}")
+    if args.store:
+        from dedup_index.store import EmbeddingStore
+
+        base = EmbeddingStore.open(args.store).to_array()
+        n, m = len(base), args.add
+        rng = np.random.default_rng(3)
+        k = int(0.3 * m)
+        near = base[rng.choice(n, k, replace=False)] + 0.01 * rng.standard_normal(
+            (k, base.shape[1]), dtype=np.float32
+        )
+        fresh = clustered_unit_vectors(m - k, 512, seed=1)
+        new = np.concatenate([near / np.linalg.norm(near, axis=1, keepdims=True), fresh])
+        new = new[rng.permutation(m)].astype(np.float32)
+        E = np.concatenate([base, new])
+        print(f"data: store {args.store} ({n} rows) + {m} new rows (30% near-copies of base rows)")
+    else:
+        n, m = args.base, args.add
+        E = clustered_unit_vectors(n + m, 512, seed=0)
+        base, new = E[:n], E[n:]
+        print(f"data: clustered_unit_vectors({n + m}, 512); base {n}, add {m}")
+    print(f"threshold {THRESHOLD}")
 
     t0 = time.perf_counter()
     backend = "blocked" if n + m <= 150_000 else "partitioned"
-    rebuilt = dedup_embeddings(E, THRESHOLD, backend=backend, normalize=False)
+    rebuilt = dedup_embeddings(E, THRESHOLD, backend=backend, normalize=False, score="pairs")
     rebuild_s = time.perf_counter() - t0
+    print(f"rebuild from scratch: {backend} over {n + m} rows, {rebuild_s:.1f} s", flush=True)
     exact_new = cross_search(new, base, THRESHOLD)  # pairs of new rows with old rows
 
     rows = []
