@@ -85,9 +85,7 @@ def _torch_available() -> bool:
 
 def choose_backend(n: int, dim: int, *, device: str | None = None) -> tuple[str, str]:
     """The backend ``auto`` runs for ``n`` rows of ``dim`` dimensions, and why."""
-    if not _torch_available():
-        return "flat", f"N = {n}: exact; torch is not installed, so FAISS flat search"
-    if device is not None and str(device).startswith("cuda"):
+    if device is not None and str(device).startswith("cuda") and _torch_available():
         return "blocked", f"N = {n}: exact upper-triangle GEMM tiles on {device}"
     if n <= AUTO_EXACT_MAX_ROWS:
         return "blocked", (
