@@ -36,7 +36,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_write_bytes
 from .._validation import check_choice, check_threshold
 from ..errors import DedupIndexError
 from ..policy import POLICIES, decide
@@ -357,16 +357,9 @@ class DedupIndex:
         parts = [*self._manifest["pairs"], part]
         n = n_old + m
         decisions = decide(n, _Parts(self.path, parts, checksums), self.policy)
-        new_state = {
-            "keep": decisions.keep,
-            "duplicate_of": decisions.duplicate_of,
-            "duplicate_similarity": decisions.duplicate_similarity,
-            "group": decisions.group,
-            "nearest": nearest,
-            "earlier": earlier,
-            "removed": np.concatenate([removed, np.zeros(m, bool)]),
-        }
-        _tombstone(new_state)
+        new_state = _state(
+            decisions, nearest, earlier, np.concatenate([removed, np.zeros(m, bool)])
+        )
         ann_payload = self._ann.to_bytes() if self._ann is not None else None
         self._commit(generation, parts, checksums, new_state, n, len(new_pairs), ann_payload)
         rows = np.arange(n_old, n)
@@ -406,16 +399,7 @@ class DedupIndex:
         nearest = np.full(n, np.nan)
         earlier = np.full(n, np.nan)
         nearest[live], earlier[live] = near, early
-        new_state = {
-            "keep": decisions.keep,
-            "duplicate_of": decisions.duplicate_of,
-            "duplicate_similarity": decisions.duplicate_similarity,
-            "group": decisions.group,
-            "nearest": nearest,
-            "earlier": earlier,
-            "removed": removed,
-        }
-        _tombstone(new_state)
+        new_state = _state(decisions, nearest, earlier, removed)
         generation = int(self._manifest["generation"]) + 1
         part = f"pairs/part-{generation:06d}.parquet"
         checksums = {
@@ -480,7 +464,7 @@ class DedupIndex:
         ann_name = old_ann
         if ann_payload is not None:
             ann_name = f"ann-{generation:06d}.faiss"
-            checksums[ann_name] = _atomic_write(self.path / ann_name, ann_payload)
+            checksums[ann_name] = atomic_write_bytes(self.path / ann_name, ann_payload)
             if old_ann:
                 checksums.pop(old_ann, None)
         state_name = f"state-{generation:06d}.npz"
@@ -557,14 +541,23 @@ class DedupIndex:
         return keys, q, []
 
 
-def _tombstone(state: dict[str, np.ndarray]) -> None:
-    """Removed keys: not kept, no group, no duplicate."""
-    gone = state["removed"]
-    if gone.any():
-        state["keep"][gone] = False
-        state["duplicate_of"][gone] = -1
-        state["group"][gone] = -1
-        state["duplicate_similarity"][gone] = np.nan
+def _state(decisions, nearest, earlier, removed) -> dict[str, np.ndarray]:
+    """The per-row state of a generation; removed keys: not kept, no group, no duplicate."""
+    state = {
+        "keep": decisions.keep,
+        "duplicate_of": decisions.duplicate_of,
+        "duplicate_similarity": decisions.duplicate_similarity,
+        "group": decisions.group,
+        "nearest": nearest,
+        "earlier": earlier,
+        "removed": removed,
+    }
+    if removed.any():
+        state["keep"][removed] = False
+        state["duplicate_of"][removed] = -1
+        state["group"][removed] = -1
+        state["duplicate_similarity"][removed] = np.nan
+    return state
 
 
 class _Prefix:
@@ -616,27 +609,7 @@ def _unlock(fd: int | None) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, payload: bytes) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return hashlib.sha256(payload).hexdigest()
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
 def _write_part(path: Path, pairs: PairSet) -> str:
@@ -648,7 +621,7 @@ def _write_part(path: Path, pairs: PairSet) -> str:
     table = pa.table({"i": pairs.i, "j": pairs.j, "similarity": pairs.s})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _write_state(path: Path, state: dict[str, np.ndarray]) -> str:
@@ -656,7 +629,7 @@ def _write_state(path: Path, state: dict[str, np.ndarray]) -> str:
 
     buf = io.BytesIO()
     np.savez(buf, **state)
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _verified_bytes(root: Path, name: str, checksums: dict[str, str]) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from .._files import fsync_dir
 from .._validation import check_choice
 
 CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
@@ -175,17 +176,4 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
