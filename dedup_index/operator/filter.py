@@ -14,16 +14,18 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from .._validation import check_choice, check_positive_int, check_threshold
 from ..dedup import SCORES, DedupResult, dedup_embeddings
+from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, fingerprint, model_identity
 from ..errors import DedupIndexError, ImagesFailedError, NoValidImagesError
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
 from ..policy import POLICIES
+from ..progress import progress as progress_bar
 from ..search import BACKENDS
 from .storage import write_table
 
@@ -51,12 +53,29 @@ class RunReport:
     output_path: Any = None
     rejects_path: str | None = None
     failures: list[tuple[int, LoadFailure]] = field(default_factory=list)
+    #: Rows whose image was decoded and run through the encoder in this run.
+    embedded: int = 0
+    #: Rows whose embedding came from the embedding cache (``cache_dir``), not the encoder.
+    cached: int = 0
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.rows_in} rows in: {self.kept} kept, {self.removed_duplicates} removed as "
             f"near-duplicates, {self.failed} failed to load ({self.seconds:.1f} s)"
         )
+        if self.cached:
+            text += f"; {self.embedded} embedded, {self.cached} from the embedding cache"
+        return text
+
+
+class _Embedded(NamedTuple):
+    """What ``_embed`` returns: the valid rows' embeddings in row order, and counts."""
+
+    embeddings: np.ndarray
+    valid: list[int]
+    failures: list[tuple[int, LoadFailure]]
+    embedded: int
+    cached: int
 
 
 class ImageDeduplicateFilter:
@@ -87,6 +106,20 @@ class ImageDeduplicateFilter:
             (created on first use): rows duplicating indexed images, or earlier rows of
             the table, are removed; the table's rows join the index, keyed by path (or a
             content hash).  Rows whose key is already indexed leave as ``already_indexed``.
+        cache_dir: directory of a persistent
+            :class:`~dedup_index.encode.cache.EmbeddingCache` (created on first use).
+            Each image value is fingerprinted (a path with its size and mtime, a hash of
+            bytes or pixels); those already cached are neither decoded nor embedded, the
+            rest are embedded and added to the cache batch by batch as they are computed,
+            so a rerun embeds nothing and an interrupted run resumes where it stopped.
+            Cached rows are the encoder's own float32 vectors, so decisions equal those of
+            a run without the cache (on the same device; an encoder's last bits may also
+            depend on how images were batched, as they do between batch sizes).
+        on_model_change: the cache at ``cache_dir`` holds another model's embeddings:
+            ``"error"`` (default, raised at construction) or ``"reset"`` (moved aside to
+            ``<cache_dir>.stale-<timestamp>`` with a warning; the run starts afresh).
+        progress: show an images/s progress bar while embedding: ``None`` (default)
+            when stderr is a terminal and ``DEDUP_INDEX_PROGRESS`` is not ``0``.
     """
 
     def __init__(
@@ -106,6 +139,9 @@ class ImageDeduplicateFilter:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         encoder: Any = None,
         index_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        on_model_change: str = "error",
+        progress: bool | None = None,
     ) -> None:
         self.model_name = model_name
         self.threshold = check_threshold(threshold)
@@ -128,6 +164,15 @@ class ImageDeduplicateFilter:
             )
         self.encoder = encoder
         self.device = getattr(encoder, "device", device)
+        self.progress = progress
+        self.cache_dir = cache_dir
+        self.on_model_change = check_choice(on_model_change, ON_MODEL_CHANGE, "on_model_change")
+        # The cache is keyed to the model that really embeds: an encoder object's own name.
+        self.cache_model_name = model_identity(getattr(encoder, "model_name", None) or model_name)
+        if cache_dir is not None and self.on_model_change == "error":
+            EmbeddingCache.check_model(
+                cache_dir, model_name=self.cache_model_name, dim=_encoder_dim(encoder)
+            )
         self.last_report: RunReport | None = None
 
     def run(
@@ -158,7 +203,7 @@ class ImageDeduplicateFilter:
             logger.warning("column %r exists and will be overwritten", output_score_key)
 
         values = frame[input_image_key].tolist()
-        embeddings, valid, failures = self._embed(values)
+        embeddings, valid, failures, n_embedded, n_cached = self._embed(values)
         if failures:
             self._report_failures(failures, len(values))
         if not valid:
@@ -208,32 +253,86 @@ class ImageDeduplicateFilter:
             output_path=output_path,
             rejects_path=rejects_path,
             failures=failures,
+            embedded=n_embedded,
+            cached=n_cached,
         )
         self.last_report = report
         logger.info("ImageDeduplicateFilter: %s", report.summary())
         return [input_image_key, output_score_key]
 
-    def _embed(self, values: list) -> tuple[np.ndarray, list[int], list[tuple[int, LoadFailure]]]:
-        """Load and embed in batches so that only one batch of decoded images is in memory."""
-        chunks: list[np.ndarray] = []
-        valid: list[int] = []
-        failures: list[tuple[int, LoadFailure]] = []
-        for start in range(0, len(values), self.batch_size):
-            images = []
-            for pos in range(start, min(len(values), start + self.batch_size)):
-                image, failure = try_load_image(
-                    values[pos], image_root=self.image_root, max_pixels=self.max_pixels
-                )
-                if failure is not None:
-                    failures.append((pos, failure))
-                else:
-                    images.append(image)
-                    valid.append(pos)
-            if images:
-                chunks.append(np.asarray(self.encoder.encode(images), dtype=np.float32))
-        dim = chunks[0].shape[1] if chunks else 0
-        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-        return embeddings, valid, failures
+    def _embed(self, values: list) -> _Embedded:
+        """Load and embed in batches so that only one batch of decoded images is in memory.
+
+        With ``cache_dir``, values already in the cache are taken from it (not decoded),
+        and each batch embedded here is committed to the cache before the next one starts.
+        """
+        n = len(values)
+        cache = None
+        fingerprints: list[str | None] = []
+        found = np.zeros(n, dtype=bool)
+        cached_rows = np.zeros((0, 0), dtype=np.float32)
+        if self.cache_dir is not None:
+            cache = EmbeddingCache(
+                self.cache_dir,
+                model_name=self.cache_model_name,
+                dim=_encoder_dim(self.encoder),
+                on_model_change=self.on_model_change,
+            )
+        try:
+            if cache is not None:
+                fingerprints = [
+                    fingerprint(v, self.image_root, max_pixels=self.max_pixels) for v in values
+                ]
+                found, cached_rows = cache.lookup(fingerprints, max_pixels=self.max_pixels)
+            todo = np.flatnonzero(~found)
+            # Row p's embedding goes to out[p]; allocated once the dimension is known.
+            out = None if not found.any() else np.empty((n, cached_rows.shape[1]), np.float32)
+            if out is not None:
+                out[found] = cached_rows
+            is_valid = found.copy()
+            failures: list[tuple[int, LoadFailure]] = []
+            with progress_bar(len(todo), "embedding", unit="img", enabled=self.progress) as bar:
+                for start in range(0, len(todo), self.batch_size):
+                    images, positions = [], []
+                    for pos in todo[start : start + self.batch_size].tolist():
+                        image, failure = try_load_image(
+                            values[pos], image_root=self.image_root, max_pixels=self.max_pixels
+                        )
+                        if failure is not None:
+                            failures.append((pos, failure))
+                        else:
+                            images.append(image)
+                            positions.append(pos)
+                    if images:
+                        emb = np.asarray(self.encoder.encode(images), dtype=np.float32)
+                        if out is None:
+                            out = np.empty((n, emb.shape[1]), np.float32)
+                        out[positions] = emb
+                        is_valid[positions] = True
+                        if cache is not None:
+                            cache.add(
+                                [fingerprints[p] for p in positions],
+                                emb,
+                                pixels=[im.size[0] * im.size[1] for im in images],
+                            )
+                    bar.update(min(self.batch_size, len(todo) - start))
+        finally:
+            if cache is not None:
+                cache.close()
+        valid = np.flatnonzero(is_valid)
+        n_cached = int(found.sum())
+        if out is None:
+            embeddings = np.zeros((0, 0), np.float32)
+        else:
+            embeddings = out if len(valid) == n else out[valid]
+        if cache is not None:
+            logger.info(
+                "embedding cache %s: %d rows from the cache, %d embedded",
+                self.cache_dir,
+                n_cached,
+                len(valid) - n_cached,
+            )
+        return _Embedded(embeddings, valid.tolist(), failures, len(valid) - n_cached, n_cached)
 
     def _report_failures(self, failures: list[tuple[int, LoadFailure]], total: int) -> None:
         action = {"drop": "dropped", "keep": "kept with no score", "raise": "raising"}[
@@ -376,6 +475,15 @@ class _Outcome:
         out.dup_row[removed] = valid_pos[result.duplicate_of[removed]]
         out.dup_label[removed] = [_describe(values.iat[p]) for p in out.dup_row[removed]]
         return out
+
+
+def _encoder_dim(encoder: Any) -> int | None:
+    """The encoder's embedding dimension if it says (``dim``), else None (learnt later)."""
+    try:
+        dim = getattr(encoder, "dim", None)
+    except Exception:  # noqa: BLE001 - a property that cannot answer yet
+        return None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
 def _index_key(value: Any, row: int) -> str:
