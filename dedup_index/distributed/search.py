@@ -1,0 +1,312 @@
+"""``dedup_store``: the exact upper-triangle tile search as Ray tasks, merged on the driver.
+
+The rows (an :class:`~dedup_index.store.EmbeddingStore` on shared storage, or an array
+put into the object store block by block) are cut into blocks of ``tile_rows``; each tile
+``(a, c)``, ``a <= c``, is one Ray task that reads its two blocks, computes the GEMM tile,
+rescores its candidates canonically and writes its pairs and partial row/column maxima to
+``work_dir/tiles/<a>_<c>.npz`` atomically (:mod:`.tiles`).  The driver submits the tiles
+whose files do not exist yet, merges every tile exactly once (union of pairs, elementwise
+maxima), then runs the same policy sweep as :func:`~dedup_index.dedup_embeddings`.
+
+The result equals ``dedup_embeddings(E, threshold, backend="blocked")`` bit for bit:
+keep mask, ``duplicate_of``, groups, pairs, ``max_similarity`` and
+``max_earlier_similarity`` (see :mod:`.tiles` for why the maxima are exact).
+
+Fault tolerance: a task whose worker dies is retried by Ray (``max_retries``); since a
+tile's file appears only complete (temp file + rename) and a tile is merged from its file
+once, a retried or re-executed task neither loses nor duplicates pairs.  Rerunning with
+the same ``work_dir`` after a crash of the driver recomputes only the missing tiles.
+
+Cost: ``T = B (B + 1) / 2`` tasks for ``B = ceil(N / b)`` blocks, each ``b^2 D``
+multiply-adds, so ``~N^2 D / (2 W)`` per worker on ``W`` workers, plus reading
+``2 b D`` floats per task (``~N^2 D / b`` floats in all: larger tiles read less).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._validation import check_choice, check_positive_int, check_threshold
+from ..dedup import SCORES, DedupResult, dedup_embeddings
+from ..policy import POLICIES, decide
+from ..progress import progress as progress_bar
+from ..search import as_unit_float32, best_pair_score
+from ..store import EmbeddingStore, PairSink, open_or_array
+from ..store.pairs_file import DEFAULT_MEMORY_BUDGET
+from . import tiles as tl
+from .cluster import cluster_cpus, connect
+
+logger = logging.getLogger(__name__)
+
+#: Largest default tile side: a 4096 x 4096 float32 tile is 64 MiB per task.
+MAX_TILE_ROWS = 4096
+#: Smallest default tile side (smaller tiles are all overhead).
+MIN_TILE_ROWS = 256
+
+
+def choose_tile_rows(n: int, workers: int) -> int:
+    """Default block size: about 8 tiles per worker (load balance), within
+    [:data:`MIN_TILE_ROWS`, :data:`MAX_TILE_ROWS`], a multiple of 64."""
+    # T ~ (n / b)^2 / 2 tiles; aim for T ~ 8 W  ->  b ~ n / sqrt(16 W)
+    b = n / max(1.0, (16 * workers) ** 0.5)
+    b = int(-(-b // 64)) * 64
+    return int(min(MAX_TILE_ROWS, max(MIN_TILE_ROWS, b)))
+
+
+def dedup_store(
+    embeddings: Any,
+    threshold: float = 0.9,
+    *,
+    policy: str = "reference",
+    score: str = "nearest",
+    tile_rows: int | None = None,
+    address: str | None = None,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    threads_per_task: int = 1,
+    max_retries: int = 3,
+    normalize: bool = True,
+    pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    pairs_path: str | os.PathLike | None = None,
+) -> DedupResult:
+    """Exact near-duplicate search on a Ray cluster; same result as one machine's ``blocked``.
+
+    Args:
+        embeddings: an :class:`~dedup_index.store.EmbeddingStore`, its directory (which
+            every node must see at the same path: shared storage), or an ``(N, D)`` array
+            (normalised like ``dedup_embeddings`` and put into the object store in blocks).
+        threshold, policy, score, normalize: as in :func:`~dedup_index.dedup_embeddings`.
+        tile_rows: rows per block (a task is one block against another); default from N
+            and the cluster's CPUs (:func:`choose_tile_rows`).
+        address: Ray cluster to use (see :func:`~dedup_index.distributed.connect`); an
+            already initialised Ray is used as it is.
+        work_dir: where tile outputs go (every node must see it: shared storage).  A rerun
+            with the same ``work_dir`` skips the tiles already there.  Default: a temporary
+            directory on the driver, removed at the end (fine for a one-machine cluster).
+        progress: a tiles/s progress bar (None: when stderr is a terminal).
+        threads_per_task: CPUs (and BLAS threads) per task.
+        max_retries: how often Ray retries a task whose worker died.
+        pairs_memory_budget, pairs_path: as in ``dedup_embeddings`` (pairs spill to Parquet).
+
+    ``result.backend`` is ``"ray"``; ``result.info`` holds the tile counts.
+    """
+    threshold = check_threshold(threshold)
+    check_choice(policy, POLICIES, "policy")
+    check_choice(score, SCORES, "score")
+    threads_per_task = check_positive_int(threads_per_task, "threads_per_task")
+    tile_rows = check_positive_int(tile_rows, "tile_rows", allow_none=True)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an integer >= 0; got {max_retries!r}")
+    start = time.perf_counter()
+    source = open_or_array(embeddings)
+    if isinstance(source, EmbeddingStore):
+        unit, store_path = source, str(Path(source.path).resolve())
+    else:
+        unit, store_path = as_unit_float32(source, normalize=normalize), None
+    n, d = unit.shape
+    if n < 2:  # nothing to distribute
+        return dedup_embeddings(
+            unit, threshold, backend="blocked", score=score, policy=policy, normalize=False
+        )
+    ray = connect(address)
+    if tile_rows is None:
+        tile_rows = choose_tile_rows(n, max(1, cluster_cpus(ray) // threads_per_task))
+    description = {
+        "n": n,
+        "d": d,
+        "threshold": threshold,
+        "tile_rows": tile_rows,
+        "source": _fingerprint(unit, store_path),
+    }
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="dedup-ray-")) if temporary else Path(work_dir)
+    try:
+        jid = tl.claim_job(work, description)
+        best_later, best_earlier, sink, counts = _run_tiles(
+            ray,
+            unit,
+            store_path,
+            threshold,
+            tile_rows,
+            work,
+            jid,
+            threads_per_task=threads_per_task,
+            max_retries=max_retries,
+            progress=progress,
+            sink=PairSink(pairs_path, memory_budget=pairs_memory_budget),
+        )
+        pairs = sink.finish()
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    if score == "nearest":
+        max_similarity = np.maximum(np.maximum(best_later, best_earlier), 0.0)
+    else:
+        best = best_pair_score(n, pairs)
+        max_similarity = np.where(np.isfinite(best), best, 0.0)
+    decisions = decide(n, pairs, policy)
+    result = DedupResult(
+        keep=decisions.keep,
+        duplicate_of=decisions.duplicate_of,
+        duplicate_similarity=decisions.duplicate_similarity,
+        group=decisions.group,
+        pairs=pairs,
+        max_similarity=max_similarity,
+        threshold=threshold,
+        backend="ray",
+        policy=policy,
+        score=score,
+        seconds=time.perf_counter() - start,
+        exact=True,
+        max_earlier_similarity=best_earlier,
+        info={"tile_rows": tile_rows, "work_dir": None if temporary else str(work), **counts},
+    )
+    logger.info("%s", result.summary())
+    return result
+
+
+def _fingerprint(unit: Any, store_path: str | None) -> dict:
+    """What identifies the rows: a store's path and manifest, or an array's checksum."""
+    import hashlib
+
+    if store_path is not None:
+        manifest = (Path(store_path) / "manifest.json").read_bytes()
+        return {"store": store_path, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    return {"array_sha256": hashlib.sha256(np.ascontiguousarray(unit).data).hexdigest()}
+
+
+def _run_tiles(
+    ray, unit, store_path, threshold, b, work, jid, *, threads_per_task, max_retries, progress, sink
+):
+    """Submit the missing tiles, merge every tile once; returns maxima, sink and counts."""
+    n = unit.shape[0]
+    grid = tl.tile_grid(n, b)
+    best_later = np.full(n, -np.inf)
+    best_earlier = np.full(n, -np.inf)
+    merged: set[tuple[int, int]] = set()
+
+    def merge(a: int, c: int) -> bool:
+        """Merge tile (a, c) from its file; False if the file is missing or bad."""
+        if (a, c) in merged:
+            return True
+        a0, a1 = tl.block_bounds(n, b, a)
+        c0, c1 = tl.block_bounds(n, b, c)
+        path = tl.tile_path(work, a, c)
+        try:
+            out = tl.read_tile(path, jid, a, c, a1 - a0, c1 - c0)
+        except FileNotFoundError:
+            return False
+        except ValueError as err:
+            if not path.exists():
+                return False
+            logger.warning("%s; recomputing the tile", err)
+            path.unlink(missing_ok=True)
+            return False
+        sink.add(out.pairs)
+        np.maximum(best_later[a0:a1], out.best_later, out=best_later[a0:a1])
+        np.maximum(best_earlier[c0:c1], out.best_earlier, out=best_earlier[c0:c1])
+        merged.add((a, c))
+        return True
+
+    todo = [t for t in grid if not merge(*t)]
+    reused = len(grid) - len(todo)
+    if reused:
+        logger.info(
+            "ray: %d of %d tiles already in %s, %d to compute", reused, len(grid), work, len(todo)
+        )
+    refs: dict = {}
+    block_refs: dict[int, Any] = {}
+    if store_path is None and todo:
+        needed = sorted({k for t in todo for k in t})
+        block_refs = {
+            k: ray.put(np.ascontiguousarray(unit[slice(*tl.block_bounds(n, b, k))])) for k in needed
+        }
+    task = ray.remote(_tile_task).options(
+        num_cpus=threads_per_task,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": _thread_env(threads_per_task)},
+    )
+    for a, c in todo:
+        if store_path is None:
+            args = (block_refs[a], None if a == c else block_refs[c])
+        else:
+            args = (store_path, None)
+        refs[
+            task.remote(
+                *args, threshold=threshold, n=n, block_rows=b, a=a, c=c, work_dir=str(work), job=jid
+            )
+        ] = (a, c)
+    with progress_bar(len(grid), "tiles", unit="tile", enabled=progress) as bar:
+        bar.update(reused)
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    a, c = refs[ref]
+                    ray.get(ref)  # re-raises a task's error (after its retries)
+                    if not merge(a, c):
+                        raise RuntimeError(
+                            f"tile ({a}, {c}) finished but its file is missing or "
+                            f"damaged: {tl.tile_path(work, a, c)}"
+                        )
+                    bar.update(1)
+        except BaseException:
+            for ref in pending:  # the finished tiles stay in work_dir for a rerun
+                ray.cancel(ref)
+            raise
+    assert len(merged) == len(grid)
+    return (
+        best_later,
+        best_earlier,
+        sink,
+        {"tiles": len(grid), "tiles_computed": len(todo), "tiles_reused": reused},
+    )
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    value = str(threads)
+    return {"OMP_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value, "MKL_NUM_THREADS": value}
+
+
+def _tile_task(block_a, block_c, *, threshold, n, block_rows, a, c, work_dir, job) -> int:
+    """One Ray task: tile ``(a, c)`` to its file; returns its number of pairs (or -1 when
+    the file was already there, e.g. a re-executed task)."""
+    path = tl.tile_path(work_dir, a, c)
+    if path.exists():
+        return -1
+    tl.maybe_fault(work_dir, a, c)
+    a0, a1 = tl.block_bounds(n, block_rows, a)
+    c0, c1 = tl.block_bounds(n, block_rows, c)
+    if isinstance(block_a, str):  # a store on shared storage: read the two blocks
+        store = _open_store(block_a, n)
+        rows_a = store[a0:a1]
+        rows_c = None if a == c else store[c0:c1]
+    else:
+        rows_a, rows_c = block_a, block_c
+    pairs, later, earlier = tl.compute_tile(rows_a, rows_c, threshold, start_a=a0, start_c=c0)
+    tl.write_tile(path, tl.TileOutput(a, c, pairs, later, earlier), job)
+    return len(pairs)
+
+
+_STORES: dict[str, EmbeddingStore] = {}
+
+
+def _open_store(path: str, n: int) -> EmbeddingStore:
+    """A worker's read-only store, opened once per process (again if it has since grown
+    to the ``n`` rows this job needs: committed rows never change)."""
+    store = _STORES.get(path)
+    if store is None or len(store) < n:
+        store = _STORES[path] = EmbeddingStore.open(path, mode="r")
+    if len(store) < n:
+        raise ValueError(f"the store at {path} has {len(store)} rows; this job needs {n}")
+    return store

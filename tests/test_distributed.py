@@ -1,0 +1,310 @@
+"""The distributed path on a local Ray cluster: identical to one machine, tolerant of a
+killed worker, resumable.  One cluster (2 CPUs) for the whole module."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import COPY_THRESHOLD, jpeg_bytes, photo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedup_index import dedup_embeddings
+from dedup_index.distributed import tiles as tl
+from dedup_index.search import as_unit_float32
+from dedup_index.search.pairs import concat_pairsets
+from dedup_index.store import EmbeddingStore, PairFile
+from dedup_index.testing import compare_results, dense_clusters, mixed_adversarial
+
+ray = pytest.importorskip("ray")
+
+PHOTOS = [
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "camera",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "colorwheel",
+    "clock",
+    "coins",
+    "motorcycle",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():  # pragma: no cover - someone else's cluster
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def assert_identical(expected, actual):
+    found = compare_results(expected, actual)
+    assert not found, "\n".join(map(str, found))
+    assert np.array_equal(expected.max_earlier_similarity, actual.max_earlier_similarity)
+    assert expected.pairs.equals(actual.pairs)
+
+
+# ------------------------------------------------------------------ tiles, without Ray
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 90),
+    d=st.sampled_from([4, 16, 32]),
+    threshold=st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    block=st.sampled_from([1, 5, 16, 64, 128]),
+)
+def test_merged_tiles_equal_blocked_for_any_block_size(seed, n, d, threshold, block):
+    E = as_unit_float32(mixed_adversarial(seed, n, d, threshold))
+    n = len(E)
+    ref = dedup_embeddings(E, threshold, backend="blocked", normalize=False)
+    later, earlier, parts = np.full(n, -np.inf), np.full(n, -np.inf), []
+    for a, c in tl.tile_grid(n, block):
+        a0, a1 = tl.block_bounds(n, block, a)
+        c0, c1 = tl.block_bounds(n, block, c)
+        pairs, bl, be = tl.compute_tile(
+            E[a0:a1], None if a == c else E[c0:c1], threshold, start_a=a0, start_c=c0
+        )
+        parts.append(pairs)
+        np.maximum(later[a0:a1], bl, out=later[a0:a1])
+        np.maximum(earlier[c0:c1], be, out=earlier[c0:c1])
+    assert concat_pairsets(parts).equals(ref.pairs)
+    assert np.array_equal(np.maximum(np.maximum(later, earlier), 0.0), ref.max_similarity)
+    assert np.array_equal(earlier, ref.max_earlier_similarity)
+
+
+def test_importing_the_package_imports_neither_ray_nor_torch():
+    code = (
+        "import sys, dedup_index.distributed as d; d.__doc__; "
+        "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_manifest_shards_are_read_where_they_are(tmp_path):
+    from dedup_index.distributed.embed import _read_values, _resolve_source
+
+    values = [f"img{k}.jpg" for k in range(23)]
+    frame = pd.DataFrame({"image": values, "other": range(23)})
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n\n")
+    parquet = tmp_path / "m.parquet"
+    frame.to_parquet(parquet, row_group_size=4)
+    for path in (jsonl, parquet):
+        source = _resolve_source(str(path), "image", None, shard_rows=5)
+        assert source.n == 23 and source.image_root == str(tmp_path)
+        got = []
+        for k, a in enumerate(range(0, 23, 5)):
+            got += _read_values(source, k, a, min(23, a + 5), b"")
+        assert got == values, path
+    with pytest.raises(KeyError, match="'picture' not found"):
+        _resolve_source(str(parquet), "picture", None, shard_rows=5)
+
+
+# ------------------------------------------------------------------------ search on Ray
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 120),
+    d=st.sampled_from([4, 16, 32]),
+    threshold=st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    tile_rows=st.sampled_from([7, 16, 64]),
+    policy=st.sampled_from(["reference", "greedy", "component"]),
+    score=st.sampled_from(["nearest", "pairs"]),
+)
+def test_ray_search_is_bit_identical_to_blocked(
+    cluster, seed, n, d, threshold, tile_rows, policy, score
+):
+    from dedup_index.distributed import dedup_store
+
+    E = mixed_adversarial(seed, n, d, threshold)  # exact copies, chains, ties at t
+    ref = dedup_embeddings(E, threshold, backend="blocked", policy=policy, score=score)
+    got = dedup_store(E, threshold, policy=policy, score=score, tile_rows=tile_rows)
+    assert_identical(ref, got)
+    if len(E) >= 2:
+        assert got.backend == "ray" and got.info["tiles_computed"] == got.info["tiles"]
+
+
+def test_a_store_on_disk_and_spilled_pairs(cluster, tmp_path):
+    from dedup_index.distributed import dedup_store
+
+    rng = np.random.default_rng(2)
+    E = dense_clusters(rng, 6, 40, 16, 0.15)
+    store = EmbeddingStore.create(tmp_path / "store", 16, shard_rows=50)
+    for a in range(0, len(E), 70):
+        store.append(E[a : a + 70])
+    ref = dedup_embeddings(store, 0.9, backend="blocked")
+    got = dedup_store(
+        str(tmp_path / "store"),
+        0.9,
+        tile_rows=48,
+        pairs_memory_budget=256,
+        pairs_path=tmp_path / "pairs.parquet",
+    )
+    assert isinstance(got.pairs, PairFile) and len(ref.pairs) > 100
+    assert got.pairs.to_pairset().equals(ref.pairs)
+    assert len(got.pairs) == len(ref.pairs)  # no tile merged twice
+    for field in ("keep", "duplicate_of", "group", "max_similarity", "max_earlier_similarity"):
+        assert np.array_equal(getattr(got, field), getattr(ref, field)), field
+
+
+def test_a_killed_worker_is_retried_without_losing_or_duplicating_pairs(cluster, tmp_path):
+    from dedup_index.distributed import dedup_store
+
+    E = mixed_adversarial(7, 150, 16, 0.9)
+    ref = dedup_embeddings(E, 0.9, backend="blocked")
+    work = tmp_path / "work"
+    (work / tl.FAULT_DIR).mkdir(parents=True)
+    for a, c in [(0, 0), (1, 3)]:  # a diagonal and an off-diagonal tile die once
+        (work / tl.FAULT_DIR / f"{a}_{c}").touch()
+    got = dedup_store(E, 0.9, tile_rows=32, work_dir=work, max_retries=2)
+    assert not list((work / tl.FAULT_DIR).iterdir())  # both workers really died
+    assert_identical(ref, got)
+    assert len(list((work / tl.TILES_DIR).glob("*.npz"))) == got.info["tiles"] == 15
+
+
+def test_a_rerun_skips_finished_tiles_and_redoes_missing_or_damaged_ones(cluster, tmp_path):
+    from dedup_index.distributed import dedup_store
+
+    E = mixed_adversarial(3, 130, 8, 0.99)
+    ref = dedup_embeddings(E, 0.99, backend="blocked")
+    work = tmp_path / "work"
+    first = dedup_store(E, 0.99, tile_rows=32, work_dir=work)
+    assert first.info["tiles_computed"] == 15
+    again = dedup_store(E, 0.99, tile_rows=32, work_dir=work)
+    assert again.info["tiles_computed"] == 0 and again.info["tiles_reused"] == 15
+    tl.tile_path(work, 0, 2).unlink()
+    damaged = tl.tile_path(work, 1, 4)
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    third = dedup_store(E, 0.99, tile_rows=32, work_dir=work)
+    assert third.info["tiles_computed"] == 2
+    for result in (first, again, third):
+        assert_identical(ref, result)
+    with pytest.raises(ValueError, match="another job .*threshold"):
+        dedup_store(E, 0.9, tile_rows=32, work_dir=work)
+
+
+def test_bad_parameters_are_refused_up_front():
+    from dedup_index.distributed import dedup_store, embed_table
+
+    E = np.eye(4)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        dedup_store(E, 1.5)
+    with pytest.raises(ValueError, match="tile_rows must be an integer >= 1"):
+        dedup_store(E, 0.9, tile_rows=0)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        dedup_store(E, 0.9, policy="newest")
+    with pytest.raises(ValueError, match="shard_rows must be an integer >= 1, got 0"):
+        embed_table(["a.jpg"], "/nonexistent", model_name="x", shard_rows=0)
+
+
+# ------------------------------------------------------------------- images on Ray actors
+
+
+@pytest.fixture(scope="module")
+def photo_values(tmp_path_factory):
+    """16 real photos, 3 byte-identical copies, a missing file and a broken one."""
+    folder = tmp_path_factory.mktemp("photos")
+    names = []
+    for k, name in enumerate(PHOTOS):
+        (folder / f"{k:02d}_{name}.jpg").write_bytes(jpeg_bytes(photo(name, 96)))
+        names.append(f"{k:02d}_{name}.jpg")
+    values = list(names)
+    for at, src in [(5, 0), (11, 3), (17, 9)]:
+        values.insert(at, names[src])
+    values.insert(8, "missing.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    values.append("broken.jpg")
+    return folder, values
+
+
+def test_actors_embed_like_one_process_resume_and_decide_like_the_operator(
+    cluster, tmp_path, tiny_clip, encoder, photo_values
+):
+    """Two actor pools in all (each loads torch and the model): the first embeds every
+    shard, the second (inside dedup_images, after a shard file was lost) only that one."""
+    from dedup_index import ImageDeduplicateFilter
+    from dedup_index.distributed import dedup_images, embed_table
+    from dedup_index.io import load_image
+
+    folder, values = photo_values
+    work = tmp_path / "work"
+    kwargs = {"batch_size": 4, "image_root": folder, "shard_rows": 6, "concurrency": 1}
+    first = embed_table(values, work / "embed", model_name=tiny_clip, **kwargs)
+    bad = [k for k, v in enumerate(values) if v in ("missing.jpg", "broken.jpg")]
+    assert [r for r, _ in first.failures] == bad
+    assert {f.reason for _, f in first.failures} == {"missing_file", "not_an_image"}
+    valid = [k for k in range(len(values)) if k not in bad]
+    assert first.rows.tolist() == valid and first.embedded == len(valid)
+    assert first.shards == first.shards_computed == 4
+    store = EmbeddingStore.open(first.store_path)
+    assert store.keys() == [str(k) for k in valid]
+    single = encoder.encode([load_image(values[k], image_root=folder) for k in valid])
+    np.testing.assert_allclose(store.to_array(), as_unit_float32(single), atol=1e-5)
+    lines = (work / "embed" / "failures.jsonl").read_text().splitlines()
+    assert [json.loads(x)["row"] for x in lines] == bad
+    with pytest.raises(ValueError, match="another job"):
+        embed_table(values[:-1], work / "embed", model_name=tiny_clip, **kwargs)
+
+    # A rerun embeds nothing; after one shard file is lost, only that shard is redone.
+    assert embed_table(values, work / "embed", model_name=tiny_clip, **kwargs).embedded == 0
+    sorted((work / "embed" / "parts").glob("shard-*.npz"))[2].unlink()
+    result, failures = dedup_images(
+        values, model_name=tiny_clip, threshold=COPY_THRESHOLD, tile_rows=5, work_dir=work, **kwargs
+    )
+    again = result.info["embed"]
+    lost = [k for k in valid if 12 <= k < 18]
+    assert again.shards_computed == 1 and again.embedded == len(lost)
+    assert again.reused == len(valid) - len(lost)
+    np.testing.assert_array_equal(
+        EmbeddingStore.open(again.store_path).to_array(), store.to_array()
+    )
+
+    # The same decisions as the single-machine operator ...
+    class Table:
+        def read(self, output_type="dataframe"):
+            return pd.DataFrame({"image": values})
+
+        def write(self, frame):
+            self.out = frame
+
+    table = Table()
+    filt = ImageDeduplicateFilter(
+        tiny_clip, threshold=COPY_THRESHOLD, encoder=encoder, image_root=folder
+    )
+    filt.run(table)
+    report = filt.last_report
+    assert [r for r, _ in failures] == [r for r, _ in report.failures] == bad
+    rows = result.info["rows"]
+    assert [values[r] for r in rows[result.keep]] == table.out["image"].tolist()
+    assert result.n_removed == report.removed_duplicates == 3
+    np.testing.assert_allclose(
+        result.max_similarity[result.keep], table.out["max_similarity"], atol=1e-5
+    )
+    # ... and, on the same store, the single-machine search bit for bit.
+    assert_identical(dedup_embeddings(again.store_path, COPY_THRESHOLD, backend="blocked"), result)
+    assert len(list((work / "search" / tl.TILES_DIR).glob("*.npz"))) == result.info["tiles"]
