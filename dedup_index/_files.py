@@ -22,6 +22,17 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask.
+
+    ``tempfile.mkstemp`` creates 0600 files; a temp file renamed into place keeps that mode,
+    so outputs meant for other users and tools get this one before the rename.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
     """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync,
     rename, fsync the folder); returns its SHA-256 hex digest."""
@@ -32,6 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

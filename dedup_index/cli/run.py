@@ -325,7 +325,7 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .._files import fsync_dir
+    from .._files import default_file_mode, fsync_dir
 
     rows = np.asarray(valid, dtype=np.int64)
     key_array = np.asarray(keys, dtype=object)
@@ -359,20 +359,13 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
                 writer.write_table(table)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it 0600
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     fsync_dir(folder)
-
-
-def _default_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file (0666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 __all__ = ["MemoryStorage", "add_parser", "command", "summary_line", "write_pairs"]

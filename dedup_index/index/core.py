@@ -699,7 +699,9 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 
 
 def _tree_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes allocated on disk: store shards are preallocated sparse files, so their
+    apparent size (``st_size``) says little about what they use."""
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
 def _crash_point(name: str) -> None:

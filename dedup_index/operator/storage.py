@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from .._files import fsync_dir
+from .._files import default_file_mode, fsync_dir
 from .._validation import check_choice
 
 CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
@@ -171,6 +171,7 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
             raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
