@@ -308,3 +308,55 @@ def test_actors_embed_like_one_process_resume_and_decide_like_the_operator(
     # ... and, on the same store, the single-machine search bit for bit.
     assert_identical(dedup_embeddings(again.store_path, COPY_THRESHOLD, backend="blocked"), result)
     assert len(list((work / "search" / tl.TILES_DIR).glob("*.npz"))) == result.info["tiles"]
+
+
+def test_operator_and_cli_with_ray_decide_like_one_machine(
+    cluster, tmp_path, tiny_clip, encoder, photo_values
+):
+    """``ImageDeduplicateFilter(ray=True)`` and ``dedup-index run --ray ADDRESS`` (a child
+    process joining this module's cluster) keep and remove the rows one machine does."""
+    from dedup_index import ImageDeduplicateFilter
+
+    folder, values = photo_values
+
+    class Table:
+        def read(self, output_type="dataframe"):
+            return pd.DataFrame({"image": values, "n": range(len(values))})
+
+        def write(self, frame):
+            self.out = frame
+
+    local, on_ray = Table(), Table()
+    one = ImageDeduplicateFilter(tiny_clip, COPY_THRESHOLD, encoder=encoder, image_root=folder)
+    one.run(local)
+    filt = ImageDeduplicateFilter(
+        tiny_clip, COPY_THRESHOLD, batch_size=4, image_root=folder, ray=True
+    )
+    filt.run(on_ray)
+    assert on_ray.out["image"].tolist() == local.out["image"].tolist()
+    np.testing.assert_allclose(on_ray.out["max_similarity"], local.out["max_similarity"], atol=1e-5)
+    rejects, expected = filt.last_report.rejects, one.last_report.rejects
+    assert rejects["n"].tolist() == expected["n"].tolist()
+    assert rejects["reject_reason"].tolist() == expected["reject_reason"].tolist()
+    assert filt.last_report.result.backend == "ray"
+    with pytest.raises(ValueError, match="backend must be"):
+        ImageDeduplicateFilter(tiny_clip, COPY_THRESHOLD, ray=True, backend="hnsw")
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(values) + "\n")
+    address = ray.get_runtime_context().gcs_address
+    script = str(__import__("pathlib").Path(sys.executable).with_name("dedup-index"))
+    cmd = [script, "run", str(listing), "--image-root", str(folder), "--model", tiny_clip]
+    cmd += ["--threshold", str(COPY_THRESHOLD), "--ray", address, "--no-progress"]
+    cmd += ["--out", str(tmp_path / "kept.jsonl"), "--removed", str(tmp_path / "removed.jsonl")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept = pd.read_json(tmp_path / "kept.jsonl", lines=True)
+    assert kept["image"].tolist() == local.out["image"].tolist()
+    assert "3 removed as near-duplicates, 2 failed to load" in done.stdout
+    bad = subprocess.run(
+        [script, "run", str(listing), "--ray", "--cache", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--ray-work-dir" in bad.stderr

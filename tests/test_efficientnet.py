@@ -122,3 +122,16 @@ def test_operator_with_efficientnet_removes_an_exact_copy():
     assert out["max_similarity"].iloc[0] == pytest.approx(1.0, abs=1e-6)
     assert out["max_similarity"].iloc[1] < 0.5
     assert filt.last_report.rejects["duplicate_of_row"].tolist() == [0]
+
+
+def test_goes_through_the_parallel_pipeline(lite, images, tmp_path):
+    from dedup_index.encode.pipeline import embed_images
+
+    assert lite.preprocessor.output_size == (INPUT_SIZE, INPUT_SIZE)
+    paths = []
+    for k, img in enumerate(images[:4]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        img.save(paths[-1])
+    emb, positions, failures = embed_images(paths, lite, batch_size=8, num_workers=1)
+    assert positions == [0, 1, 2, 3] and not failures
+    assert np.abs(emb - lite.encode(images[:4])).max() < 1e-5  # PNGs: no draft, same pixels

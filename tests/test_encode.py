@@ -91,3 +91,13 @@ def test_as_tensor_accepts_both_transformers_conventions():
     assert _as_tensor(t) is t and _as_tensor(Output()) is t
     with pytest.raises(TypeError):
         _as_tensor(object())
+
+
+def test_encode_equals_encode_pixels_of_the_preprocessed_batch(encoder, images):
+    from dedup_index.encode.clip import HFImageEncoder
+
+    assert HFImageEncoder is CLIPEncoder and encoder.precision == "fp32"
+    pixels = np.stack([encoder.preprocessor.to_uint8(img) for img in images])
+    assert pixels.dtype == np.uint8 and pixels.shape[1:] == (3, 64, 64)
+    assert np.array_equal(encoder.encode_pixels(pixels), encoder.encode(images))
+    assert encoder.encode_pixels(pixels[:0]).shape == (0, encoder.dim)

