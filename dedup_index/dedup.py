@@ -18,6 +18,7 @@ import numpy as np
 
 from ._validation import check_choice, check_positive_int, check_threshold
 from .policy import POLICIES, decide
+from .progress import progress as progress_bar
 from .search import BACKENDS, PairSet, as_unit_float32, best_pair_score, search
 from .store import EmbeddingStore, PairSink, open_or_array
 from .store.pairs_file import DEFAULT_MEMORY_BUDGET
@@ -127,6 +128,7 @@ def dedup_embeddings(
     backend_options: Mapping[str, Any] | None = None,
     pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
     pairs_path: str | os.PathLike | None = None,
+    progress: bool | None = None,
 ) -> DedupResult:
     """Find near-duplicate rows of an ``(N, D)`` embedding matrix.
 
@@ -156,6 +158,9 @@ def dedup_embeddings(
             ``pairs_path`` (a temporary file if None); ``result.pairs`` is then a
             :class:`~dedup_index.store.PairFile` read in chunks, and the policies run over
             it with memory O(N).
+        progress: a rows/s progress bar of the search on stderr: ``None`` (default) when
+            stderr is a terminal and ``DEDUP_INDEX_PROGRESS`` is not ``0``; True/False
+            force it on or off.
     """
     threshold = check_threshold(threshold)
     check_choice(backend, BACKENDS, "backend")
@@ -170,16 +175,18 @@ def dedup_embeddings(
         unit = as_unit_float32(source, normalize=normalize)
     n = unit.shape[0]
     sink = PairSink(pairs_path, memory_budget=pairs_memory_budget)
-    found = search(
-        unit,
-        threshold,
-        backend=backend,
-        nearest=score == "nearest",
-        threads=threads,
-        device=device,
-        options=backend_options,
-        sink=sink,
-    )
+    with progress_bar(n, "search", unit="rows", enabled=progress) as bar:
+        found = search(
+            unit,
+            threshold,
+            backend=backend,
+            nearest=score == "nearest",
+            threads=threads,
+            device=device,
+            options=backend_options,
+            sink=sink,
+            progress=bar.update,
+        )
     if score == "nearest":
         max_similarity = found.nearest
     else:

@@ -18,7 +18,7 @@ import pytest
 from conftest import COPY_THRESHOLD, jpeg_bytes, photo
 from PIL import ImageOps
 
-from dedup_index import ImageDeduplicateFilter
+from dedup_index import ImageDeduplicateFilter, dedup_embeddings
 from dedup_index.encode.cache import (
     CacheModelMismatchError,
     EmbeddingCache,
@@ -295,3 +295,14 @@ def test_progress_is_off_unless_watched_or_forced(monkeypatch):
     with progress(3, "quiet") as bar:
         bar.update(3)
     assert bar.n == 3
+
+
+@pytest.mark.parametrize("backend", ["flat", "partitioned", "blocked", "dense"])
+def test_search_shows_a_rows_per_second_bar_when_asked(backend, capsys):
+    rng = np.random.default_rng(0)
+    E = rng.standard_normal((3000, 16)).astype(np.float32)
+    dedup_embeddings(E, 0.99, backend=backend, progress=True)
+    err = capsys.readouterr().err
+    assert "search" in err and "3000/3000" in err and "rows/s" in err
+    dedup_embeddings(E, 0.99, backend=backend)  # None: stderr is not a terminal here
+    assert capsys.readouterr().err == ""

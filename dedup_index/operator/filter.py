@@ -272,6 +272,7 @@ class ImageDeduplicateFilter:
                 self.score,
                 policy=self.policy,
                 threads=self.threads,
+                progress=self.progress,
             )
             outcome = _Outcome.from_result(result, valid_pos, frame[input_image_key])
         else:

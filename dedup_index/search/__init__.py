@@ -21,7 +21,7 @@ threshold``), some pairs may be missing, and ``nearest``/``earlier`` are lower b
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,7 @@ def search(
     device: str | None = None,
     options: Mapping[str, Any] | None = None,
     sink: Any = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> SearchResult:
     """Run one backend over unit float32 ``embeddings`` (see :func:`as_unit_float32`).
 
@@ -117,9 +118,22 @@ def search(
     ``ef_construction``, ``ef_search`` (hnsw).  ``sink``: a
     :class:`~dedup_index.store.PairSink` that ``blocked`` and ``partitioned`` stream their
     pairs into (spilled to Parquet above its memory budget); the other backends keep
-    their pairs in memory.
+    their pairs in memory.  ``progress``, when given, is called with counts of rows done
+    (they add up to N): ``flat`` (with ``nearest``) and ``partitioned`` report as they go,
+    the others once at the end.
     """
     options = dict(options or {})
+    n, d = embeddings.shape
+    found = _search(
+        embeddings, threshold, backend, nearest, threads, device, options, sink, progress
+    )
+    along = found.backend == "partitioned" or (found.backend == "flat" and nearest)
+    if progress is not None and not along:
+        progress(n)
+    return found
+
+
+def _search(embeddings, threshold, backend, nearest, threads, device, options, sink, progress):
     n, d = embeddings.shape
     if backend == "auto":
         backend, why = choose_backend(n, d, device=device)
@@ -136,7 +150,9 @@ def search(
         return SearchResult(pairs, near if nearest else None, "blocked", earlier)
     if backend == "flat":
         if nearest:
-            pairs, near = flat_pairs_and_nearest(embeddings, threshold, threads=threads, **options)
+            pairs, near = flat_pairs_and_nearest(
+                embeddings, threshold, threads=threads, progress=progress, **options
+            )
             return SearchResult(pairs, near, "flat")
         pairs = flat_pairs(embeddings, threshold, threads=threads, **options)
         return SearchResult(pairs, None, "flat")
@@ -145,7 +161,7 @@ def search(
 
         params = options.pop("params", None) or default_params(n, **options)
         pairs, near, earlier, info = partitioned_search(
-            embeddings, threshold, params=params, threads=threads, sink=sink
+            embeddings, threshold, params=params, threads=threads, sink=sink, progress=progress
         )
         return SearchResult(
             pairs,

@@ -18,7 +18,8 @@ Two ways through, both exact after canonical rescoring:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +106,7 @@ def flat_pairs_and_nearest(
     query_block: int = DEFAULT_QUERY_BLOCK,
     db_block: int = DEFAULT_DB_BLOCK,
     threads: int | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[PairSet, np.ndarray]:
     """Exact pairs and ``max(0, max_{k != j} s(j, k))`` per row, in one top-``k`` pass.
 
@@ -139,6 +141,8 @@ def flat_pairs_and_nearest(
         ti, tj, cut = _near_ties(rows, scores, labels, not_self, delta, full)
         np.maximum.at(nearest, ti, canonical_scores(embeddings, ti, tj))
         unresolved.append(cut)
+        if progress is not None:
+            progress(rows.size)
     extra = np.concatenate(overflow) if overflow else np.zeros(0, np.int64)
     for c, e in tiles if extra.size else []:
         index = _tile_index(faiss, embeddings, c, e)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -113,6 +115,7 @@ def partitioned_search(
     params: PartitionParams | None = None,
     threads: int | None = None,
     sink=None,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray, PartitionInfo]:
     """Pairs (exact scores; recall measured separately), lower bounds of each row's
     nearest and best-earlier score, and how the collection was partitioned.
@@ -133,8 +136,15 @@ def partitioned_search(
     parts = _partition(faiss, embeddings, rows, params, info, depth=0)
     first_shared = _FirstShared(n, parts)
     found: list[PairSet] = []
+    # Progress in rows: partition k's share of all pair work, scaled to N rows in all.
+    work = np.cumsum([m.size * (m.size - 1) / 2 for m in parts], dtype=np.float64)
+    reported = 0
     for k, members in enumerate(parts):
         m = members.size
+        if progress is not None and k and work[-1] > 0:  # partitions before k are done
+            done = int(n * work[k - 1] / work[-1])
+            progress(done - reported)
+            reported = done
         info.sizes.append(m)
         if m < 2:
             continue
@@ -149,6 +159,8 @@ def partitioned_search(
             sink.add(part_pairs)
         np.maximum.at(nearest, members, near)
         np.maximum.at(earlier, members, early)
+    if progress is not None and reported < n:
+        progress(n - reported)
     info.partitions = len(parts)
     info.largest = max(info.sizes, default=0)
     logger.info("partitioned: %s", info.summary(n))
