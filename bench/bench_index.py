@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> None:
             index = DedupIndex.create(folder / "i", 512, THRESHOLD, backend=name)
             index.add(base)
             build_s = time.perf_counter() - t0
+            print(f"{name}: built over {n} rows in {build_s:.1f} s", flush=True)
             t0 = time.perf_counter()
             added = index.add(new)
             add_s = time.perf_counter() - t0
+            print(f"{name}: added {m} rows in {add_s:.1f} s", flush=True)
             pairs = index.pairs()
             new_old = pairs.j >= n
             sampled = np.zeros(m, bool)

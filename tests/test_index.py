@@ -295,3 +295,31 @@ def test_default_ivf_index_finds_planted_copies(tmp_path):
         result = index.add(copies)
         assert result.n_removed >= 195  # approximate: measured, not assumed
         assert set(result.duplicate_of) <= {str(r) for r in range(200)} | {None}
+
+
+@pytest.mark.parametrize("backend, options", [("ivf", {"nlist": 1}), ("hnsw", {"ef_search": 256})])
+def test_large_batches_on_approximate_indexes_take_the_bulk_path(
+    tmp_path, monkeypatch, backend, options
+):
+    """Batches of ANN_BULK_ROWS rows or more find their own pairs with ``partitioned``
+    and their pairs with old rows through the FAISS index; with exhaustive settings the
+    answer is the one-shot one (pairs, keep, duplicate_of)."""
+    from dedup_index.index import core
+
+    monkeypatch.setattr(core, "ANN_BULK_ROWS", 50)
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((150, 16))
+    near = base[rng.choice(150, 40)] + 0.003 * rng.standard_normal((40, 16))
+    E = np.concatenate([base[:100], near[:20], base[100:], near[20:], base[:5]])
+    with DedupIndex.create(
+        tmp_path / "i", 16, 0.99, backend=backend, backend_options=options
+    ) as index:
+        index.add(E[:120])  # bulk, empty index
+        index.add(E[120:150])  # below the bulk size: the per-row path
+        index.add(E[150:])  # bulk, against old rows through the index
+        expected = one_shot(E, 0.99, "reference")
+        state = index.decisions()
+        assert index.pairs().equals(expected.pairs)
+        assert np.array_equal(state["keep"], expected.keep)
+        assert np.array_equal(state["duplicate_of"], expected.duplicate_of)
+        assert np.all(state["nearest"] <= expected.max_similarity + 1e-12)
