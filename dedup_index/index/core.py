@@ -315,7 +315,9 @@ class DedupIndex:
         removed = self._state["removed"]
         live = ~removed if removed.any() else None
         if self._ann is not None:
-            found = self._ann.search(q, _Prefix(self.store, len(self)), self.threshold, live)
+            found = self._ann.search(
+                q, _Prefix(self.store, len(self)), self.threshold, live, nearest=False
+            )
         else:
             found = cross_search(
                 q, _Prefix(self.store, len(self)), self.threshold, base_live=live, base_best=False

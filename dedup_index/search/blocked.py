@@ -1,10 +1,10 @@
 """``blocked`` backend: exact upper-triangle GEMM tiles, maxima in the same pass.
 
-Rows are cut into blocks of ``tile`` rows; for every pair of blocks ``a <= c`` one GEMM
-``S = E[a] @ E[c].T`` (torch, into a preallocated buffer; on a CUDA device when asked)
-gives the scores of rows of ``a`` against *later* rows of ``c`` — half the arithmetic of
-a full-square search such as FAISS's range search, which is the physical limit for
-exact all-pairs similarity.  From each tile, in the same pass:
+Rows are cut into blocks of ``tile`` rows; each block meets itself and every *later* row
+in GEMM tiles ``S = E[a] @ E[c].T`` (numpy's BLAS into a preallocated buffer; torch on a
+CUDA device when asked) — half the arithmetic of a full-square search such as FAISS's
+range search, which is the physical limit for exact all-pairs similarity.  From each
+tile, in the same pass:
 
 - pair candidates: entries above ``threshold - delta`` (rescored canonically later);
 - row maxima (each row's best *later* row) and column maxima (each row's best *earlier*
@@ -16,11 +16,20 @@ Maxima are decided canonically like pairs: besides its running float32 maximum, 
 keeps every entry within ``delta`` of that maximum (a float32 near-tie can hide the true
 one; a tile only adds entries when it raises or nearly ties the running maximum, so this
 costs a few entries per row), and the survivors are rescored in float64 at the end.
+
+On the CPU the row blocks are shared out to one worker thread per core, each running its
+own single-threaded GEMMs (:func:`_blas_one_thread`) and scanning its own tiles in chunks
+that stay in cache (:class:`_Worker`): the scan then costs about a tenth of the GEMM
+instead of a third of it, which is what makes the search run near the machine's GEMM
+rate (``bench/bench_exact.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from functools import partial
 
 import numpy as np
@@ -35,18 +44,38 @@ logger = logging.getLogger(__name__)
 #: the wasted lower triangle of the diagonal tiles (``N * rows / 2`` products) small.
 DEFAULT_ROWS = 2048
 DEFAULT_COLS = 8192
+#: Row blocks of the threaded CPU path: one single-threaded GEMM of 1024 x 8192 runs at
+#: the full per-core rate, and halves the diagonal waste of 2048-row blocks.
+WORKER_ROWS = 1024
+#: Columns per GEMM tile of the threaded CPU path.  1024 x 512 tiles (2 MiB: scanned
+#: while still in cache) measured 5% slower end to end at N = 50k than 1024 x 8192 ones
+#: scanned in chunks (more tiles, more near-best gathers); any width gives the same bits.
+WORKER_COLS = 8192
 #: Up to this many rows one numpy tile does it all (partitions are mostly this small).
 SINGLE_TILE_ROWS = 1024
+#: Bytes of tile per chunk of the CPU scan: a chunk stays in the core's L2 cache while
+#: every pass (row and column maxima, the threshold test, the near-best gathers) runs.
+CHUNK_BYTES = 1 << 20
+#: Pairs per canonical rescoring call in :func:`_canonical_maxima`: the float64 scratch
+#: (a few arrays of ``pairs * D * 8`` bytes) stays in cache; the bits do not depend on it.
+RESCORE_PAIRS = 512
 
 
-def choose_tile(n: int, dim: int, *, memory_budget: int | None = None) -> tuple[int, int]:
-    """``(rows, cols)`` of a GEMM tile for ``n`` rows: the score buffer fits the budget
-    (default: 1/16 of available memory, at most 512 MiB) and the diagonal waste stays
-    under ~1/16 of the work."""
+def choose_tile(
+    n: int, dim: int, *, memory_budget: int | None = None, workers: int = 1
+) -> tuple[int, int]:
+    """``(rows, cols)`` of a GEMM tile for ``n`` rows: the ``workers`` score buffers fit
+    the budget (default: 1/16 of available memory, at most 512 MiB) and the diagonal
+    waste stays under ~1/16 of the work (~1/32 with several workers)."""
     if memory_budget is None:
         memory_budget = min(512 << 20, _available_memory() // 16)
-    rows = max(min(512, _round64(n)), min(DEFAULT_ROWS, _round64(n / 16)))
-    cols = max(rows, min(DEFAULT_COLS, _round64(n)))
+    memory_budget //= max(1, workers)
+    if workers > 1:  # one buffer per worker (see _Worker)
+        rows = max(min(512, _round64(n)), min(WORKER_ROWS, _round64(n / 32)))
+        cols = max(rows, min(WORKER_COLS, _round64(n)))
+    else:
+        rows = max(min(512, _round64(n)), min(DEFAULT_ROWS, _round64(n / 16)))
+        cols = max(rows, min(DEFAULT_COLS, _round64(n)))
     while rows * cols * 5 > memory_budget and cols > rows:
         cols //= 2
     while rows * cols * 5 > memory_budget and rows > 64:
@@ -118,11 +147,13 @@ def blocked_search(
     and ``earlier[j] = max_{i < j} s(i, j)`` (``-inf`` for row 0), canonical scores.
     ``embeddings`` is a unit float32 array or anything indexable like one (an
     :class:`~dedup_index.store.EmbeddingStore`).  ``tile`` is ``(rows, cols)`` of a GEMM
-    tile, or one int for both; by default :func:`choose_tile`.  ``device="cuda"`` runs the
-    tiles in torch on the GPU; the CPU path is numpy alone (its BLAS) unless
-    ``engine="torch"`` (the GPU code, run on the CPU: how the tests hold it).  ``sink`` (a
-    :class:`~dedup_index.store.PairSink`) receives each tile's pairs as they are found and
-    its ``finish()`` is returned as the pairs: a Parquet file once over its budget.
+    tile, or one int for both; by default :func:`choose_tile`.  ``threads``: CPU worker
+    threads (default: the usable cores; torch's thread count on the torch path).
+    ``device="cuda"`` runs the tiles in torch on the GPU; the CPU path is numpy alone
+    (its BLAS) unless ``engine="torch"`` (the GPU code, run on the CPU: how the tests
+    hold it).  ``sink`` (a :class:`~dedup_index.store.PairSink`) receives each tile's
+    pairs as they are found and its ``finish()`` is returned as the pairs: a Parquet file
+    once over its budget (its row groups then come in the order the workers finish).
     """
     n, d = embeddings.shape
     if n < 2:
@@ -135,21 +166,53 @@ def blocked_search(
             sink.add(pairs)
             pairs = sink.finish()
         return pairs, nearest, earlier
+    workers = 1 if use_torch else _worker_count(threads)
     if tile is None:
-        tile = choose_tile(n, d)
+        tile = choose_tile(n, d, workers=workers)
     rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
     delta = candidate_delta(d)
     radius = np.float32(threshold - delta)
-    ops = (
-        _NumpyTiles(embeddings, rows_per, cols_per)
-        if on_cpu
-        else _TorchTiles(embeddings, rows_per, cols_per, device, threads)
+    workers = min(workers, -(-n // rows_per))  # no idle worker: one block each at least
+    logger.debug(
+        "blocked: N=%d D=%d tile=%dx%d on %s, %d worker(s)",
+        n,
+        d,
+        rows_per,
+        cols_per,
+        device or "cpu",
+        workers,
     )
-    logger.debug("blocked: N=%d D=%d tile=%dx%d on %s", n, d, rows_per, cols_per, device)
+    candidates: list[tuple[np.ndarray, np.ndarray]] = []
+    lock = threading.Lock()
+
+    def emit(found: tuple[np.ndarray, np.ndarray]) -> None:
+        if sink is None:
+            candidates.append(found)
+            return
+        rescored = rescore_candidates(embeddings, [found], threshold)  # memory: sink's budget
+        with lock:
+            sink.add(rescored)
+
+    if use_torch:
+        later, earlier = _search_torch(
+            embeddings, rows_per, cols_per, radius, delta, device or "cpu", threads, emit
+        )
+    else:
+        later, earlier = _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit)
+    pairs = rescore_candidates(embeddings, candidates, threshold) if sink is None else sink.finish()
+    best_later, best_earlier = _canonical_maxima(embeddings, later, earlier, workers=workers)
+    nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
+    return pairs, nearest, best_earlier
+
+
+def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads, emit):
+    """The tile loop through :class:`_TorchTiles` (a GPU does whole-tile reductions
+    well); ``(later, earlier)`` near-best entries."""
+    n = embeddings.shape[0]
+    cols_per = max(cols_per, rows_per)  # the diagonal square fits in the first tile
+    ops = _TorchTiles(embeddings, rows_per, cols_per, device, threads)
     later = _NearBest(n, delta)  # row direction: best later row
     earlier = _NearBest(n, delta)  # column direction: best earlier row
-    candidates: list[tuple[np.ndarray, np.ndarray]] = []
-
     for a in range(0, n, rows_per):
         b = min(n, a + rows_per)
         rows_a = ops.block(a, b, second=False)
@@ -162,18 +225,214 @@ def blocked_search(
             hit = np.flatnonzero(row_max > radius)
             if hit.size:
                 li, lj = ops.above(s, hit, radius)
-                found = (hit[li] + a, lj + c)
-                if sink is None:
-                    candidates.append(found)
-                else:  # rescore now: memory stays within the sink's budget
-                    sink.add(rescore_candidates(embeddings, [found], threshold))
+                emit((hit[li] + a, lj + c))
             later.update(np.arange(a, b), row_max, partial(ops.gather, s, c, False))
             earlier.update(np.arange(c, e), col_max, partial(ops.gather, s, a, True))
+    return later, earlier
 
-    pairs = rescore_candidates(embeddings, candidates, threshold) if sink is None else sink.finish()
-    best_later, best_earlier = _canonical_maxima(embeddings, later, earlier)
-    nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
-    return pairs, nearest, best_earlier
+
+def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit):
+    """The CPU tile loop: row blocks handed out in order to ``workers`` threads (the
+    caller's among them), each a :class:`_Worker`; ``(later, earlier)`` near-best entries,
+    merged in block order so the lists do not depend on the scheduling."""
+    n = embeddings.shape[0]
+    later = _NearBest(n, delta)
+    earlier = _NearBest(n, delta)
+    starts = list(range(0, n, rows_per))
+    done: dict[int, tuple[list, list]] = {}
+    crew = [
+        _Worker(embeddings, rows_per, cols_per, radius, delta, later.best) for _ in range(workers)
+    ]
+    counter = iter(range(len(starts)))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def run(worker: _Worker) -> None:
+        try:
+            while not failed.is_set():
+                with lock:
+                    k = next(counter, None)
+                if k is None:
+                    return
+                a = starts[k]
+                done[k] = worker.block(a, min(n, a + rows_per), emit)
+        except BaseException:
+            failed.set()
+            raise
+
+    if workers == 1:
+        run(crew[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _blas_one_thread(), ThreadPoolExecutor(workers - 1) as pool:
+            jobs = [pool.submit(run, w) for w in crew[1:]]
+            try:
+                run(crew[0])
+            finally:
+                for job in jobs:
+                    job.result()
+    for k in range(len(starts)):
+        lat, ear = done.pop(k)
+        for rows, cols, vals in lat:
+            later.rows.append(rows)
+            later.cols.append(cols)
+            later.vals.append(vals)
+        for cols, rows, vals in ear:
+            earlier.rows.append(cols)
+            earlier.cols.append(rows)
+            earlier.vals.append(vals)
+    for worker in crew:
+        np.maximum(earlier.best, worker.col_best, out=earlier.best)
+    return later, earlier
+
+
+class _Worker:
+    """One CPU worker: GEMM tiles of its row blocks, each scanned while it is in cache.
+
+    Scanning a 64 MiB tile the plain way (row maxima, column maxima, the threshold test,
+    the near-best gathers: :class:`_NumpyTiles`) takes five or six passes over main
+    memory, a third of the GEMM's time at N = 50k.  Here a tile is scanned in chunks of
+    rows of :data:`CHUNK_BYTES`, every pass over a chunk while it is in the L2 cache, by
+    the worker that computed it (both cores scan).  A tile narrower than the block
+    computes on the diagonal only the rows that have a later column in it.
+
+    The near-best gathers use running lower bounds, not the tile's final maxima: a row's
+    bound is its maximum so far (earlier tiles and this chunk), a column's is its maximum
+    over this worker's chunks so far (``col_best``; the workers' arrays are merged at the
+    end).  Every entry within ``delta`` of the final maximum is within ``delta`` of any
+    lower bound, so it is gathered; the few extra entries are dropped by
+    :meth:`_NearBest.survivors`, which filters on the final maximum.  Same survivors, same
+    bits.  Rows of a block belong to one worker, so ``later_best`` is written race-free.
+    """
+
+    def __init__(self, embeddings, rows_per, cols_per, radius, delta, later_best) -> None:
+        self.tiles = _NumpyTiles(embeddings, rows_per, cols_per)
+        self.n = embeddings.shape[0]
+        self.cols_per = cols_per
+        self.radius = np.float32(radius)
+        self.delta = np.float32(delta)
+        self.later_best = later_best
+        self.col_best = np.full(self.n, -np.inf, dtype=np.float32)
+        self.step = max(8, CHUNK_BYTES // (4 * cols_per))
+        self.masks: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def block(self, a: int, b: int, emit) -> tuple[list, list]:
+        """Rows ``a:b`` against themselves and every later row; pair candidates go to
+        ``emit``; returns the near-best entries ``(later, earlier)`` of the block."""
+        tiles = self.tiles
+        rows_a = tiles.block(a, b, second=False)
+        lat: list = []
+        ear: list = []
+        for c in range(a, self.n, self.cols_per):
+            e = min(self.n, c + self.cols_per)
+            m = min(b - a, e - 1 - a)  # rows with a later column in this tile
+            if m <= 0:
+                continue
+            s = tiles.product(rows_a[:m], tiles.block(c, e, second=True))
+            found = self._scan(s, a, c, lat, ear)
+            if found is not None:
+                emit(found)
+        return lat, ear
+
+    def _scan(self, s: np.ndarray, a: int, c: int, lat: list, ear: list):
+        """One tile (rows ``a:``, columns ``c:``), chunk by chunk; returns the pair
+        candidates ``(i, j)`` above the radius, or None."""
+        radius, delta = self.radius, self.delta
+        ra, rc = s.shape
+        run = self.col_best[c : c + rc]  # this worker's column maxima so far (a view)
+        found_i, found_j = [], []
+        for r0 in range(0, ra, self.step):
+            r1 = min(ra, r0 + self.step)
+            sub = s[r0:r1]
+            reach = min(rc, a + r1 - c)  # columns c + k <= a + r: the row itself, earlier
+            if reach > 0:
+                np.copyto(sub[:, :reach], -np.inf, where=self._mask(r1 - r0, reach, a + r0 - c))
+            row_max = sub.max(axis=1)
+            hit = np.flatnonzero(row_max > radius)
+            if hit.size:
+                li, lj = _nonzero2d(sub[hit] > radius)
+                found_i.append(hit[li] + (a + r0))
+                found_j.append(lj + c)
+            # Row direction: entries within delta of the row's maximum so far.
+            best = self.later_best[a + r0 : a + r1]
+            np.maximum(best, row_max, out=best)
+            bound = best - delta
+            sel = np.flatnonzero((row_max >= bound) & np.isfinite(row_max))
+            if sel.size:
+                li, lj, vals = _gather(sub, sel, bound[sel], columns=False)
+                lat.append((li + (a + r0), lj + c, vals))
+            # Column direction: entries within delta of the column's maximum so far.
+            col_max = sub.max(axis=0)
+            np.maximum(run, col_max, out=run)
+            bound = run - delta
+            sel = np.flatnonzero((col_max >= bound) & np.isfinite(col_max))
+            if sel.size:
+                lj, li, vals = _gather(sub, sel, bound[sel], columns=True)
+                ear.append((lj + c, li + (a + r0), vals))
+        if not found_i:
+            return None
+        return np.concatenate(found_i), np.concatenate(found_j)
+
+    def _mask(self, rows: int, cols: int, offset: int) -> np.ndarray:
+        """``k <= r + offset`` over ``rows x cols`` (cached: a few shapes repeat)."""
+        key = (rows, cols, offset)
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = self.masks[key] = np.tri(rows, cols, k=offset, dtype=bool)
+        return mask
+
+
+def _gather(sub: np.ndarray, sel: np.ndarray, lo: np.ndarray, *, columns: bool):
+    """Entries ``>= lo`` of rows (or columns) ``sel`` of a chunk: ``(index along sel's
+    axis, index along the other axis, float32 value)``, indices int64."""
+    size = sub.shape[1] if columns else sub.shape[0]
+    if sel.size > _DENSE_GATHER * size:  # one compare over the chunk beats a copy
+        bound = np.full(size, np.inf, dtype=np.float32)
+        bound[sel] = lo
+        li, lj = _nonzero2d(sub >= (bound[None, :] if columns else bound[:, None]))
+        vals = sub[li, lj]
+        return (lj, li, vals) if columns else (li, lj, vals)
+    part = sub[:, sel].T if columns else sub[sel]
+    li, lj = _nonzero2d(part >= lo[:, None])
+    return sel[li], lj, part[li, lj]
+
+
+def _worker_count(threads: int | None) -> int:
+    """CPU workers: ``threads`` if given, else the usable cores (at most 16); one when
+    BLAS threads cannot be limited (two multi-threaded GEMMs at once fight)."""
+    if threads is not None:
+        count = int(threads)
+        if count < 1:
+            raise ValueError(f"threads must be >= 1; got {threads}")
+    else:
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            count = os.cpu_count() or 1
+        count = min(count, 16)
+    if count > 1 and not _can_limit_blas():
+        logger.debug("blocked: threadpoolctl missing; one worker, BLAS threads inside")
+        return 1
+    return count
+
+
+def _can_limit_blas() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _blas_one_thread():
+    """BLAS calls single-threaded for the duration (each worker runs its own GEMMs:
+    OpenBLAS's own threads would spin against the workers)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 class _NumpyTiles:
@@ -204,9 +463,13 @@ class _NumpyTiles:
         return np.matmul(rows_a, rows_c.T, out=out)
 
     def mask_diagonal(self, s: np.ndarray, ra: int) -> None:
+        np.copyto(s[:, :ra], -np.inf, where=self.lower(0, ra))
+
+    def lower(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1``, columns ``:r1`` of the diagonal tile's mask ``c <= r``."""
         if self._lower is None:
             self._lower = np.tri(self.rows_per, dtype=bool)
-        np.copyto(s[:, :ra], -np.inf, where=self._lower[:ra, :ra])
+        return self._lower[r0:r1, :r1]
 
     def maxima(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return s.max(axis=1), s.max(axis=0)
@@ -303,21 +566,44 @@ def _single_tile(x: np.ndarray, threshold: float) -> tuple[PairSet, np.ndarray, 
     return pairs, nearest, best_earlier
 
 
-def _canonical_maxima(embeddings, later: _NearBest, earlier: _NearBest):
+def _canonical_maxima(embeddings, later: _NearBest, earlier: _NearBest, *, workers: int = 1):
     """Canonical best-later and best-earlier score per row, each pair rescored once
-    (the later entry ``(i, j)`` of row ``i`` is the earlier entry of row ``j``)."""
+    (the later entry ``(i, j)`` of row ``i`` is the earlier entry of row ``j``); the
+    rescoring is cut into cache-sized calls, shared by ``workers`` threads."""
     n = later.best.shape[0]
     li, lj = later.survivors()
     ej, ei = earlier.survivors()  # row j, its earlier partner i
     lo = np.concatenate([li, ei])
     hi = np.concatenate([lj, ej])
     key = np.unique(lo * n + hi)
-    scores = canonical_scores(embeddings, key // n, key % n)
+    scores = _rescore_keys(embeddings, key // n, key % n, workers)
     best_later = np.full(n, -np.inf)
     best_earlier = np.full(n, -np.inf)
     np.maximum.at(best_later, li, scores[np.searchsorted(key, li * n + lj)])
     np.maximum.at(best_earlier, ej, scores[np.searchsorted(key, ei * n + ej)])
     return best_later, best_earlier
+
+
+def _rescore_keys(embeddings, i: np.ndarray, j: np.ndarray, workers: int) -> np.ndarray:
+    """``canonical_scores(embeddings, i, j)`` in calls of :data:`RESCORE_PAIRS` pairs
+    (its float64 scratch then stays in cache: ~2.5x faster), over ``workers`` threads
+    when it is worth it.  The same bits: each pair's score depends on that pair alone."""
+    out = np.empty(i.shape[0], dtype=np.float64)
+    spans = [(k, min(i.shape[0], k + RESCORE_PAIRS)) for k in range(0, i.shape[0], RESCORE_PAIRS)]
+
+    def part(lo: int, hi: int) -> None:
+        out[lo:hi] = canonical_scores(embeddings, i[lo:hi], j[lo:hi])
+
+    if workers > 1 and len(spans) > 4 * workers and isinstance(embeddings, np.ndarray):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for job in [pool.submit(part, lo, hi) for lo, hi in spans]:
+                job.result()
+    else:
+        for lo, hi in spans:
+            part(lo, hi)
+    return out
 
 
 #: Above this share of relevant rows (columns), one compare over the whole tile beats
