@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -34,20 +35,31 @@ def default_file_mode() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> str:
-    """Write ``payload`` to ``path`` atomically (temp file in the same folder, fsync,
-    rename, fsync the folder); returns its SHA-256 hex digest."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    """Write ``payload`` to ``path`` atomically (see :func:`atomic_write_with`); returns its
+    SHA-256 hex digest."""
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(payload))
+    return hashlib.sha256(payload).hexdigest()
+
+
+def atomic_write_with(
+    path: str | os.PathLike, write: Callable[[str], object], suffix: str = ""
+) -> None:
+    """Create ``path`` atomically with a writer that takes a file path (pandas, pyarrow):
+    ``write(tmp)`` fills a temp file in the same folder (created if missing), which is
+    then fsynced, given the umask's mode and renamed over ``path``; the folder is fsynced.
+    On any error the temp file is removed and ``path`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
-    return hashlib.sha256(payload).hexdigest()
+    fsync_dir(folder)

@@ -357,13 +357,11 @@ def _check_report_module() -> None:
 def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: list[str]) -> None:
     """Write pairs as Parquet (``i``, ``j`` input rows, ``key_i``, ``key_j``, ``similarity``),
     chunk by chunk into a temp file in the same folder, then fsync and rename."""
-    import tempfile
-
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .._files import default_file_mode, fsync_dir
+    from .._files import atomic_write_with
 
     rows = np.asarray(valid, dtype=np.int64)
     key_array = np.asarray(keys, dtype=object)
@@ -376,11 +374,8 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
             ("similarity", pa.float64()),
         ]
     )
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=folder)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for chunk in pairs.iter_chunks():
                 i, j = np.asarray(chunk.i, np.int64), np.asarray(chunk.j, np.int64)
@@ -395,15 +390,8 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
                     schema=schema,
                 )
                 writer.write_table(table)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+
+    atomic_write_with(path, write, suffix=".parquet")
 
 
 __all__ = ["MemoryStorage", "add_parser", "command", "summary_line", "write_pairs"]

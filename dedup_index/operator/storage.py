@@ -10,13 +10,12 @@ never written, or before ``step()``, says which file is missing and why.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .._files import default_file_mode, fsync_dir
+from .._files import atomic_write_with
 from .._validation import check_choice
 
 CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
@@ -152,11 +151,10 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
     """Write ``frame`` atomically: temp file in the same folder, fsync, rename."""
     path = os.fspath(path)
     file_type = file_type or _type_from_extension(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="." + file_type, dir=folder)
-    os.close(fd)
-    try:
+    if file_type not in CACHE_TYPES:
+        raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
+
+    def write(tmp: str) -> None:
         if file_type == "jsonl":
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False, default_handler=str)
         elif file_type == "json":
@@ -165,16 +163,7 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
             frame.to_csv(tmp, index=False)
         elif file_type == "parquet":
             frame.to_parquet(tmp)
-        elif file_type == "pickle":
-            frame.to_pickle(tmp)
         else:
-            raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_file_mode())  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+            frame.to_pickle(tmp)
+
+    atomic_write_with(path, write, suffix="." + file_type)
