@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -74,3 +75,18 @@ def _png(img: Image.Image) -> bytes:
 def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
     yield
+
+
+class MemoryStorage:
+    """A DataFlow-style storage over an in-memory table (the operator takes any such object)."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.written: list[pd.DataFrame] = []
+
+    def read(self, kind: str) -> pd.DataFrame:
+        assert kind == "dataframe"
+        return self.frame.copy()
+
+    def write(self, frame: pd.DataFrame) -> None:
+        self.written.append(frame)

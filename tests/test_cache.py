@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COPY_THRESHOLD, jpeg_bytes, photo
+from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo
 from PIL import ImageOps
 
 from dedup_index import ImageDeduplicateFilter, dedup_embeddings
@@ -28,21 +28,6 @@ from dedup_index.encode.cache import (
 from dedup_index.progress import NullProgress, progress
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class MemoryStorage:
-    """A DataFlow-style storage over an in-memory table (the operator takes any such object)."""
-
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame = frame
-        self.written: list[pd.DataFrame] = []
-
-    def read(self, kind: str) -> pd.DataFrame:
-        assert kind == "dataframe"
-        return self.frame.copy()
-
-    def write(self, frame: pd.DataFrame) -> None:
-        self.written.append(frame)
 
 
 @pytest.fixture

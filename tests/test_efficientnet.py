@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import jpeg_bytes, photo
+from conftest import MemoryStorage, jpeg_bytes, photo
 from PIL import Image
 
 from dedup_index import ImageDeduplicateFilter, ModelLoadError
@@ -94,19 +94,6 @@ def test_unreadable_weights_are_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr("dedup_index.encode.efficientnet.weights_path", lambda: str(bad))
     with pytest.raises(ModelLoadError, match="could not load the efficientnet-lite0 weights"):
         EfficientNetLiteEncoder(device="cpu")
-
-
-class MemoryStorage:
-    """The smallest storage: read('dataframe') and write(df)."""
-
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame, self.written = frame, []
-
-    def read(self, output_type: str) -> pd.DataFrame:
-        return self.frame
-
-    def write(self, frame: pd.DataFrame) -> None:
-        self.written.append(frame)
 
 
 def test_operator_with_efficientnet_removes_an_exact_copy():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COPY_THRESHOLD, jpeg_bytes, photo
+from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo
 
 from dedup_index import (
     FileStorage,
@@ -121,19 +121,6 @@ def test_every_cache_type(tmp_path, photo_dir, encoder, cache_type):
     out = storage.read("dataframe")
     assert out["caption"].tolist() == ["x", "z"]
     assert storage.read("dict")[0]["caption"] == "x"
-
-
-class MemoryStorage:
-    """Any object with read('dataframe') and write(df) is a storage."""
-
-    def __init__(self, frame):
-        self.frame, self.written = frame, []
-
-    def read(self, output_type):
-        return self.frame
-
-    def write(self, frame):
-        self.written.append(frame)
 
 
 def test_generic_storage_and_in_memory_image_values(photo_dir, encoder):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import COPY_THRESHOLD, jpeg_bytes, photo
+from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo
 from PIL import Image
 
 from dedup_index import ImageDeduplicateFilter, ModelLoadError
@@ -419,17 +419,6 @@ def test_cuda_fp16_matches_cpu(tiny_clip, hard_images):
 
 
 # --------------------------------------------------------------------------- the operator
-
-
-class MemoryStorage:
-    def __init__(self, frame: pd.DataFrame) -> None:
-        self.frame, self.written = frame, []
-
-    def read(self, output_type: str) -> pd.DataFrame:
-        return self.frame
-
-    def write(self, frame: pd.DataFrame) -> None:
-        self.written.append(frame)
 
 
 def test_operator_results_do_not_depend_on_workers(photo_dir, encoder):
