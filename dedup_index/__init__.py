@@ -6,8 +6,16 @@ transformers load only when an image encoder is built (the operator, ``encode``)
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
+
+# The same image must embed to the same bits whatever the thread count (one machine with
+# 16 threads, a Ray actor with 1): MKL's GEMM splits small products across threads, which
+# moves the last bit of CLIP's projection head.  Strict conditional numerical
+# reproducibility makes MKL's results independent of the thread count.  Read when MKL
+# starts (torch's first GEMM), so set before torch runs anything; a user's value wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 

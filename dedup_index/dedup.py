@@ -19,7 +19,7 @@ import numpy as np
 from ._validation import check_choice, check_positive_int, check_threshold
 from .policy import POLICIES, decide
 from .progress import progress as progress_bar
-from .search import BACKENDS, PairSet, as_unit_float32, best_pair_score, search
+from .search import PairSet, as_unit_float32, best_pair_score, check_backend, search
 from .store import EmbeddingStore, PairSink, open_or_array
 from .store.pairs_file import DEFAULT_MEMORY_BUDGET
 
@@ -144,18 +144,20 @@ def dedup_embeddings(
             are unit float32 already and stream from disk tile by tile.
         threshold: cosine similarity in [0, 1]; ``>=`` means near-duplicate.
         backend: ``"auto"`` (logs its pick), exact ``"blocked"`` (GEMM tiles), ``"flat"``
-            (FAISS), approximate ``"partitioned"``, ``"ivf"``, ``"hnsw"``, or ``"dense"``
-            (the oracle); see :mod:`dedup_index.search`.
+            (FAISS), approximate ``"partitioned"``, ``"ivf"``, ``"hnsw"``, ``"dense"``
+            (the oracle) or ``"ray"`` (``blocked``'s tiles on a Ray cluster); the names
+            and their facts are in :mod:`dedup_index.search.backends`.
         score: ``"nearest"`` (true nearest-neighbour similarity) or ``"pairs"`` (upstream).
         policy: keep policy: ``"reference"`` (the ``i < j`` semantics above),
             ``"greedy"`` or ``"component"``; see :mod:`dedup_index.policy`.
         threads: CPU threads for FAISS and torch (default: their own).
         device: ``"cuda"`` runs the ``blocked`` backend's GEMM tiles on the GPU.
         backend_options: extra parameters of the backend (tile sizes, partitions,
-            nprobe, ...): see :func:`dedup_index.search.search`.
-        pairs_memory_budget, pairs_path: ``blocked`` and ``partitioned`` stream pairs into
-            memory up to this many bytes (24 a pair), then into a Parquet file at
-            ``pairs_path`` (a temporary file if None); ``result.pairs`` is then a
+            nprobe, a Ray ``address`` and ``work_dir``, ...): see
+            :func:`dedup_index.search.search`.
+        pairs_memory_budget, pairs_path: ``blocked``, ``partitioned`` and ``ray`` stream
+            pairs into memory up to this many bytes (24 a pair), then into a Parquet file
+            at ``pairs_path`` (a temporary file if None); ``result.pairs`` is then a
             :class:`~dedup_index.store.PairFile` read in chunks, and the policies run over
             it with memory O(N).
         progress: a rows/s progress bar of the search on stderr: ``None`` (default) when
@@ -163,7 +165,7 @@ def dedup_embeddings(
             force it on or off.
     """
     threshold = check_threshold(threshold)
-    check_choice(backend, BACKENDS, "backend")
+    check_backend(backend)
     check_choice(score, SCORES, "score")
     check_choice(policy, POLICIES, "policy")
     threads = check_positive_int(threads, "threads", allow_none=True)

@@ -4,13 +4,14 @@ killed worker, resumable.  One cluster (2 CPUs) for the whole module."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COPY_THRESHOLD, jpeg_bytes, photo
+from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -360,3 +361,101 @@ def test_operator_and_cli_with_ray_decide_like_one_machine(
         text=True,
     )
     assert bad.returncode == 2 and "--ray-work-dir" in bad.stderr
+
+
+# ------------------------------------------------------------------ one spine
+
+
+def test_every_entry_point_embeds_the_same_bits_and_ray_writes_the_same_files(
+    cluster, tmp_path, tiny_clip, encoder
+):
+    """The same folder through every door: the operator (with a cache), ``run``,
+    ``run --ray``, ``index add``, ``DedupIndex.add_images`` and ``embed_table`` store
+    embeddings bit-identical to :func:`embed_images`; ``run --ray`` writes the same kept,
+    removed and pairs files, byte for byte, as ``run``.  Photos of 2 megapixels-ish
+    shapes so the JPEG draft path is taken; a broken file and a subfolder included."""
+    from dedup_index import ImageDeduplicateFilter
+    from dedup_index.distributed import embed_table
+    from dedup_index.encode.cache import EmbeddingCache, fingerprint, model_identity
+    from dedup_index.encode.pipeline import embed_images
+    from dedup_index.index import DedupIndex
+    from dedup_index.io.inputs import list_images
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for k, name in enumerate(PHOTOS[:6]):
+        img = photo(name, 480).resize((480 + 16 * k, 360))
+        (folder / ("sub" if k % 2 else "") / f"{name}.jpg").write_bytes(jpeg_bytes(img))
+    (folder / "sub" / "astronaut_copy.jpg").write_bytes((folder / "astronaut.jpg").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    values = list_images(folder)
+    ref = embed_images(values, encoder, image_root=folder, num_workers=0)
+    assert len(ref.failures) == 1 and ref.embeddings.shape[0] == len(values) - 1
+    model = model_identity(tiny_clip)
+
+    def cached(cache_dir):
+        with EmbeddingCache(cache_dir, model_name=model) as cache:
+            prints = [fingerprint(v, folder) for v in values]
+            found, rows = cache.lookup([prints[p] for p in ref.positions])
+        assert found.all()
+        return rows
+
+    def store_rows(path):
+        with EmbeddingStore.open(path) as store:
+            return store[:]
+
+    got = {}
+    # The operator, through its embedding cache.
+    filt = ImageDeduplicateFilter(
+        tiny_clip, COPY_THRESHOLD, image_root=folder, cache_dir=tmp_path / "op-cache"
+    )
+    filt.run(MemoryStorage(pd.DataFrame({"image": values})))
+    got["operator"] = cached(tmp_path / "op-cache")
+    # add_images and embed_table.
+    with DedupIndex.create(tmp_path / "lib.index", encoder.dim, COPY_THRESHOLD) as index:
+        index.add_images(values, encoder=encoder, image_root=folder, on_error="skip")
+        got["add_images"] = index.store[: len(index)]
+    summary = embed_table(str(folder), tmp_path / "embed", model_name=tiny_clip)
+    got["embed_table"] = store_rows(summary.store_path)
+    # The command line: run, run --ray, index add.
+    script = str(__import__("pathlib").Path(sys.executable).with_name("dedup-index"))
+    address = ray.get_runtime_context().gcs_address
+    common = ["--model", tiny_clip, "--threshold", str(COPY_THRESHOLD), "--no-progress"]
+    outputs = {}
+    for name, extra in [
+        ("run", ["--cache", str(tmp_path / "cli-cache")]),
+        ("run --ray", ["--ray", address, "--ray-work-dir", str(tmp_path / "ray-work")]),
+    ]:
+        out = tmp_path / name.replace(" ", "").replace("--", "-")
+        cmd = [script, "run", str(folder), *common, *extra, "--out", str(out / "kept.jsonl")]
+        cmd += ["--removed", str(out / "removed.jsonl"), "--pairs", str(out / "pairs.parquet")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    got["run"] = cached(tmp_path / "cli-cache")
+    got["run --ray"] = store_rows(tmp_path / "ray-work" / "embed" / "store")
+    index_dir = tmp_path / "cli.index"
+    done = subprocess.run(
+        [script, "index", "create", str(index_dir), "--model", tiny_clip, "--threshold", "0.99"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(
+        [script, "index", "add", str(index_dir), str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with DedupIndex.open(index_dir) as index:
+        got["index add"] = index.store[: len(index)]
+        assert index.keys() == [f"{folder.as_posix()}/{values[p]}" for p in ref.positions]
+
+    # Caches keep the encoder's rows as they came; stores keep them normalised once, as
+    # every search does before deciding: compare the vectors decisions are taken on.
+    unit = as_unit_float32(ref.embeddings)
+    for door in ("operator", "run"):
+        got[door] = as_unit_float32(got[door])
+    for door, embeddings in got.items():
+        assert np.array_equal(embeddings, unit), f"{door} embeds other bits"
+    assert outputs["run --ray"] == outputs["run"]
+    assert set(outputs["run"]) == {"kept.jsonl", "removed.jsonl", "pairs.parquet"}
+

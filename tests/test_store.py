@@ -372,24 +372,24 @@ def _check_prefix(path: Path, data: np.ndarray, keys: list[str]) -> int:
 @pytest.mark.parametrize(
     ("point", "committed"),
     [
-        ("shard_chunk@4", 12),  # third append: first shard written, second not
-        ("shard_chunk@5", 12),  # third append: a new shard file created and written
-        ("shards_written@3", 12),  # all rows written, keys not
-        ("keys_written@3", 12),  # rows and keys written, manifest not
-        ("manifest_partial@3", 12),  # half of the manifest temp file written
-        ("manifest_tmp@3", 12),  # temp manifest complete, not renamed
-        ("manifest_replaced@3", 16),  # renamed, directory not yet fsynced: committed
+        ("shard_chunk:4", 12),  # third append: first shard written, second not
+        ("shard_chunk:5", 12),  # third append: a new shard file created and written
+        ("shards_written:3", 12),  # all rows written, keys not
+        ("keys_written:3", 12),  # rows and keys written, manifest not
+        ("manifest_partial:3", 12),  # half of the manifest temp file written
+        ("manifest_tmp:3", 12),  # temp manifest complete, not renamed
+        ("manifest_replaced:3", 16),  # renamed, directory not yet fsynced: committed
     ],
 )
 def test_crash_at_each_point_leaves_a_committed_store(tmp_path, point, committed):
     path, raw, keys, argv = _crash_setup(tmp_path)
     data = as_unit_float32(raw)  # row-wise: what the store holds, whatever the batching
     argv[argv.index("{loop}")] = "0"
-    env = {**os.environ, "DEDUP_INDEX_STORE_CRASH_AT": point}
+    env = {**os.environ, "DEDUP_INDEX_CRASH_AT": point}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 77, proc.stderr
     left = {p.name for p in path.iterdir()}
-    if point == "shard_chunk@5":  # a shard file the manifest does not count yet
+    if point == "shard_chunk:5":  # a shard file the manifest does not count yet
         assert shard_name(2) in left and json.loads((path / MANIFEST).read_text())["n_shards"] == 2
     if point.startswith(("keys_written", "manifest_partial", "manifest_tmp")):
         assert (path / "keys.jsonl").read_bytes().count(b"\n") == 16  # uncommitted keys

@@ -9,27 +9,79 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from ..io.inputs import TABLE_FORMATS
+from ..search import backends as backend_registry
 
 #: Exit codes: done, something failed, bad arguments or input.
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-#: Table formats the CLI reads and writes, by file extension.
-TABLE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMATS = tuple(dict.fromkeys(TABLE_FORMATS.values()))
 
+#: The library's parameter names as the shell spells them: errors raised by the library's
+#: one validation (the operator's constructor, the index) are shown with the flag.
+FLAGS = {
+    "on_duplicate_key='skip'": "--skip-existing",
+    "input_image_key": "--image-key",
+    "output_score_key": "--score-key",
+    "model_name": "--model",
+    "batch_size": "--batch-size",
+    "num_workers": "--workers",
+    "image_root": "--image-root",
+    "cache_dir": "--cache",
+    "ray_work_dir": "--ray-work-dir",
+    "ray": "--ray",
+    "threshold": "--threshold",
+    "backend": "--backend",
+    "policy": "--policy",
+    "score": "--score",
+    "device": "--device",
+    "dim": "--dim",
+}
+_FLAG_PATTERN = re.compile(
+    r"(?<![\w.-])("
+    + "|".join(re.escape(k) for k in FLAGS)
+    + r")(?:=\.\.\.|=(?!')|(?= must\b))"
+    + r"|(?<![\w.-])("
+    + "|".join(re.escape(k) for k in FLAGS if "_" in k)
+    + r")(?![\w=])"
+)
 
-# Choices of the options, spelled out so that building the parser imports nothing heavy
-# (``--help`` stays instant); tests hold them equal to the library's.
-BACKENDS = ("auto", "flat", "blocked", "partitioned", "ivf", "hnsw", "dense")
+
+# Choices of the options: backend names from the registry (it imports numpy only), the
+# rest spelled out, so that building the parser imports nothing heavy (``--help`` stays
+# instant); tests hold them equal to the library's.
+BACKENDS = backend_registry.BACKENDS
 POLICIES = ("reference", "greedy", "component")
 SCORES = ("nearest", "pairs")
-INDEX_BACKENDS = ("blocked", "flat", "ivf", "hnsw")
+INDEX_BACKENDS = backend_registry.INDEX_BACKENDS
 
 
 class UsageError(Exception):
     """Bad arguments or input: printed as ``dedup-index: error: ...``, exit code 2."""
+
+
+def shell_message(text: str) -> str:
+    """``text`` with the library's parameter names replaced by the command's flags:
+    ``"batch_size must be an integer >= 1"`` -> ``"--batch-size must be ..."``."""
+    return _FLAG_PATTERN.sub(lambda m: FLAGS[m.group(1) or m.group(2)], text)
+
+
+@contextmanager
+def usage_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Bad input found by the library (its ``ValueError``/``TypeError``, a model that
+    cannot be loaded, a missing optional package, and ``extra``) as a :class:`UsageError`
+    spoken in flags: exit code 2, nothing written."""
+    from ..errors import ModelLoadError
+
+    try:
+        yield
+    except (ValueError, TypeError, ImportError, ModelLoadError, *extra) as exc:
+        raise UsageError(shell_message(str(exc))) from None
 
 
 def setup_logging(verbose: int) -> None:

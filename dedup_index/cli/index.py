@@ -16,16 +16,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..io.inputs import InputError, read_input
+from ..io.keys import image_key
 from ._common import (
     INDEX_BACKENDS,
     POLICIES,
     UsageError,
     check_outputs,
-    check_positive,
-    check_threshold_arg,
     format_of,
+    usage_errors,
 )
-from .inputs import read_input
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +154,9 @@ def add_parser(sub: Any, parents: list) -> None:
 
 # ---------------------------------------------------------------------------- commands
 def create(args: argparse.Namespace) -> int:
+    from ..encode.cache import model_identity
     from ..index import DedupIndex
 
-    check_threshold_arg(args.threshold)
-    check_positive(args.dim, "--dim")
     path = Path(args.path)
     if (path / "manifest.json").exists():
         raise UsageError(f"{path} already holds a dedup index; add to it with 'index add'")
@@ -168,14 +167,16 @@ def create(args: argparse.Namespace) -> int:
     dim = args.dim
     if dim is None:  # the model says (loading it also proves it can be loaded)
         dim = _encoder(args.model, args.device, 1).dim
-    with DedupIndex.create(
-        path,
-        dim,
-        args.threshold,
-        policy=args.policy,
-        backend=args.backend,
-        model_name=args.model,
-    ) as index:
+    with usage_errors():
+        index = DedupIndex.create(
+            path,
+            dim,
+            args.threshold,
+            policy=args.policy,
+            backend=args.backend,
+            model_name=None if args.model is None else model_identity(args.model),
+        )
+    with index:
         print(json.dumps(index.stats()))
     return 0
 
@@ -183,40 +184,53 @@ def create(args: argparse.Namespace) -> int:
 def add(args: argparse.Namespace) -> int:
     from ..index import IndexError_
 
-    check_positive(args.batch_size, "--batch-size")
     check_outputs([args.input, args.path], {"--out": args.out})
+    on_duplicate_key = "skip" if args.skip_existing else "error"
     index = _open(args.path, "a")
-    with index:
-        keys, embeddings, failures = _rows(args, index, skip_existing=args.skip_existing)
-        try:
-            result = index.add(
-                embeddings, keys, on_duplicate_key="skip" if args.skip_existing else "error"
+    with index, usage_errors(IndexError_):
+        if _is_npy(args.input):
+            keys, embeddings = _read_npy(args, index)
+            result = index.add(embeddings, keys, on_duplicate_key=on_duplicate_key)
+        else:
+            values, root, keys = _read_images(args)
+            encoder = _encoder(_model_of(args, index), args.device, args.batch_size)
+            result = index.add_images(
+                values,
+                encoder=encoder,
+                image_root=root,
+                keys=keys,
+                on_duplicate_key=on_duplicate_key,
+                on_error="skip",
+                batch_size=args.batch_size,
             )
-        except IndexError_ as exc:
-            raise UsageError(str(exc)) from None
-        rows = [
-            {
-                "key": k,
-                "kept": bool(kept),
-                "duplicate_of": dup,
-                "similarity": None if dup is None else float(s),
-                "max_similarity": float(m),
-            }
-            for k, kept, dup, s, m in zip(
-                result.keys,
-                result.kept,
-                result.duplicate_of,
-                result.similarity,
-                result.max_similarity,
-                strict=True,
-            )
-        ]
+            _report_failures(result.failures, len(values))
+            if result.failures and not result.keys:
+                raise UsageError(
+                    f"none of the {len(values)} images of {args.input} could be loaded"
+                )
         total = index.stats()
+    rows = [
+        {
+            "key": k,
+            "kept": bool(kept),
+            "duplicate_of": dup,
+            "similarity": None if dup is None else float(s),
+            "max_similarity": float(m),
+        }
+        for k, kept, dup, s, m in zip(
+            result.keys,
+            result.kept,
+            result.duplicate_of,
+            result.similarity,
+            result.max_similarity,
+            strict=True,
+        )
+    ]
     if args.out:
         _write_rows(rows, args.out)
         print(f"wrote {len(rows)} rows: {args.out}")
     skipped = f", {len(result.skipped)} already indexed (skipped)" if result.skipped else ""
-    failed = f", {len(failures)} failed to load" if failures else ""
+    failed = f", {len(result.failures)} failed to load" if result.failures else ""
     print(
         f"added {len(result.keys)} rows: {int(result.kept.sum())} kept, {result.n_removed} "
         f"near-duplicates{skipped}{failed}; the index holds {total['rows']} rows "
@@ -226,12 +240,25 @@ def add(args: argparse.Namespace) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
-    check_positive(args.batch_size, "--batch-size")
     check_outputs([args.input, args.path], {"--out": args.out})
     index = _open(args.path, "r")
     with index:
-        keys, embeddings, failures = _rows(args, index, skip_existing=False)
-        found = index.query(embeddings)
+        if _is_npy(args.input):
+            keys, embeddings = _read_npy(args, index)
+        else:
+            from ..encode.pipeline import embed_images
+
+            values, root, all_keys = _read_images(args)
+            encoder = _encoder(_model_of(args, index), args.device, args.batch_size)
+            with usage_errors():
+                embedded = embed_images(
+                    values, encoder, image_root=root, batch_size=args.batch_size
+                )
+            _report_failures([(all_keys[p], f) for p, f in embedded.failures], len(values))
+            keys = [all_keys[p] for p in embedded.positions]
+            embeddings = embedded.embeddings
+        with usage_errors():
+            found = index.query(embeddings)
     long_rows = []
     for key, hits in zip(keys, found, strict=True):
         print(
@@ -267,110 +294,77 @@ def _open(path: str, mode: str):
 
 def _encoder(model: str, device: str | None, batch_size: int):
     from ..encode import load_encoder
-    from ..errors import ModelLoadError
 
-    try:
+    with usage_errors():
         return load_encoder(model, device=device, batch_size=batch_size)
-    except ModelLoadError as exc:
-        raise UsageError(str(exc)) from None
 
 
-def _rows(args: argparse.Namespace, index: Any, *, skip_existing: bool):
-    """Keys and unit embeddings of the input rows (``.npy`` or images), and load failures."""
+def _is_npy(path: str) -> bool:
+    return Path(path).suffix.lower() == ".npy"
+
+
+def _read_npy(args: argparse.Namespace, index: Any):
+    """Keys and rows of a ``.npy`` of embeddings (keys from ``--keys``, else
+    ``<file stem>:<row>``)."""
     import numpy as np
 
     source = Path(args.input)
-    if source.suffix.lower() == ".npy":
-        if not source.is_file():
-            raise UsageError(f"input {str(source)!r} does not exist")
-        try:
-            embeddings = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read embeddings from {source}: {exc}") from None
-        if embeddings.ndim != 2 or embeddings.shape[1] != index.dim:
-            raise UsageError(
-                f"{source} holds an array of shape {embeddings.shape}; the index needs "
-                f"(N, {index.dim})"
-            )
-        keys = _read_keys(args.keys, len(embeddings)) if args.keys else None
-        if keys is None:
-            keys = [f"{source.stem}:{k}" for k in range(len(embeddings))]
-        if skip_existing:
-            known = set(index.keys())
-            mask = np.array([k not in known for k in keys], dtype=bool)
-            keys, embeddings = [k for k in keys if k not in known], embeddings[mask]
-        return keys, embeddings, []
+    if not source.is_file():
+        raise UsageError(f"input {str(source)!r} does not exist")
+    try:
+        embeddings = np.load(source, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read embeddings from {source}: {exc}") from None
+    if embeddings.ndim != 2 or embeddings.shape[1] != index.dim:
+        raise UsageError(
+            f"{source} holds an array of shape {embeddings.shape}; the index needs "
+            f"(N, {index.dim})"
+        )
+    if args.keys:
+        keys = _read_keys(args.keys, len(embeddings))
+    else:
+        keys = [f"{source.stem}:{k}" for k in range(len(embeddings))]
+    return keys, embeddings
+
+
+def _read_images(args: argparse.Namespace):
+    """The input's image values, the folder they resolve against, and their keys.
+
+    A folder's images are named by the folder as given joined with their path in it
+    (``week1/a.jpg``), so two folders never share a key; a table's by its values as
+    they are (:func:`~dedup_index.io.keys.image_key`).
+    """
     if args.keys:
         raise UsageError("--keys goes with a .npy of embeddings; images are keyed by path")
-    model = args.model or index.model_name
-    if model is None:
+    with usage_errors(InputError):
+        table = read_input(args.input, args.image_key, args.image_root)
+    values = table.frame[args.image_key].tolist()
+    root = table.image_root
+    if table.kind == "folder":
+        values = [(Path(args.input) / v).as_posix() for v in values]
+        root = None
+    return values, root, [image_key(v, p) for p, v in enumerate(values)]
+
+
+def _model_of(args: argparse.Namespace, index: Any) -> str:
+    """The model to embed with: ``--model`` or the index's, and they must agree."""
+    from ..encode.cache import model_identity
+
+    if args.model is None and index.model_name is None:
         raise UsageError(f"the index at {args.path} records no model: pass --model")
-    if args.model and index.model_name not in (None, args.model):
+    if args.model is not None and index.model_name not in (None, model_identity(args.model)):
         raise UsageError(
             f"the index at {args.path} holds embeddings of {index.model_name!r}; "
             f"--model {args.model!r} would not be comparable"
         )
-    table = read_input(source, args.image_key, args.image_root)
-    values = table.frame[args.image_key].tolist()
-    if table.kind == "folder":
-        keys = [(source / v).as_posix() for v in values]
-    else:  # the operator's keys (index_path=...): the path as given, else a content hash
-        from ..operator.filter import _index_key
+    return args.model or index.model_name
 
-        keys = [_index_key(v, p) for p, v in enumerate(values)]
-    if len(set(keys)) != len(keys):
-        raise UsageError(f"{source} lists some images more than once")
-    if skip_existing:
-        known = set(index.keys())
-        values = [v for v, k in zip(values, keys, strict=True) if k not in known]
-        keys = [k for k in keys if k not in known]
-    elif index.mode == "a":
-        clash = [k for k in keys if k in set(index.keys())]
-        if clash:
-            raise UsageError(
-                f"{len(clash)} image(s) are already in the index, e.g. {clash[:3]}; "
-                "pass --skip-existing to leave them out"
-            )
-    encoder = _encoder(model, args.device, args.batch_size)
-    embeddings, valid, failures = embed_values(values, encoder, table.image_root, args.batch_size)
-    if embeddings.shape[1] != index.dim:
-        raise UsageError(
-            f"model {model!r} gives {embeddings.shape[1]}-dimensional embeddings; the index "
-            f"at {args.path} holds {index.dim}-dimensional ones"
-        )
-    for pos, failure in failures[:5]:
-        logger.warning("%s failed to load: %s", keys[pos], failure)
+
+def _report_failures(failures: list, total: int) -> None:
+    for key, failure in failures[:5]:
+        logger.warning("%s failed to load: %s", key, failure)
     if failures:
-        logger.warning("%d of %d images failed to load and were left out", len(failures), len(keys))
-    if not valid and keys:
-        raise UsageError(f"none of the {len(keys)} images of {source} could be loaded")
-    return [keys[p] for p in valid], embeddings, failures
-
-
-def embed_values(values: list, encoder: Any, image_root: Any, batch_size: int):
-    """Load and embed ``values`` batch by batch: ``(embeddings, valid positions, failures)``."""
-    import numpy as np
-
-    from ..io import try_load_image
-    from ..progress import progress
-
-    parts, valid, failures = [], [], []
-    with progress(len(values), "embedding", unit="img") as bar:
-        for start in range(0, len(values), batch_size):
-            images = []
-            for pos in range(start, min(start + batch_size, len(values))):
-                image, failure = try_load_image(values[pos], image_root=image_root)
-                if failure is None:
-                    images.append(image)
-                    valid.append(pos)
-                else:
-                    failures.append((pos, failure))
-            if images:
-                parts.append(np.asarray(encoder.encode(images), dtype=np.float32))
-            bar.update(min(batch_size, len(values) - start))
-    dim = int(getattr(encoder, "dim", 0) or 0)
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-    return embeddings, valid, failures
+        logger.warning("%d of %d images failed to load and were left out", len(failures), total)
 
 
 def _read_keys(path: str, n: int) -> list[str]:
@@ -386,7 +380,7 @@ def _read_keys(path: str, n: int) -> list[str]:
 def _write_rows(rows: list[dict], path: str | os.PathLike, columns=None) -> None:
     import pandas as pd
 
-    from ..operator.storage import write_table
+    from ..io.tables import write_table
 
     frame = pd.DataFrame(rows, columns=list(columns) if columns else None)
     write_table(frame, path, format_of(path, "jsonl"))

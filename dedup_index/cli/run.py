@@ -13,13 +13,14 @@ has succeeded, each atomically.  ``--dry-run`` writes the report only.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..io.inputs import InputError, read_input
+from ..io.keys import image_key
 from ._common import (
     BACKENDS,
     FORMATS,
@@ -27,12 +28,10 @@ from ._common import (
     SCORES,
     UsageError,
     check_outputs,
-    check_positive,
-    check_threshold_arg,
     format_of,
     same_file,
+    usage_errors,
 )
-from .inputs import read_input, row_key
 
 logger = logging.getLogger(__name__)
 
@@ -205,13 +204,10 @@ class MemoryStorage:
 
 def command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    check_threshold_arg(args.threshold)
-    check_positive(args.batch_size, "--batch-size")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be an integer >= 0, got {args.workers}")
     if args.score_key == args.image_key:
         raise UsageError(f"--score-key {args.score_key!r} would overwrite the image column")
-    source = read_input(args.input, args.image_key, args.image_root)
+    with usage_errors(InputError):
+        source = read_input(args.input, args.image_key, args.image_root)
     wanted = {
         "--out": args.out,
         "--removed": args.removed,
@@ -219,25 +215,9 @@ def command(args: argparse.Namespace) -> int:
         "--report": args.report,
     }
     check_outputs([source.path], wanted)
-    if args.ray:
-        if args.cache is not None:
-            raise UsageError("--cache does not apply with --ray: use --ray-work-dir to resume")
-        if args.backend not in ("auto", "blocked"):
-            raise UsageError(
-                f"--ray runs the exact tile search; --backend must be auto or blocked, "
-                f"got {args.backend}"
-            )
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise UsageError("--ray needs Ray: pip install 'dedup-index[ray]'")
-    elif args.ray_work_dir is not None:
-        raise UsageError("--ray-work-dir needs --ray")
     if args.cache is not None and same_file(args.cache, source.path):
         raise UsageError(f"--cache {args.cache} is the input; give the cache its own folder")
     out_format = args.format or (format_of(args.out) if args.out else None) or source.format
-    if args.report is not None:
-        _check_report_module()
     if args.dry_run:
         skipped = [opt for opt in ("--out", "--removed", "--pairs") if wanted[opt]]
         if skipped:
@@ -247,19 +227,17 @@ def command(args: argparse.Namespace) -> int:
     storage = MemoryStorage(source.frame)
     from ..errors import NoValidImagesError
 
-    try:
+    with usage_errors(NoValidImagesError):
         filt.run(storage, input_image_key=args.image_key, output_score_key=args.score_key)
-    except NoValidImagesError as exc:
-        raise UsageError(str(exc)) from None
     report = filt.last_report
     failed_rows = {pos for pos, _ in report.failures}
     valid = [p for p in range(report.rows_in) if p not in failed_rows]
     image_values = source.frame[args.image_key]
-    keys = [row_key(image_values.iat[p], p) for p in valid]
+    keys = [image_key(image_values.iat[p], p) for p in valid]
 
     written = []
     if not args.dry_run:
-        from ..operator.storage import write_table
+        from ..io.tables import write_table
 
         if args.pairs:
             write_pairs(args.pairs, report.result.pairs, valid, keys)
@@ -274,7 +252,7 @@ def command(args: argparse.Namespace) -> int:
     if args.report:
         from ..report import write_report
 
-        failures = [(row_key(image_values.iat[p], p), str(f)) for p, f in report.failures]
+        failures = [(image_key(image_values.iat[p], p), str(f)) for p, f in report.failures]
         Path(args.report).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
         write_report(
             args.report,
@@ -313,9 +291,9 @@ def summary_line(report: Any, seconds: float) -> str:
 
 
 def _build_filter(args: argparse.Namespace, image_root: Path | None):
-    """The operator, with the model loaded: a model that cannot be loaded is a usage error."""
+    """The operator, with its options checked (once, by its constructor) and the model
+    loaded: a bad option or a model that cannot be loaded is a usage error."""
     from ..encode.cache import CacheModelMismatchError
-    from ..errors import ModelLoadError
     from ..operator.filter import ImageDeduplicateFilter
 
     options: dict[str, Any] = {
@@ -325,17 +303,12 @@ def _build_filter(args: argparse.Namespace, image_root: Path | None):
         "backend": args.backend,
         "policy": args.policy,
         "cache_dir": args.cache,
+        "num_workers": args.workers,
         "progress": False if args.no_progress else None,
+        "ray": args.ray,
+        "ray_work_dir": args.ray_work_dir,
     }
-    if args.ray:
-        options.pop("cache_dir")
-        options.update(ray=args.ray, ray_work_dir=args.ray_work_dir)
-    if args.workers is not None:
-        if "num_workers" in inspect.signature(ImageDeduplicateFilter).parameters:
-            options["num_workers"] = args.workers
-        else:
-            logger.warning("--workers: this version of the operator decodes on one thread")
-    try:
+    with usage_errors(CacheModelMismatchError):
         return ImageDeduplicateFilter(
             model_name=args.model,
             threshold=args.threshold,
@@ -343,15 +316,6 @@ def _build_filter(args: argparse.Namespace, image_root: Path | None):
             device=args.device,
             **options,
         )
-    except (ModelLoadError, CacheModelMismatchError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _check_report_module() -> None:
-    try:
-        from ..report import write_report  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"--report is not available in this installation: {exc}") from None
 
 
 def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: list[str]) -> None:
@@ -361,7 +325,7 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .._files import atomic_write_with
+    from ..files import atomic_write_with
 
     rows = np.asarray(valid, dtype=np.int64)
     key_array = np.asarray(keys, dtype=object)

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .._files import atomic_write_bytes
 from .._validation import check_positive_int
-from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..files import atomic_write_bytes
+from ..io import DEFAULT_MAX_PIXELS, LoadFailure
 from ..progress import progress as progress_bar
 from ..store import EmbeddingStore, StoreError
 from . import tiles as tl
@@ -129,7 +129,7 @@ def _resolve_source(
             raise FileNotFoundError(f"input {path} does not exist")
         stat = path.stat()
         if path.is_dir():
-            from ..cli.inputs import list_images
+            from ..io.inputs import list_images
 
             values = list_images(path)
             fp = {"folder": str(path), "sha256": _sha256(pickle.dumps(values))}
@@ -337,23 +337,31 @@ class _EncoderActor:
         return {key: np.asarray(v) for key, v in done.items()}
 
     def _embed_shard(self, k: int, start: int, stop: int, payload: bytes, path: Path) -> dict:
+        """One shard through the one embedding path, in this actor's process: the same
+        decode, JPEG draft and preprocessing as one machine, and batches cut where one
+        machine cuts them (at multiples of ``batch_size`` from row 0), so the same bits."""
+        from ..encode.pipeline import embed_images
+
         values = _read_values(self.source, k, start, stop, payload)
-        rows, chunks, failures = [], [], []
-        for a in range(0, len(values), self.batch_size):
-            images = []
-            for r, value in enumerate(values[a : a + self.batch_size], start + a):
-                image, failure = try_load_image(
-                    value, image_root=self.source.image_root, max_pixels=self.max_pixels
-                )
-                if failure is None:
-                    images.append(image)
-                    rows.append(r)
-                else:
-                    failures.append((r, failure))
-            if images:
-                chunks.append(np.asarray(self.encoder.encode(images), dtype=np.float32))
-        dim = self.encoder.dim
-        embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+        # A shard may start inside a batch: its head is that batch's tail.
+        head = min(stop, -(-start // self.batch_size) * self.batch_size) - start
+        rows, parts, failures = [], [], []
+        for offset, piece in ((0, values[:head]), (head, values[head:])):
+            if not piece:
+                continue
+            embedded = embed_images(
+                piece,
+                self.encoder,
+                batch_size=self.batch_size,
+                num_workers=0,
+                image_root=self.source.image_root,
+                max_pixels=self.max_pixels,
+                progress=False,
+            )
+            rows += [start + offset + p for p in embedded.positions]
+            failures += [(start + offset + p, f) for p, f in embedded.failures]
+            parts.append(embedded.embeddings)
+        embeddings = np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), np.float32)
         _write_part(path, self.job, rows, embeddings, failures)
         return {"rows": np.asarray(rows), "fail_rows": np.asarray([r for r, _ in failures])}
 

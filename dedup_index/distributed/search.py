@@ -1,12 +1,16 @@
-"""``dedup_store``: the exact upper-triangle tile search as Ray tasks, merged on the driver.
+"""The ``ray`` backend: the exact upper-triangle tile search as Ray tasks, merged on the driver.
 
 The rows (an :class:`~dedup_index.store.EmbeddingStore` on shared storage, or an array
 put into the object store block by block) are cut into blocks of ``tile_rows``; each tile
 ``(a, c)``, ``a <= c``, is one Ray task that reads its two blocks, computes the GEMM tile,
 rescores its candidates canonically and writes its pairs and partial row/column maxima to
 ``work_dir/tiles/<a>_<c>.npz`` atomically (:mod:`.tiles`).  The driver submits the tiles
-whose files do not exist yet, merges every tile exactly once (union of pairs, elementwise
-maxima), then runs the same policy sweep as :func:`~dedup_index.dedup_embeddings`.
+whose files do not exist yet and merges every tile exactly once (union of pairs,
+elementwise maxima): :func:`ray_search`, registered as the backend ``"ray"`` in
+:mod:`dedup_index.search.backends`.  Policies and the result are
+:func:`~dedup_index.dedup_embeddings`'s, as for every backend: :func:`dedup_store` is
+``dedup_embeddings(E, t, backend="ray", backend_options=...)`` with Ray's options spelled
+out.
 
 The result equals ``dedup_embeddings(E, threshold, backend="blocked")`` bit for bit:
 keep mask, ``duplicate_of``, groups, pairs, ``max_similarity`` and
@@ -28,18 +32,16 @@ import logging
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._validation import check_choice, check_positive_int, check_threshold
-from ..dedup import SCORES, DedupResult, dedup_embeddings
-from ..policy import POLICIES, decide
-from ..progress import progress as progress_bar
-from ..search import as_unit_float32, best_pair_score
-from ..store import EmbeddingStore, PairSink, open_or_array
+from .._validation import check_positive_int
+from ..dedup import DedupResult, dedup_embeddings
+from ..search import SearchResult
+from ..store import EmbeddingStore, PairSink
 from ..store.pairs_file import DEFAULT_MEMORY_BUDGET
 from . import tiles as tl
 from .cluster import cluster_cpus, connect
@@ -79,6 +81,9 @@ def dedup_store(
 ) -> DedupResult:
     """Exact near-duplicate search on a Ray cluster; same result as one machine's ``blocked``.
 
+    ``dedup_embeddings(embeddings, threshold, backend="ray", backend_options={...})``
+    with the options of the ``ray`` backend (:func:`ray_search`) as arguments.
+
     Args:
         embeddings: an :class:`~dedup_index.store.EmbeddingStore`, its directory (which
             every node must see at the same path: shared storage), or an ``(N, D)`` array
@@ -91,30 +96,93 @@ def dedup_store(
         work_dir: where tile outputs go (every node must see it: shared storage).  A rerun
             with the same ``work_dir`` skips the tiles already there.  Default: a temporary
             directory on the driver, removed at the end (fine for a one-machine cluster).
-        progress: a tiles/s progress bar (None: when stderr is a terminal).
+        progress: a rows/s progress bar of the search (None: when stderr is a terminal).
         threads_per_task: CPUs (and BLAS threads) per task.
         max_retries: how often Ray retries a task whose worker died.
         pairs_memory_budget, pairs_path: as in ``dedup_embeddings`` (pairs spill to Parquet).
 
     ``result.backend`` is ``"ray"``; ``result.info`` holds the tile counts.
     """
-    threshold = check_threshold(threshold)
-    check_choice(policy, POLICIES, "policy")
-    check_choice(score, SCORES, "score")
-    threads_per_task = check_positive_int(threads_per_task, "threads_per_task")
-    tile_rows = check_positive_int(tile_rows, "tile_rows", allow_none=True)
+    return dedup_embeddings(
+        embeddings,
+        threshold,
+        backend="ray",
+        score=score,
+        policy=policy,
+        normalize=normalize,
+        backend_options={
+            "tile_rows": tile_rows,
+            "address": address,
+            "work_dir": work_dir,
+            "threads_per_task": threads_per_task,
+            "max_retries": max_retries,
+        },
+        pairs_memory_budget=pairs_memory_budget,
+        pairs_path=pairs_path,
+        progress=progress,
+    )
+
+
+def ray_search(
+    embeddings: Any,
+    threshold: float,
+    *,
+    nearest: bool = True,
+    threads: int | None = None,
+    device: str | None = None,
+    options: dict[str, Any] | None = None,
+    sink: Any = None,
+    progress: Callable[[int], Any] | None = None,
+) -> SearchResult:
+    """The ``ray`` backend (:class:`~dedup_index.search.backends.SearchFunction`).
+
+    ``embeddings``: unit float32 rows, an array or an
+    :class:`~dedup_index.store.EmbeddingStore` (whose directory every node must see).
+    ``options``: ``address``, ``work_dir``, ``tile_rows``, ``threads_per_task``,
+    ``max_retries`` as in :func:`dedup_store`.  ``threads`` is not used (each task runs
+    ``threads_per_task`` BLAS threads); ``device`` must be None or ``"cpu"`` (the tiles
+    are numpy GEMMs on the workers' CPUs).  ``progress`` gets rows in proportion to the
+    tiles done.  ``earlier`` is always computed, as by ``blocked``; ``info`` holds
+    ``tile_rows``, ``work_dir`` and the counts ``tiles``, ``tiles_computed``,
+    ``tiles_reused``.
+    """
+    options = dict(options or {})
+    address = options.pop("address", None)
+    work_dir = options.pop("work_dir", None)
+    tile_rows = check_positive_int(options.pop("tile_rows", None), "tile_rows", allow_none=True)
+    threads_per_task = check_positive_int(options.pop("threads_per_task", 1), "threads_per_task")
+    max_retries = options.pop("max_retries", 3)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an integer >= 0; got {max_retries!r}")
-    start = time.perf_counter()
-    source = open_or_array(embeddings)
-    if isinstance(source, EmbeddingStore):
-        unit, store_path = source, str(Path(source.path).resolve())
+    if options:
+        raise TypeError(f"backend 'ray' does not take the option(s) {sorted(options)}")
+    if device not in (None, "cpu"):
+        raise ValueError(
+            f"backend 'ray' runs numpy tiles on the workers' CPUs; device must be None or "
+            f"'cpu', got {device!r}"
+        )
+    if isinstance(embeddings, EmbeddingStore):
+        unit, store_path = embeddings, str(Path(embeddings.path).resolve())
     else:
-        unit, store_path = as_unit_float32(source, normalize=normalize), None
+        unit = embeddings if isinstance(embeddings, np.ndarray) else np.asarray(embeddings[:])
+        store_path = None
     n, d = unit.shape
+    sink = sink if sink is not None else PairSink()
     if n < 2:  # nothing to distribute
-        return dedup_embeddings(
-            unit, threshold, backend="blocked", score=score, policy=policy, normalize=False
+        if progress is not None:
+            progress(n)
+        return SearchResult(
+            sink.finish(),
+            np.zeros(n) if nearest else None,
+            "ray",
+            np.full(n, -np.inf),
+            info={
+                "tile_rows": tile_rows,
+                "work_dir": None,
+                "tiles": 0,
+                "tiles_computed": 0,
+                "tiles_reused": 0,
+            },
         )
     ray = connect(address)
     if tile_rows is None:
@@ -130,7 +198,7 @@ def dedup_store(
     work = Path(tempfile.mkdtemp(prefix="dedup-ray-")) if temporary else Path(work_dir)
     try:
         jid = tl.claim_job(work, description)
-        best_later, best_earlier, sink, counts = _run_tiles(
+        best_later, best_earlier, counts = _run_tiles(
             ray,
             unit,
             store_path,
@@ -141,36 +209,20 @@ def dedup_store(
             threads_per_task=threads_per_task,
             max_retries=max_retries,
             progress=progress,
-            sink=PairSink(pairs_path, memory_budget=pairs_memory_budget),
+            sink=sink,
         )
         pairs = sink.finish()
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
-    if score == "nearest":
-        max_similarity = np.maximum(np.maximum(best_later, best_earlier), 0.0)
-    else:
-        best = best_pair_score(n, pairs)
-        max_similarity = np.where(np.isfinite(best), best, 0.0)
-    decisions = decide(n, pairs, policy)
-    result = DedupResult(
-        keep=decisions.keep,
-        duplicate_of=decisions.duplicate_of,
-        duplicate_similarity=decisions.duplicate_similarity,
-        group=decisions.group,
-        pairs=pairs,
-        max_similarity=max_similarity,
-        threshold=threshold,
-        backend="ray",
-        policy=policy,
-        score=score,
-        seconds=time.perf_counter() - start,
-        exact=True,
-        max_earlier_similarity=best_earlier,
+    near = np.maximum(np.maximum(best_later, best_earlier), 0.0) if nearest else None
+    return SearchResult(
+        pairs,
+        near,
+        "ray",
+        best_earlier,
         info={"tile_rows": tile_rows, "work_dir": None if temporary else str(work), **counts},
     )
-    logger.info("%s", result.summary())
-    return result
 
 
 def _fingerprint(unit: Any, store_path: str | None) -> dict:
@@ -186,7 +238,8 @@ def _fingerprint(unit: Any, store_path: str | None) -> dict:
 def _run_tiles(
     ray, unit, store_path, threshold, b, work, jid, *, threads_per_task, max_retries, progress, sink
 ):
-    """Submit the missing tiles, merge every tile once; returns maxima, sink and counts."""
+    """Submit the missing tiles, merge every tile once (pairs into ``sink``); returns the
+    maxima and the tile counts."""
     n = unit.shape[0]
     grid = tl.tile_grid(n, b)
     best_later = np.full(n, -np.inf)
@@ -245,32 +298,48 @@ def _run_tiles(
                 *args, threshold=threshold, n=n, block_rows=b, a=a, c=c, work_dir=str(work), job=jid
             )
         ] = (a, c)
-    with progress_bar(len(grid), "tiles", unit="tile", enabled=progress) as bar:
-        bar.update(reused)
-        pending = list(refs)
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    a, c = refs[ref]
-                    ray.get(ref)  # re-raises a task's error (after its retries)
-                    if not merge(a, c):
-                        raise RuntimeError(
-                            f"tile ({a}, {c}) finished but its file is missing or "
-                            f"damaged: {tl.tile_path(work, a, c)}"
-                        )
-                    bar.update(1)
-        except BaseException:
-            for ref in pending:  # the finished tiles stay in work_dir for a rerun
-                ray.cancel(ref)
-            raise
-    assert len(merged) == len(grid)
+    report = _RowProgress(progress, n, len(grid))
+    report.tiles(reused)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                a, c = refs[ref]
+                ray.get(ref)  # re-raises a task's error (after its retries)
+                if not merge(a, c):
+                    raise RuntimeError(
+                        f"tile ({a}, {c}) finished but its file is missing or "
+                        f"damaged: {tl.tile_path(work, a, c)}"
+                    )
+                report.tiles(1)
+    except BaseException:
+        for ref in pending:  # the finished tiles stay in work_dir for a rerun
+            ray.cancel(ref)
+        raise
     return (
         best_later,
         best_earlier,
-        sink,
         {"tiles": len(grid), "tiles_computed": len(todo), "tiles_reused": reused},
     )
+
+
+class _RowProgress:
+    """Tiles done, reported to a rows-done ``progress`` callback in proportion (the
+    counts add up to ``n`` when every tile is done)."""
+
+    def __init__(self, progress: Callable[[int], Any] | None, n: int, total: int) -> None:
+        self.progress, self.n, self.total = progress, n, total
+        self.done = self.reported = 0
+
+    def tiles(self, k: int) -> None:
+        self.done += k
+        if self.progress is None or self.total == 0:
+            return
+        rows = self.n * self.done // self.total
+        if rows > self.reported:
+            self.progress(rows - self.reported)
+            self.reported = rows
 
 
 def _thread_env(threads: int) -> dict[str, str]:

@@ -11,16 +11,18 @@ only takes unions and maxima:
   the earlier rows of block ``a`` (``-inf`` where there are none).
 
 The per-tile maxima are exact: a tile keeps, per row, every entry within ``delta`` of its
-float32 maximum and rescores them in float64 (the blocked backend's ``_NearBest``).  The
-entry holding a row's canonical maximum over the tile is always among them (its float32
-value is within ``2 * D * 2**-24`` of the tile's float32 maximum, and ``delta`` is four
-times that bound), so the maximum over tiles of the tile maxima is the canonical maximum
-over all rows: the very number the single-machine ``blocked`` backend returns.
+float32 maximum and rescores them in float64 (:class:`~dedup_index.search.tiles.NearBest`,
+as the blocked backend does).  The entry holding a row's canonical maximum over the tile
+is always among them (its float32 value is within ``2 * D * 2**-24`` of the tile's
+float32 maximum, and ``delta`` is four times that bound), so the maximum over tiles of
+the tile maxima is the canonical maximum over all rows: the very number the
+single-machine ``blocked`` backend returns.
 
-The arithmetic is the blocked backend's own (its numpy tile operations, candidate
-extraction and near-best bookkeeping), applied to the two blocks as a small problem with
-local row ids.  Canonical scores depend only on the two float32 vectors, so rescoring them
-from the local copy gives the same bits as from the whole matrix.
+The arithmetic is the blocked backend's own (:mod:`dedup_index.search.tiles`: numpy tile
+operations, candidate extraction and near-best bookkeeping), applied to the two blocks as
+a small problem with local row ids.  Canonical scores depend only on the two float32
+vectors, so rescoring them from the local copy gives the same bits as from the whole
+matrix.
 
 A tile's output is one ``.npz`` file written atomically (temp file, fsync, rename), so it
 is either complete or absent: a task killed mid-way leaves nothing, its retry writes the
@@ -40,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import atomic_write_bytes
-from ..search.blocked import _canonical_maxima, _NearBest, _NumpyTiles
+from ..files import atomic_write_bytes, crash_once, read_json, write_json_atomic
 from ..search.canonical import candidate_delta
 from ..search.pairs import PairSet, rescore_candidates
+from ..search.tiles import NearBest, NumpyTiles, canonical_maxima
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ FORMAT_VERSION = 1
 JOB_FILE = "job.json"
 TILES_DIR = "tiles"
 #: Test hook: a file ``<work_dir>/.fault-once/<a>_<c>`` makes the first task that claims it
-#: (by deleting it) kill its own worker process, as a crash mid-run would.
+#: (by deleting it) kill its own worker process, as a crash mid-run would
+#: (:func:`dedup_index.files.crash_once`).
 FAULT_DIR = ".fault-once"
 _FIELDS = ("header", "i", "j", "s", "best_later", "best_earlier")
 
@@ -102,7 +105,7 @@ def compute_tile(
     # The tile as a small problem with local ids: block a's rows, then block c's.
     local = rows_a if diagonal else np.concatenate([rows_a, rows_c])
     off = 0 if diagonal else ra
-    ops = _NumpyTiles(local, ra, rc)
+    ops = NumpyTiles(local, ra, rc)
     s = ops.product(rows_a, rows_a if diagonal else rows_c)
     if diagonal:
         ops.mask_diagonal(s, ra)
@@ -114,11 +117,11 @@ def compute_tile(
         candidates.append((hit[li].astype(np.int64), lj.astype(np.int64) + off))
     found = rescore_candidates(local, candidates, threshold)
     pairs = PairSet(found.i + start_a, found.j - off + start_c, found.s)
-    later = _NearBest(local.shape[0], delta)
-    earlier = _NearBest(local.shape[0], delta)
+    later = NearBest(local.shape[0], delta)
+    earlier = NearBest(local.shape[0], delta)
     later.update(np.arange(ra), row_max, partial(ops.gather, s, off, False))
     earlier.update(np.arange(off, off + rc), col_max, partial(ops.gather, s, 0, True))
-    best_later, best_earlier = _canonical_maxima(local, later, earlier)
+    best_later, best_earlier = canonical_maxima(local, later, earlier)
     return pairs, best_later[:ra], best_earlier[off : off + rc]
 
 
@@ -202,10 +205,13 @@ def claim_job(
     }
     path = work_dir / JOB_FILE
     if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise ValueError(f"{path} is corrupt ({err}); use a fresh work_dir") from err
+        old = read_json(
+            path,
+            lambda msg: ValueError(f"{msg}; use a fresh work_dir"),
+            format=("format", record["format"]),
+            version=("version", FORMAT_VERSION),
+            what="job file",
+        )
         if old.get("job") != jid:
             before = old.get("description", {})
             differ = sorted(
@@ -216,16 +222,11 @@ def claim_job(
                 f"{', '.join(differ) or 'format'}); use a fresh work_dir or delete it"
             )
         return jid
-    atomic_write_bytes(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    write_json_atomic(path, record)
     return jid
 
 
 def maybe_fault(work_dir: str | os.PathLike, a: int, c: int) -> None:
     """The test hook of :data:`FAULT_DIR`: die (as a killed worker) if this tile is marked."""
     marker = Path(work_dir) / FAULT_DIR / f"{a}_{c}"
-    try:
-        os.unlink(marker)  # atomic claim: only one attempt dies
-    except FileNotFoundError:
-        return
-    logger.warning("tile (%d, %d): fault marker claimed, killing this worker", a, c)
-    os._exit(1)
+    crash_once(marker, f"tile ({a}, {c}): fault marker claimed, killing this worker")

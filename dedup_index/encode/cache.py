@@ -29,33 +29,31 @@ model are meaningless here, so opening the cache with another model raises
 
 Durability comes from the store: every :meth:`EmbeddingCache.add` is committed (fsync,
 atomic manifest) before it returns, so a process killed mid-run keeps every batch it
-finished.  One process writes at a time: the writer holds an exclusive ``flock`` on
+finished.  One process writes at a time: the writer holds the exclusive writer lock
+(:class:`~dedup_index.files.WriterLock`, an ``flock``) on
 ``<path>/.lock``; a second process opening the same cache meanwhile uses it read-only
 (it reads what was committed, and caches nothing new) and says so in a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .._validation import check_choice
 from ..errors import DedupIndexError
+from ..files import WriterLock
 from ..io import DEFAULT_MAX_PIXELS
+from ..io.keys import content_key, image_path
 from ..store.embeddings import MANIFEST, EmbeddingStore
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: no writer lock
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -112,33 +110,20 @@ def fingerprint(
 
 
 def _fingerprint(value: Any, image_root: Any, max_pixels: int | None) -> str | None:
-    if isinstance(value, str):
-        head = value.lstrip()[:8].lower()
-        if not value or head.startswith(("http://", "https://")):
-            return None
-        if head.startswith("data:"):
-            return "datauri:" + hashlib.sha256(value.strip().encode("utf-8")).hexdigest()
-        return _path_fingerprint(value, image_root)
-    if isinstance(value, os.PathLike):
-        return _path_fingerprint(os.fsdecode(os.fspath(value)), image_root)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return _bytes_fingerprint(value)
-    if isinstance(value, np.ndarray):
-        return _array_fingerprint(value)
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        data, path = value.get("bytes"), value.get("path")
-        if data is not None:
-            return _bytes_fingerprint(data) if isinstance(data, (bytes, bytearray)) else None
-        if isinstance(path, (str, os.PathLike)) and path != "":
-            return _fingerprint(os.fsdecode(os.fspath(path)), image_root, max_pixels)
-        return None
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - PIL is a dependency
-        return None
+    """A path's file identity now, else the value's content key (one identity for an
+    image: :mod:`dedup_index.io.keys`), else None."""
+    path = image_path(value)
+    if path is not None:
+        if path.lstrip()[:8].lower().startswith(("http://", "https://")):
+            return None  # never fetched, so never cached
+        return _path_fingerprint(path, image_root)
     if isinstance(value, Image.Image):
-        return _pil_fingerprint(value, max_pixels)
-    return None
+        width, height = value.size
+        if max_pixels is not None and width * height > max_pixels:
+            return None  # hashing it would decode a decompression bomb
+        if getattr(value, "n_frames", 1) != 1 or value.tell() != 0:
+            return None  # the loader takes frame 0: rare enough not to cache
+    return content_key(value)
 
 
 def _path_fingerprint(raw: str, image_root: Any) -> str | None:
@@ -151,34 +136,6 @@ def _path_fingerprint(raw: str, image_root: Any) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return f"path:{resolved}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _bytes_fingerprint(data: bytes | bytearray | memoryview) -> str | None:
-    if len(data) == 0:
-        return None
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _array_fingerprint(arr: np.ndarray) -> str:
-    h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
-    h.update(np.ascontiguousarray(arr).data)
-    return "array:" + h.hexdigest()
-
-
-def _pil_fingerprint(img: Any, max_pixels: int | None) -> str | None:
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        return None
-    if getattr(img, "n_frames", 1) != 1 or img.tell() != 0:
-        return None  # the loader takes frame 0: rare enough not to cache
-    h = hashlib.sha256(f"{img.mode}|{img.size}|".encode())
-    h.update(img.tobytes())
-    if img.mode in ("P", "PA") and img.palette is not None:
-        h.update(f"|palette {img.palette.mode}|".encode())
-        h.update(bytes(img.palette.tobytes()))
-    h.update(f"|transparency {img.info.get('transparency')!r}".encode())
-    h.update(f"|orientation {img.getexif().get(0x0112)!r}".encode())
-    return "pil:" + h.hexdigest()
 
 
 def model_identity(model_name: str) -> str:
@@ -223,7 +180,7 @@ class EmbeddingCache:
         self._dim = None if dim is None else int(dim)
         self._on_model_change = check_choice(on_model_change, ON_MODEL_CHANGE, "on_model_change")
         self._store: EmbeddingStore | None = None
-        self._lock_fd: int | None = None
+        self._lock: WriterLock | None = None
         self._index: dict[str, tuple[int, int]] = {}  # fingerprint -> (row, pixels)
         self._closed = False
         if (self._path / MANIFEST).exists():
@@ -458,30 +415,19 @@ class EmbeddingCache:
         return candidate
 
     def _try_lock(self) -> bool:
-        """Take the writer lock without waiting; False if another process holds it.
-
-        Where ``fcntl`` does not exist no lock is taken: one writer at a time is then the
-        caller's business."""
-        if fcntl is None:  # pragma: no cover
-            return True
+        """Take the writer lock (:class:`~dedup_index.files.WriterLock` on ``.lock``)
+        without waiting; False if another process holds it or it cannot be taken (a
+        read-only directory: readable, not writable)."""
         try:
-            fd = os.open(self._path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a read-only directory: readable, not writable
+            self._lock = WriterLock(self._path / LOCK_FILE).acquire()
+        except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
         return True
 
     def _unlock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 def _mismatch(path: Path, store: EmbeddingStore, model_name: str, dim: int | None) -> str | None:

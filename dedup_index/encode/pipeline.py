@@ -133,25 +133,108 @@ def _embed_ranges(
             progress(min(batch_size, total - start))
 
 
-def embed_images(
-    values: Sequence[Any], encoder: Any, **options: Any
-) -> tuple[np.ndarray, list[int], list[tuple[int, LoadFailure]]]:
-    """All of :func:`iter_embedded_batches` at once.
+@dataclass(frozen=True)
+class EmbeddedImages:
+    """What :func:`embed_images` returns: the embeddings of the values that loaded.
 
-    Returns ``(embeddings, positions, failures)``: ``(len(positions), dim)`` float32 unit
-    rows for the values that loaded (``positions``, in order) and the failures in order.
+    Unpacks as ``embeddings, positions, failures`` (the three fields most callers need).
     """
-    parts, positions, failures = [], [], []
-    for batch in iter_embedded_batches(values, encoder, **options):
-        parts.append(batch.embeddings)
-        positions.extend(batch.positions)
-        failures.extend(batch.failures)
-    nonempty = [p for p in parts if len(p)]
-    if nonempty:
-        embeddings = np.concatenate(nonempty, axis=0)
-    else:
+
+    #: ``(len(positions), dim)`` float32 unit rows, in the order of ``positions``.
+    embeddings: np.ndarray
+    #: Indices into ``values`` that loaded, ascending.
+    positions: list[int]
+    #: ``(index into values, reason)`` of every value that did not load, ascending.
+    failures: list[tuple[int, LoadFailure]]
+    #: Values decoded and run through the encoder by this call.
+    embedded: int = 0
+    #: Values whose embedding came from the cache, not the encoder.
+    cached: int = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.embeddings, self.positions, self.failures))
+
+
+def embed_images(
+    values: Sequence[Any],
+    encoder: Any,
+    *,
+    cache: Any = None,
+    progress: bool | None = None,
+    **options: Any,
+) -> EmbeddedImages:
+    """Embed every value: the one path from image values to embeddings.
+
+    The operator, ``dedup-index run`` and ``index add/query``,
+    :meth:`DedupIndex.add_images <dedup_index.index.DedupIndex.add_images>` and the Ray
+    encoder actors all call this, so an image gets the same bits whichever door it came
+    in by (same decode, JPEG draft and preprocessing; batches cut at the same positions).
+
+    Args:
+        values, encoder: as in :func:`iter_embedded_batches`.
+        cache: an open :class:`~dedup_index.encode.cache.EmbeddingCache`, or None.  Values
+            it holds are neither decoded nor embedded; the rest are embedded in batches
+            and each batch is committed to the cache before the next starts, so an
+            interrupted run resumes where it stopped.
+        progress: an images/s bar on stderr (None: when stderr is a terminal and
+            ``DEDUP_INDEX_PROGRESS`` is not ``0``).
+        options: ``batch_size``, ``num_workers``, ``image_root``, ``max_pixels`` of
+            :func:`iter_embedded_batches`.
+    """
+    from ..progress import progress as progress_bar
+
+    values = values if isinstance(values, list) else list(values)
+    n = len(values)
+    found = np.zeros(n, dtype=bool)
+    cached_rows = np.zeros((0, 0), np.float32)
+    fingerprints: list[str | None] = []
+    if cache is not None:
+        from .cache import fingerprint
+
+        max_pixels = options.get("max_pixels", DEFAULT_MAX_PIXELS)
+        root = options.get("image_root")
+        fingerprints = [fingerprint(v, root, max_pixels=max_pixels) for v in values]
+        found, cached_rows = cache.lookup(fingerprints, max_pixels=max_pixels)
+    todo = np.flatnonzero(~found)
+    # Row p's embedding goes to out[p]; allocated once the dimension is known.
+    out = None
+    if found.any():
+        out = np.empty((n, cached_rows.shape[1]), np.float32)
+        out[found] = cached_rows
+    loaded = found.copy()
+    failures: list[tuple[int, LoadFailure]] = []
+    with progress_bar(len(todo), "embedding", unit="img", enabled=progress) as bar:
+        batches = iter_embedded_batches(
+            [values[p] for p in todo.tolist()], encoder, progress=bar.update, **options
+        )
+        for batch in batches:
+            failures.extend((int(todo[k]), f) for k, f in batch.failures)
+            if not batch.positions:
+                continue
+            rows = todo[batch.positions]
+            if out is None:
+                out = np.empty((n, batch.embeddings.shape[1]), np.float32)
+            out[rows] = batch.embeddings
+            loaded[rows] = True
+            if cache is not None:
+                cache.add(
+                    [fingerprints[p] for p in rows.tolist()], batch.embeddings, pixels=batch.pixels
+                )
+    positions = np.flatnonzero(loaded)
+    if out is None:
         embeddings = np.zeros((0, _dim_or_zero(encoder)), np.float32)
-    return embeddings, positions, failures
+    else:
+        embeddings = out if len(positions) == n else out[positions]
+    n_cached = int(found.sum())
+    if cache is not None:
+        logger.info(
+            "embedding cache: %d rows from the cache, %d embedded",
+            n_cached,
+            len(positions) - n_cached,
+        )
+    return EmbeddedImages(
+        embeddings, positions.tolist(), failures, len(positions) - n_cached, n_cached
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +452,7 @@ def _open(source: str | bytes):
 
 __all__ = [
     "EmbeddedBatch",
+    "EmbeddedImages",
     "default_num_workers",
     "embed_images",
     "iter_embedded_batches",

@@ -21,15 +21,10 @@ import numpy as np
 
 from ..search.canonical import candidate_delta, canonical_scores
 from ..search.cross import CrossResult
+from ..search.flat import faiss_module
 
 ANN_BACKENDS = ("ivf", "hnsw")
 NEAREST_K = 16
-
-
-def _faiss():
-    import faiss
-
-    return faiss
 
 
 @dataclass(frozen=True)
@@ -68,12 +63,12 @@ class AnnIndex:
 
     @classmethod
     def from_bytes(cls, payload: bytes, kind: str, params: dict[str, Any]) -> AnnIndex:
-        faiss = _faiss()
+        faiss = faiss_module()
         index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
         return cls(index, kind, params)
 
     def to_bytes(self) -> bytes:
-        return _faiss().serialize_index(self.index).tobytes()
+        return faiss_module().serialize_index(self.index).tobytes()
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

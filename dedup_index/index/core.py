@@ -32,27 +32,26 @@ committed generation.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._files import atomic_write_bytes
 from .._validation import check_choice, check_threshold
 from ..errors import DedupIndexError
+from ..files import WriterLock, atomic_write_bytes, crash_point, read_json, write_json_atomic
 from ..policy import POLICIES, decide
-from ..search import as_unit_float32
+from ..search import INDEX_BACKENDS, as_unit_float32
 from ..search.blocked import blocked_search
 from ..search.cross import cross_search
+from ..search.flat import flat_cross_search
 from ..search.pairs import PairSet, concat_pairsets
-from ..store import EmbeddingStore
+from ..store import EmbeddingStore, PairFile, StoreError, write_pair_file
 from .ann import ANN_BACKENDS, AnnIndex, Concat
 
 FORMAT = "dedup-index"
@@ -105,6 +104,8 @@ class AddResult:
     similarity: np.ndarray
     max_similarity: np.ndarray
     skipped: list[str]
+    #: ``(key, LoadFailure)`` of images :meth:`DedupIndex.add_images` could not load.
+    failures: list = field(default_factory=list)
 
     @property
     def n_removed(self) -> int:
@@ -114,7 +115,7 @@ class AddResult:
 class DedupIndex:
     """A directory of embeddings, pairs and decisions that grows by ``add``."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock_fd: int | None):
+    def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock_fd: WriterLock | None):
         self.path = path
         self.mode = mode
         self._manifest = manifest
@@ -155,14 +156,15 @@ class DedupIndex:
     ) -> DedupIndex:
         """A new, empty index at ``path`` (which must not hold one), open for writing.
 
-        ``backend``: ``"blocked"`` or ``"flat"`` (exact: every new row against every
-        stored row, numpy tiles) or ``"ivf"`` / ``"hnsw"`` (a FAISS index; approximate,
+        ``backend``: ``"blocked"`` (numpy GEMM tiles) or ``"flat"`` (FAISS
+        ``IndexFlatIP`` tiles), exact: every new row against every stored row, the same
+        decisions bit for bit; or ``"ivf"`` / ``"hnsw"`` (a FAISS index; approximate,
         for very large indexes: see :mod:`dedup_index.index.ann`), with
         ``backend_options`` (``nlist``, ``nprobe``, ``m``, ``ef_search``...)."""
         path = Path(path)
         threshold = check_threshold(threshold)
         check_choice(policy, POLICIES, "policy")
-        check_choice(backend, ("blocked", "flat", *ANN_BACKENDS), "backend")
+        check_choice(backend, INDEX_BACKENDS, "backend")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         if (path / MANIFEST).exists():
@@ -189,7 +191,7 @@ class DedupIndex:
                 "state": None,
                 "checksums": {},
             }
-            _write_json(path / MANIFEST, manifest)
+            write_json_atomic(path / MANIFEST, manifest)
             return cls(path, manifest, "a", lock_fd)
         except BaseException:
             _unlock(lock_fd)
@@ -289,7 +291,8 @@ class DedupIndex:
     def pairs(self) -> PairSet:
         """Every pair ``i < j`` at or above the threshold, sorted."""
         sums = self._manifest["checksums"]
-        return concat_pairsets(_read_part(self.path, p, sums) for p in self._manifest["pairs"])
+        parts = self._manifest["pairs"]
+        return concat_pairsets(_open_part(self.path, p, sums).to_pairset() for p in parts)
 
     def stats(self) -> dict[str, Any]:
         keep = self._state["keep"]
@@ -319,7 +322,7 @@ class DedupIndex:
                 q, _Prefix(self.store, len(self)), self.threshold, live, nearest=False
             )
         else:
-            found = cross_search(
+            found = self._cross_search(
                 q, _Prefix(self.store, len(self)), self.threshold, base_live=live, base_best=False
             )
         keys = self.keys()
@@ -338,13 +341,14 @@ class DedupIndex:
     ) -> AddResult:
         """Add rows; decisions equal one-shot dedup of everything added so far."""
         self._check_writable()
-        check_choice(on_duplicate_key, ON_DUPLICATE_KEY, "on_duplicate_key")
         q = self._prepare(embeddings)
         n_old = len(self)
         keys = [str(n_old + k) for k in range(q.shape[0])] if keys is None else list(keys)
         if len(keys) != q.shape[0]:
             raise ValueError(f"got {len(keys)} keys for {q.shape[0]} rows")
-        keys, q, skipped = self._filter_keys(keys, q, on_duplicate_key)
+        fresh, skipped = self._new_keys(keys, on_duplicate_key)
+        if skipped:
+            keys, q = [keys[k] for k in fresh], q[fresh]
         m = q.shape[0]
         if m == 0:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
@@ -357,12 +361,12 @@ class DedupIndex:
         # Commit order: rows, pair part, state, manifest (the commit point).
         self.store.truncate(n_old)
         self.store.append(q, keys=keys, normalize=False)
-        _crash_point("rows_appended")
+        crash_point("rows_appended")
         generation = int(self._manifest["generation"]) + 1
         part = f"pairs/part-{generation:06d}.parquet"
         checksums = dict(self._manifest["checksums"])
         checksums[part] = _write_part(self.path / part, new_pairs)
-        _crash_point("pairs_written")
+        crash_point("pairs_written")
         parts = [*self._manifest["pairs"], part]
         n = n_old + m
         decisions = decide(n, _Parts(self.path, parts, checksums), self.policy)
@@ -420,10 +424,10 @@ class DedupIndex:
         return len(rows)
 
     def _exact_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
-        """New rows against the committed ones (exact tiles) and among themselves."""
-        m = q.shape[0]
+        """New rows against the committed ones (:meth:`_cross_search`) and among
+        themselves (``blocked``: it gives the best-earlier scores too)."""
         state = self._state
-        cross = cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
+        cross = self._cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
         within, near_in, earlier_in = blocked_search(q, self.threshold)
         new_pairs = concat_pairsets(
             [
@@ -438,8 +442,13 @@ class DedupIndex:
             ]
         )
         earlier = np.concatenate([state["earlier"], np.maximum(cross.query_best, earlier_in)])
-        assert nearest.shape[0] == n_old + m
         return new_pairs, nearest, earlier
+
+    @property
+    def _cross_search(self):
+        """New rows against committed ones, exact: FAISS flat tiles for ``flat``, the
+        blocked backend's numpy tiles for ``blocked`` (the same bits either way)."""
+        return flat_cross_search if self._manifest["backend"] == "flat" else cross_search
 
     def _ann_step(self, q: np.ndarray, n_old: int, removed: np.ndarray):
         """New rows join the FAISS index, then search it (old and new rows at once)."""
@@ -511,7 +520,7 @@ class DedupIndex:
         old_state = self._manifest["state"]
         if old_state:
             checksums.pop(old_state, None)
-        _crash_point("state_written")
+        crash_point("state_written")
         manifest = dict(
             self._manifest,
             count=n,
@@ -522,8 +531,8 @@ class DedupIndex:
             n_pairs=int(self._manifest.get("n_pairs", 0)) + n_new_pairs,
             ann=ann_name,
         )
-        _write_json(self.path / MANIFEST, manifest)
-        _crash_point("manifest_written")
+        write_json_atomic(self.path / MANIFEST, manifest)
+        crash_point("manifest_written")
         stale = [old_state, *(p for p in self._manifest["pairs"] if p not in parts)]
         if old_ann != ann_name:
             stale.append(old_ann)
@@ -534,16 +543,53 @@ class DedupIndex:
         self._keys = None
         self._key_rows = None
 
-    def add_images(self, values: Sequence, *, encoder, image_root=None, keys=None) -> AddResult:
-        """Load, embed and add images; failures raise (use the operator to report them)."""
-        from ..io import load_image
+    def add_images(
+        self,
+        values: Sequence,
+        *,
+        encoder: Any,
+        image_root: str | os.PathLike | None = None,
+        keys: Sequence[str] | None = None,
+        on_duplicate_key: str = "error",
+        on_error: str = "raise",
+        **embed_options: Any,
+    ) -> AddResult:
+        """Load, embed and add image values, each keyed by
+        :func:`~dedup_index.io.keys.image_key` (its path as given, else a hash of its
+        content) unless ``keys`` are given.
 
-        images = [load_image(v, image_root=image_root) for v in values]
-        embeddings = np.asarray(encoder.encode(images), dtype=np.float32)
+        Keys already indexed are refused or skipped before anything is embedded
+        (``on_duplicate_key``, as in :meth:`add`).  Images embed through the one embedding
+        path (:func:`~dedup_index.encode.pipeline.embed_images`; ``embed_options``:
+        ``batch_size``, ``num_workers``, ``max_pixels``, ``progress``, ``cache``).  Images
+        that fail to load raise :class:`~dedup_index.errors.ImagesFailedError` before
+        anything is added (``on_error="raise"``), or are left out and listed in
+        ``result.failures`` as ``(key, LoadFailure)`` (``on_error="skip"``).
+        """
+        from ..encode.pipeline import embed_images
+        from ..errors import ImagesFailedError
+        from ..io.keys import image_key
+
+        self._check_writable()
+        check_choice(on_error, ("raise", "skip"), "on_error")
+        values = list(values)
         if keys is None:
-            keys = [str(v) if isinstance(v, str | os.PathLike) else None for v in values]
-            keys = None if any(k is None for k in keys) else keys
-        return self.add(embeddings, keys)
+            keys = [image_key(v, len(self) + k) for k, v in enumerate(values)]
+        elif len(keys) != len(values):
+            raise ValueError(f"got {len(keys)} keys for {len(values)} images")
+        fresh, skipped = self._new_keys(list(keys), on_duplicate_key)
+        embedded = embed_images(
+            [values[k] for k in fresh], encoder, image_root=image_root, **embed_options
+        )
+        failures = [(keys[fresh[p]], f) for p, f in embedded.failures]
+        if failures and on_error == "raise":
+            shown = "; ".join(f"{k}: {f}" for k, f in failures[:5])
+            raise ImagesFailedError(
+                f"{len(failures)} of {len(fresh)} images failed to load, nothing added "
+                f"({shown}); pass on_error='skip' to add the others"
+            )
+        result = self.add(embedded.embeddings, [keys[fresh[p]] for p in embedded.positions])
+        return replace(result, skipped=skipped, failures=failures)
 
     # ------------------------------------------------------------------ helpers
     def _check_writable(self) -> None:
@@ -560,7 +606,11 @@ class DedupIndex:
             )
         return as_unit_float32(arr)
 
-    def _filter_keys(self, keys, q, on_duplicate_key):
+    def _new_keys(self, keys: list[str], on_duplicate_key: str) -> tuple[list[int], list[str]]:
+        """The one rule for keys already indexed: ``(positions of the keys to add, keys
+        skipped)``; a key repeated within ``keys`` is a ``ValueError``, an indexed one an
+        :class:`IndexError_` unless ``on_duplicate_key="skip"``."""
+        check_choice(on_duplicate_key, ON_DUPLICATE_KEY, "on_duplicate_key")
         if len(set(keys)) != len(keys):
             counts: dict[str, int] = {}
             for k in keys:
@@ -574,10 +624,7 @@ class DedupIndex:
                 f"{len(clash)} key(s) are already in the index, e.g. {clash[:3]}; pass "
                 "on_duplicate_key='skip' to leave them out"
             )
-        if clash:
-            mask = np.array([k not in existing for k in keys])
-            return [k for k in keys if k not in existing], q[mask], clash
-        return keys, q, []
+        return [p for p, k in enumerate(keys) if k not in existing], clash
 
 
 def _state(decisions, nearest, earlier, removed) -> dict[str, np.ndarray]:
@@ -624,43 +671,29 @@ class _Parts:
 
     def iter_chunks(self, rows: int = 1 << 20):
         for part in self.parts:
-            yield from _read_part(self.path, part, self.checksums).iter_chunks(rows)
+            yield from _open_part(self.path, part, self.checksums).iter_chunks(rows)
 
 
 # ---------------------------------------------------------------------- files
-def _lock(path: Path) -> int:
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise IndexLockedError(
+def _lock(path: Path) -> WriterLock:
+    """Take the index's writer lock (``.lock``) or raise :class:`IndexLockedError` at once."""
+    return WriterLock(
+        path / ".lock",
+        lambda: IndexLockedError(
             f"the index at {path} is locked by another writer; open it read-only "
             "(mode='r') or wait for that process to finish"
-        ) from None
-    return fd
+        ),
+    ).acquire()
 
 
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+def _unlock(lock: WriterLock | None) -> None:
+    if lock is not None:
+        lock.release()
 
 
 def _write_part(path: Path, pairs: PairSet) -> str:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"i": pairs.i, "j": pairs.j, "similarity": pairs.s})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    """A pair part, written as a store pair file; returns its SHA-256 for the manifest."""
+    return write_pair_file(path, pairs)
 
 
 def _write_state(path: Path, state: dict[str, np.ndarray]) -> str:
@@ -683,17 +716,12 @@ def _verified_bytes(root: Path, name: str, checksums: dict[str, str]) -> bytes:
     return payload
 
 
-def _read_part(root: Path, name: str, checksums: dict[str, str]) -> PairSet:
-    import io
-
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(io.BytesIO(_verified_bytes(root, name, checksums)))
-    return PairSet(
-        table.column("i").to_numpy().astype(np.int64),
-        table.column("j").to_numpy().astype(np.int64),
-        table.column("similarity").to_numpy().astype(np.float64),
-    )
+def _open_part(root: Path, name: str, checksums: dict[str, str]) -> PairFile:
+    """A pair part listed in the manifest, checked against its recorded checksum."""
+    try:
+        return PairFile(root / name, sha256=checksums.get(name))
+    except StoreError as err:
+        raise IndexCorruptError(f"{err} (listed in {root / MANIFEST})") from err
 
 
 def _load_state(root: Path, manifest: dict) -> dict[str, np.ndarray]:
@@ -716,34 +744,22 @@ def _load_state(root: Path, manifest: dict) -> dict[str, np.ndarray]:
     if any(v.shape[0] != manifest["count"] for v in state.values()):
         raise IndexCorruptError(f"{root / manifest['state']} does not match the row count")
     for part in manifest["pairs"]:  # parts are small to check and wrong answers are worse
-        _verified_bytes(root, part, manifest["checksums"])
+        _open_part(root, part, manifest["checksums"])
     return state
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise IndexError_(f"{path} is not a dedup index (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexCorruptError(f"{file} is corrupted: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise IndexCorruptError(f"{file} is not a dedup-index manifest")
-    if manifest.get("version") != VERSION:
-        raise IndexError_(
-            f"{file} has format version {manifest.get('version')}; this release reads {VERSION}"
-        )
-    return manifest
+    return read_json(
+        path / MANIFEST,
+        IndexCorruptError,
+        missing=lambda _: IndexError_(f"{path} is not a dedup index (no {MANIFEST})"),
+        format=("format", FORMAT),
+        version=("version", VERSION),
+        version_error=IndexError_,
+    )
 
 
 def _tree_size(path: Path) -> int:
     """Bytes allocated on disk: store shards are preallocated sparse files, so their
     apparent size (``st_size``) says little about what they use."""
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
-
-
-def _crash_point(name: str) -> None:
-    """Test hook: ``DEDUP_INDEX_CRASH_AT=name`` ends the process here, as a kill would."""
-    if os.environ.get("DEDUP_INDEX_CRASH_AT") == name:
-        os._exit(77)

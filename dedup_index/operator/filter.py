@@ -12,23 +12,30 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .._validation import check_choice, check_positive_int, check_threshold
+from .._validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    check_threshold,
+)
 from ..dedup import SCORES, DedupResult, dedup_embeddings
-from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, fingerprint, model_identity
-from ..encode.pipeline import iter_embedded_batches
+from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, model_identity
+from ..encode.pipeline import EmbeddedImages, embed_images
 from ..errors import DedupIndexError, ImagesFailedError, NoValidImagesError
-from ..io import DEFAULT_MAX_PIXELS, LoadFailure
+from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..io.keys import image_key
+from ..io.tables import write_table
 from ..policy import POLICIES
-from ..progress import progress as progress_bar
 from ..search import BACKENDS
-from .storage import write_table
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +74,6 @@ class RunReport:
         if self.cached:
             text += f"; {self.embedded} embedded, {self.cached} from the embedding cache"
         return text
-
-
-class _Embedded(NamedTuple):
-    """What ``_embed`` returns: the valid rows' embeddings in row order, and counts."""
-
-    embeddings: np.ndarray
-    valid: list[int]
-    failures: list[tuple[int, LoadFailure]]
-    embedded: int
-    cached: int
 
 
 class ImageDeduplicateFilter:
@@ -158,7 +155,6 @@ class ImageDeduplicateFilter:
         ray: bool | str = False,
         ray_work_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.model_name = model_name
         self.threshold = check_threshold(threshold)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.image_root = image_root
@@ -168,28 +164,20 @@ class ImageDeduplicateFilter:
         self.backend = check_choice(backend, BACKENDS, "backend")
         self.policy = check_choice(policy, POLICIES, "policy")
         self.threads = check_positive_int(threads, "threads", allow_none=True)
+        try_load_image(None, max_pixels=max_pixels)  # validates max_pixels
         self.max_pixels = max_pixels
+        if num_workers is not None:
+            check_non_negative_int(num_workers, "num_workers")
+        self.num_workers = num_workers
+        self.on_model_change = check_choice(on_model_change, ON_MODEL_CHANGE, "on_model_change")
+        self.progress = progress
         self.index_path = index_path
-        if not isinstance(ray, (bool, str)) or ray == "":
-            raise ValueError(f"ray must be True, False or a Ray address string, got {ray!r}")
-        self.ray = ray
-        self.ray_work_dir = ray_work_dir
-        if ray:
-            clash = {
-                "backend": backend not in ("auto", "blocked"),
-                "index_path": index_path is not None,
-                "cache_dir": cache_dir is not None,
-                "encoder": encoder is not None,
-            }
-            bad = [name for name, on in clash.items() if on]
-            if bad:
-                raise ValueError(
-                    f"ray=... runs the exact tile search with actors that load model_name; "
-                    f"it does not take {', '.join(bad)} (backend must be 'auto' or 'blocked', "
-                    f"got {backend!r}; use ray_work_dir to resume a run)"
-                )
-        elif ray_work_dir is not None:
-            raise ValueError("ray_work_dir is only used with ray=True or a Ray address")
+        self.cache_dir = cache_dir
+        self.ray, self.ray_work_dir = _check_ray(
+            ray, ray_work_dir, backend, index_path=index_path, cache_dir=cache_dir, encoder=encoder
+        )
+        if self.ray:
+            self.backend = "ray"
         if encoder is None:
             from ..encode import load_encoder
 
@@ -199,20 +187,14 @@ class ImageDeduplicateFilter:
             )
         self.encoder = encoder
         self.device = getattr(encoder, "device", device)
-        self.progress = progress
-        if num_workers is not None and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise ValueError(f"num_workers must be an int >= 0 or None, got {num_workers!r}")
-        self.num_workers = num_workers
-        self.cache_dir = cache_dir
-        self.on_model_change = check_choice(on_model_change, ON_MODEL_CHANGE, "on_model_change")
-        # The cache is keyed to the model that really embeds: an encoder object's own name.
-        self.cache_model_name = model_identity(getattr(encoder, "model_name", None) or model_name)
+        # The model that really embeds, by one name for the cache, the index and Ray:
+        # an encoder object's own name, a local checkpoint as its real path.
+        self.model_name = model_identity(getattr(encoder, "model_name", None) or model_name)
         if cache_dir is not None and self.on_model_change == "error":
             EmbeddingCache.check_model(
-                cache_dir, model_name=self.cache_model_name, dim=_encoder_dim(encoder)
+                cache_dir, model_name=self.model_name, dim=_encoder_dim(encoder)
             )
+        self._ray_tmp: tempfile.TemporaryDirectory | None = None
         self.last_report: RunReport | None = None
 
     def run(
@@ -223,34 +205,13 @@ class ImageDeduplicateFilter:
     ) -> list[str]:
         """Read the table, drop near-duplicates, write kept rows; returns the two column names."""
         start = time.perf_counter()
-        frame = storage.read("dataframe")
-        if isinstance(frame, list):
-            frame = pd.DataFrame(frame)
-        if not isinstance(frame, pd.DataFrame):
-            raise TypeError(
-                f"storage.read('dataframe') returned {type(frame).__name__}, not a DataFrame"
-            )
-        if len(frame) == 0:
-            raise NoValidImagesError(
-                "the input table has no rows: nothing to deduplicate; nothing written"
-            )
-        if input_image_key not in frame.columns:
-            raise MissingColumnError(
-                f"image column {input_image_key!r} not found; the table has columns "
-                f"{list(map(str, frame.columns))} (pass input_image_key=...)"
-            )
-        if output_score_key in frame.columns and output_score_key != input_image_key:
-            logger.warning("column %r exists and will be overwritten", output_score_key)
-
+        frame = _read_frame(storage, input_image_key, output_score_key)
         values = frame[input_image_key].tolist()
-        if self.ray:
-            embeddings = None
-            result, valid, failures, n_embedded, n_cached = self._dedup_on_ray(values)
-        else:
-            embeddings, valid, failures, n_embedded, n_cached = self._embed(values)
+        embedded = self._embed(values)
+        failures = embedded.failures
         if failures:
             self._report_failures(failures, len(values))
-        if not valid:
+        if not embedded.positions:
             raise NoValidImagesError(
                 f"none of the {len(values)} images could be loaded (first reasons: "
                 f"{_first_reasons(failures)}); nothing written"
@@ -260,24 +221,9 @@ class ImageDeduplicateFilter:
                 f"{len(failures)} of {len(values)} images failed to load (on_error='raise'): "
                 f"{_first_reasons(failures)}; nothing written"
             )
+        valid_pos = np.asarray(embedded.positions, dtype=np.int64)
+        result, outcome = self._decide(embedded.embeddings, valid_pos, values)
 
-        valid_pos = np.asarray(valid, dtype=np.int64)
-        if self.ray:
-            outcome = _Outcome.from_result(result, valid_pos, frame[input_image_key])
-        elif self.index_path is None:
-            result = dedup_embeddings(
-                embeddings,
-                self.threshold,
-                self.backend,
-                self.score,
-                policy=self.policy,
-                threads=self.threads,
-                progress=self.progress,
-            )
-            outcome = _Outcome.from_result(result, valid_pos, frame[input_image_key])
-        else:
-            result = None
-            outcome = self._against_index(embeddings, valid_pos, frame[input_image_key])
         scores = pd.Series(np.nan, index=range(len(frame)), dtype=np.float64)
         scores.iloc[valid_pos] = outcome.max_similarity
         keep_pos = valid_pos[outcome.keep]
@@ -300,115 +246,139 @@ class ImageDeduplicateFilter:
             output_path=output_path,
             rejects_path=rejects_path,
             failures=failures,
-            embedded=n_embedded,
-            cached=n_cached,
+            embedded=embedded.embedded,
+            cached=embedded.cached,
         )
         self.last_report = report
         logger.info("ImageDeduplicateFilter: %s", report.summary())
         return [input_image_key, output_score_key]
 
-    def _dedup_on_ray(self, values: list) -> tuple:
-        """Embed and search on Ray; ``(result, valid, failures, embedded, reused)``."""
-        from ..distributed import dedup_images
+    # ------------------------------------------------------------------ the two steps
+    def _embed(self, values: list) -> EmbeddedImages:
+        """The embedding step: every value through the one embedding path, locally (with
+        the embedding cache when ``cache_dir`` is set) or by Ray encoder actors."""
+        if self.ray:
+            return self._embed_on_ray(values)
+        options = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "image_root": self.image_root,
+            "max_pixels": self.max_pixels,
+            "progress": self.progress,
+        }
+        if self.cache_dir is None:
+            return embed_images(values, self.encoder, **options)
+        with EmbeddingCache(
+            self.cache_dir,
+            model_name=self.model_name,
+            dim=_encoder_dim(self.encoder),
+            on_model_change=self.on_model_change,
+        ) as cache:
+            return embed_images(values, self.encoder, cache=cache, **options)
 
-        try:
-            result, failures = dedup_images(
-                values,
-                model_name=self.model_name,
-                threshold=self.threshold,
-                policy=self.policy,
-                score=self.score,
-                batch_size=self.batch_size,
-                image_root=self.image_root,
-                work_dir=self.ray_work_dir,
-                address=None if self.ray is True else self.ray,
-                progress=self.progress,
-                max_pixels=self.max_pixels,
-            )
-        except NoValidImagesError as exc:
-            raise NoValidImagesError(f"{exc}; nothing written") from None
-        summary = result.info["embed"]
-        valid = [int(r) for r in result.info["rows"]]
-        return result, valid, failures, int(summary.embedded), int(summary.reused)
+    def _embed_on_ray(self, values: list) -> EmbeddedImages:
+        """Ray Data encoder actors write an embedding store under the work folder; the
+        store stands in for the array (the tile search reads it from there)."""
+        from ..distributed import embed_table
+        from ..store import EmbeddingStore
 
-    def _embed(self, values: list) -> _Embedded:
-        """Load and embed in batches so that only a few batches of images are in memory.
-
-        Loading, decoding and preprocessing run in ``num_workers`` processes
-        (:func:`~dedup_index.encode.pipeline.iter_embedded_batches`) ahead of the model.
-
-        With ``cache_dir``, values already in the cache are taken from it (not decoded),
-        and each batch embedded here is committed to the cache before the next one starts.
-        """
-        n = len(values)
-        cache = None
-        fingerprints: list[str | None] = []
-        found = np.zeros(n, dtype=bool)
-        cached_rows = np.zeros((0, 0), dtype=np.float32)
-        if self.cache_dir is not None:
-            cache = EmbeddingCache(
-                self.cache_dir,
-                model_name=self.cache_model_name,
-                dim=_encoder_dim(self.encoder),
-                on_model_change=self.on_model_change,
-            )
-        try:
-            if cache is not None:
-                fingerprints = [
-                    fingerprint(v, self.image_root, max_pixels=self.max_pixels) for v in values
-                ]
-                found, cached_rows = cache.lookup(fingerprints, max_pixels=self.max_pixels)
-            todo = np.flatnonzero(~found)
-            # Row p's embedding goes to out[p]; allocated once the dimension is known.
-            out = None if not found.any() else np.empty((n, cached_rows.shape[1]), np.float32)
-            if out is not None:
-                out[found] = cached_rows
-            is_valid = found.copy()
-            failures: list[tuple[int, LoadFailure]] = []
-            with progress_bar(len(todo), "embedding", unit="img", enabled=self.progress) as bar:
-                # Workers load, decode and preprocess the next ranges while the model runs.
-                for batch in iter_embedded_batches(
-                    [values[p] for p in todo.tolist()],
-                    self.encoder,
-                    batch_size=self.batch_size,
-                    num_workers=self.num_workers,
-                    image_root=self.image_root,
-                    max_pixels=self.max_pixels,
-                    progress=bar.update,
-                ):
-                    failures.extend((int(todo[k]), f) for k, f in batch.failures)
-                    if not batch.positions:
-                        continue
-                    positions = todo[batch.positions]
-                    emb = batch.embeddings
-                    if out is None:
-                        out = np.empty((n, emb.shape[1]), np.float32)
-                    out[positions] = emb
-                    is_valid[positions] = True
-                    if cache is not None:
-                        cache.add(
-                            [fingerprints[p] for p in positions.tolist()],
-                            emb,
-                            pixels=batch.pixels,
-                        )
-        finally:
-            if cache is not None:
-                cache.close()
-        valid = np.flatnonzero(is_valid)
-        n_cached = int(found.sum())
-        if out is None:
-            embeddings = np.zeros((0, 0), np.float32)
+        summary = embed_table(
+            values,
+            self._ray_folder() / "embed",
+            model_name=self.model_name,
+            batch_size=self.batch_size,
+            image_root=self.image_root,
+            address=None if self.ray is True else self.ray,
+            progress=self.progress,
+            max_pixels=self.max_pixels,
+        )
+        if summary.n_valid:
+            embeddings = EmbeddingStore.open(summary.store_path)
         else:
-            embeddings = out if len(valid) == n else out[valid]
-        if cache is not None:
-            logger.info(
-                "embedding cache %s: %d rows from the cache, %d embedded",
-                self.cache_dir,
-                n_cached,
-                len(valid) - n_cached,
-            )
-        return _Embedded(embeddings, valid.tolist(), failures, len(valid) - n_cached, n_cached)
+            embeddings = np.zeros((0, 0), np.float32)
+        return EmbeddedImages(
+            embeddings,
+            summary.rows.tolist(),
+            summary.failures,
+            embedded=summary.embedded,
+            cached=summary.reused,
+        )
 
+    def _ray_folder(self) -> Path:
+        """``ray_work_dir``, or a temporary folder kept for the run (removed with this
+        operator, or at exit)."""
+        if self.ray_work_dir is not None:
+            return Path(self.ray_work_dir)
+        if self._ray_tmp is None:
+            self._ray_tmp = tempfile.TemporaryDirectory(prefix="dedup-ray-")
+        return Path(self._ray_tmp.name)
+
+    def _decide(self, embeddings: Any, valid_pos: np.ndarray, values: list):
+        """The deciding step: one-shot search (any backend, Ray included) or the
+        persistent index.  Returns ``(DedupResult or None, outcome per valid row)``."""
+        if self.index_path is not None:
+            return None, self._against_index(embeddings, valid_pos, values)
+        options = None
+        if self.backend == "ray":
+            options = {
+                "address": None if self.ray in (True, False) else self.ray,
+                "work_dir": None if self.ray_work_dir is None else self._ray_folder() / "search",
+            }
+        result = dedup_embeddings(
+            embeddings,
+            self.threshold,
+            self.backend,
+            self.score,
+            policy=self.policy,
+            threads=self.threads,
+            backend_options=options,
+            progress=self.progress,
+        )
+        return result, _Outcome.from_result(result, valid_pos, values)
+
+    def _against_index(self, embeddings, valid_pos, values) -> _Outcome:
+        """Dedup against a persistent index: rows duplicating indexed images (or earlier
+        rows of this table) go; new rows join the index; rows whose key is indexed
+        already leave as ``already_indexed`` (``DedupIndex.add`` skips them)."""
+        from ..index import DedupIndex
+
+        path = os.fspath(self.index_path)
+        dim = embeddings.shape[1]
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            index = DedupIndex.open(path, mode="a", dim=dim, model_name=self.model_name)
+        else:
+            index = DedupIndex.create(
+                path, dim, self.threshold, policy=self.policy, model_name=self.model_name
+            )
+        keys = [image_key(values[p], int(p)) for p in valid_pos]
+        with index:
+            if index.threshold != self.threshold:
+                logger.warning(
+                    "the index at %s was built with threshold %g; using it, not %g",
+                    path,
+                    index.threshold,
+                    self.threshold,
+                )
+            added = index.add(embeddings, keys=keys, on_duplicate_key="skip")
+            known_sims = index.max_similarity(added.skipped)
+        out = _Outcome.empty(len(valid_pos))
+        row_of_key = {k: r for r, k in enumerate(keys)}
+        fresh = np.array([row_of_key[k] for k in added.keys], dtype=np.int64)
+        out.keep[fresh] = added.kept
+        out.max_similarity[fresh] = added.max_similarity
+        out.similarity[fresh] = added.similarity
+        for r, dup in zip(fresh, added.duplicate_of, strict=True):
+            if dup is not None:
+                out.dup_label[r] = dup
+                out.dup_row[r] = valid_pos[row_of_key[dup]] if dup in row_of_key else -1
+        known = np.array([row_of_key[k] for k in added.skipped], dtype=np.int64)
+        out.keep[known] = False
+        out.reason[known] = "already_indexed"
+        out.dup_label[known] = added.skipped
+        out.max_similarity[known] = known_sims
+        return out
+
+    # ------------------------------------------------------------------ reporting
     def _report_failures(self, failures: list[tuple[int, LoadFailure]], total: int) -> None:
         action = {"drop": "dropped", "keep": "kept with no score", "raise": "raising"}[
             self.on_error
@@ -456,57 +426,6 @@ class ImageDeduplicateFilter:
         cols = ["row", "reject_reason", "duplicate_of_row", "duplicate_of", "similarity", "error"]
         return pd.concat([table[cols], originals], axis=1)
 
-    def _against_index(self, embeddings, valid_pos, values) -> _Outcome:
-        """Dedup against a persistent index: rows duplicating indexed images (or earlier
-        rows of this table) go; all new rows join the index (see DedupIndex)."""
-        from ..index import DedupIndex
-
-        path = os.fspath(self.index_path)
-        if os.path.exists(os.path.join(path, "manifest.json")):
-            index = DedupIndex.open(
-                path, mode="a", dim=embeddings.shape[1], model_name=self.model_name
-            )
-        else:
-            index = DedupIndex.create(
-                path,
-                embeddings.shape[1],
-                self.threshold,
-                policy=self.policy,
-                model_name=self.model_name,
-            )
-        with index:
-            if abs(index.threshold - self.threshold) > 0:
-                logger.warning(
-                    "the index at %s was built with threshold %g; using it, not %g",
-                    path,
-                    index.threshold,
-                    self.threshold,
-                )
-            keys = [_index_key(values.iat[p], p) for p in valid_pos]
-            indexed = set(index.keys())
-            known = np.array([k in indexed for k in keys], dtype=bool)
-            fresh = np.flatnonzero(~known)
-            added = index.add(embeddings[fresh], keys=[keys[k] for k in fresh])
-            if known.any():
-                known_sims = index.max_similarity([keys[k] for k in np.flatnonzero(known)])
-        n = len(valid_pos)
-        out = _Outcome.empty(n)
-        out.keep[fresh] = added.kept
-        out.max_similarity[fresh] = added.max_similarity
-        out.similarity[fresh] = added.similarity
-        row_of_key = {k: int(valid_pos[r]) for r, k in enumerate(keys)}
-        for r, dup in zip(fresh, added.duplicate_of, strict=True):
-            if dup is not None:
-                out.dup_label[r] = dup
-                out.dup_row[r] = row_of_key.get(dup, -1)
-        if known.any():
-            where = np.flatnonzero(known)
-            out.keep[where] = False
-            out.reason[where] = "already_indexed"
-            out.dup_label[where] = [keys[k] for k in where]
-            out.max_similarity[where] = known_sims
-        return out
-
     def _write_rejects(self, storage: Any, rejects: pd.DataFrame) -> str | None:
         path = self.rejects_path
         if path is None and hasattr(storage, "side_file_path"):
@@ -548,7 +467,7 @@ class _Outcome:
         out.similarity[:] = result.duplicate_similarity
         removed = result.removed
         out.dup_row[removed] = valid_pos[result.duplicate_of[removed]]
-        out.dup_label[removed] = [_describe(values.iat[p]) for p in out.dup_row[removed]]
+        out.dup_label[removed] = [image_key(values[p], int(p)) for p in out.dup_row[removed]]
         return out
 
 
@@ -561,23 +480,51 @@ def _encoder_dim(encoder: Any) -> int | None:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 else None
 
 
-def _index_key(value: Any, row: int) -> str:
-    """The index key of an image value: its path, else a hash of its content."""
-    import hashlib
+def _read_frame(storage: Any, image_column: str, score_column: str) -> pd.DataFrame:
+    """The storage's table, checked: a DataFrame with rows and the image column."""
+    frame = storage.read("dataframe")
+    if isinstance(frame, list):
+        frame = pd.DataFrame(frame)
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(
+            f"storage.read('dataframe') returned {type(frame).__name__}, not a DataFrame"
+        )
+    if len(frame) == 0:
+        raise NoValidImagesError(
+            "the input table has no rows: nothing to deduplicate; nothing written"
+        )
+    if image_column not in frame.columns:
+        raise MissingColumnError(
+            f"image column {image_column!r} not found; the table has columns "
+            f"{list(map(str, frame.columns))} (pass input_image_key=...)"
+        )
+    if score_column in frame.columns and score_column != image_column:
+        logger.warning("column %r exists and will be overwritten", score_column)
+    return frame
 
-    if isinstance(value, str | os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
-        return str(value["path"])
-    if isinstance(value, dict) and value.get("bytes"):
-        value = value["bytes"]
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "sha1:" + hashlib.sha1(bytes(value)).hexdigest()
-    if isinstance(value, np.ndarray):
-        return "sha1:" + hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()
-    if hasattr(value, "tobytes"):
-        return "sha1:" + hashlib.sha1(value.tobytes()).hexdigest()
-    return f"row:{row}"
+
+def _check_ray(ray: Any, work_dir: Any, backend: str, **others: Any) -> tuple[bool | str, Any]:
+    """``ray`` and ``ray_work_dir`` checked against the options Ray does not take."""
+    if not isinstance(ray, (bool, str)) or ray == "":
+        raise ValueError(f"ray must be True, False or a Ray address string, got {ray!r}")
+    if not ray:
+        if work_dir is not None:
+            raise ValueError("ray_work_dir is only used with ray=True or a Ray address")
+        return False, None
+    bad = [name for name, value in others.items() if value is not None]
+    if backend not in ("auto", "blocked", "ray"):
+        bad.insert(0, "backend")
+    if bad:
+        raise ValueError(
+            f"ray=... runs the exact tile search with actors that load model_name; "
+            f"it does not take {', '.join(bad)} (backend must be 'auto' or 'blocked', "
+            f"got {backend!r}; use ray_work_dir to resume a run)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("ray=... needs Ray: pip install 'dedup-index[ray]'")
+    return ray, work_dir
 
 
 def _first_reasons(failures: list[tuple[int, LoadFailure]]) -> str:
@@ -587,7 +534,8 @@ def _first_reasons(failures: list[tuple[int, LoadFailure]]) -> str:
 
 
 def _describe(value: Any) -> Any:
-    """A JSON-friendly stand-in for an image value (paths stay, bytes are summarised)."""
+    """A JSON-friendly stand-in for an image value in the rejects table (paths stay, bytes
+    and in-memory images are summarised)."""
     if isinstance(value, (str, int, float)) or value is None:
         return value
     if isinstance(value, os.PathLike):

@@ -10,23 +10,15 @@ never written, or before ``step()``, says which file is missing and why.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .._files import atomic_write_with
 from .._validation import check_choice
+from ..io.tables import TABLE_TYPES, read_table, type_from_extension, write_table
 
-CACHE_TYPES = ("jsonl", "json", "csv", "parquet", "pickle")
-_EXTENSIONS = {
-    "jsonl": "jsonl",
-    "json": "json",
-    "csv": "csv",
-    "parquet": "parquet",
-    "pickle": "pickle",
-    "pkl": "pickle",
-}
+#: DataFlow's cache types: the table types of :mod:`dedup_index.io.tables`.
+CACHE_TYPES = TABLE_TYPES
 
 
 class FileStorage:
@@ -87,7 +79,7 @@ class FileStorage:
                     f"first_entry_file_name {path!r} names a remote dataset; dedup-index reads "
                     "local files only: export it to jsonl/parquet first"
                 )
-            file_type = _type_from_extension(path)
+            file_type = type_from_extension(path)
         else:
             file_type = self.cache_type
         if not os.path.exists(path):
@@ -115,55 +107,4 @@ class FileStorage:
         return path
 
 
-def _type_from_extension(path: str) -> str:
-    ext = Path(path).suffix.lower().lstrip(".")
-    if ext not in _EXTENSIONS:
-        raise ValueError(
-            f"cannot tell the file type of {path!r} from its extension {ext!r}; "
-            f"use one of: {', '.join(sorted(_EXTENSIONS))}"
-        )
-    return _EXTENSIONS[ext]
-
-
-def read_table(path: str | os.PathLike, file_type: str | None = None) -> pd.DataFrame:
-    """Read a jsonl/json(records)/csv/parquet/pickle table."""
-    path = os.fspath(path)
-    file_type = file_type or _type_from_extension(path)
-    try:
-        if file_type == "jsonl":
-            if os.path.getsize(path) == 0:
-                return pd.DataFrame()
-            return pd.read_json(path, lines=True)
-        if file_type == "json":
-            return pd.read_json(path)
-        if file_type == "csv":
-            return pd.read_csv(path)
-        if file_type == "parquet":
-            return pd.read_parquet(path)
-        if file_type == "pickle":
-            return pd.read_pickle(path)
-    except Exception as exc:  # noqa: BLE001 - name the file in whatever went wrong
-        raise ValueError(f"failed to read {file_type} file {path!r}: {exc}") from exc
-    raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
-
-
-def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | None = None) -> None:
-    """Write ``frame`` atomically: temp file in the same folder, fsync, rename."""
-    path = os.fspath(path)
-    file_type = file_type or _type_from_extension(path)
-    if file_type not in CACHE_TYPES:
-        raise ValueError(f"unsupported file type {file_type!r}; use one of {CACHE_TYPES}")
-
-    def write(tmp: str) -> None:
-        if file_type == "jsonl":
-            frame.to_json(tmp, orient="records", lines=True, force_ascii=False, default_handler=str)
-        elif file_type == "json":
-            frame.to_json(tmp, orient="records", force_ascii=False, indent=2, default_handler=str)
-        elif file_type == "csv":
-            frame.to_csv(tmp, index=False)
-        elif file_type == "parquet":
-            frame.to_parquet(tmp)
-        else:
-            frame.to_pickle(tmp)
-
-    atomic_write_with(path, write, suffix="." + file_type)
+__all__ = ["CACHE_TYPES", "FileStorage", "read_table", "write_table"]

@@ -32,7 +32,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._files import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .groups import MEMBERS_SHOWN, duplicate_groups, group_payload
 from .histogram import histogram_svg
 from .page import SCRIPT, STYLE, json_for_script, pager, table

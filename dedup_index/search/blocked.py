@@ -36,14 +36,18 @@ import numpy as np
 
 from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, rescore_candidates
+from .tiles import (
+    DEFAULT_COLS,
+    DEFAULT_ROWS,
+    DENSE_GATHER,
+    NearBest,
+    NumpyTiles,
+    canonical_maxima,
+    nonzero2d,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Rows per row block, and columns per GEMM tile (a row block meets the later rows in
-#: chunks of this many): wide tiles keep the GEMM near its peak, short row blocks keep
-#: the wasted lower triangle of the diagonal tiles (``N * rows / 2`` products) small.
-DEFAULT_ROWS = 2048
-DEFAULT_COLS = 8192
 #: Row blocks of the threaded CPU path: one single-threaded GEMM of 1024 x 8192 runs at
 #: the full per-core rate, and halves the diagonal waste of 2048-row blocks.
 WORKER_ROWS = 1024
@@ -56,9 +60,6 @@ SINGLE_TILE_ROWS = 1024
 #: Bytes of tile per chunk of the CPU scan: a chunk stays in the core's L2 cache while
 #: every pass (row and column maxima, the threshold test, the near-best gathers) runs.
 CHUNK_BYTES = 1 << 20
-#: Pairs per canonical rescoring call in :func:`_canonical_maxima`: the float64 scratch
-#: (a few arrays of ``pairs * D * 8`` bytes) stays in cache; the bits do not depend on it.
-RESCORE_PAIRS = 512
 
 
 def choose_tile(
@@ -97,38 +98,6 @@ def _available_memory() -> int:
     except OSError:
         pass
     return 4 << 30
-
-
-class _NearBest:
-    """Per row: running float32 maximum and the entries within ``delta`` of it."""
-
-    def __init__(self, n: int, delta: float) -> None:
-        self.best = np.full(n, -np.inf, dtype=np.float32)
-        self.delta = np.float32(delta)
-        self.rows: list[np.ndarray] = []
-        self.cols: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
-
-    def update(self, rows: np.ndarray, tile_max: np.ndarray, gather) -> None:
-        """``rows``: global ids; ``tile_max``: their max in this tile; ``gather(sel, lo)``
-        returns ``(local_row, other_global_id, score)`` of the entries ``>= lo`` of local
-        rows ``sel``."""
-        new_best = np.maximum(self.best[rows], tile_max)
-        self.best[rows] = new_best
-        relevant = np.flatnonzero((tile_max >= new_best - self.delta) & np.isfinite(tile_max))
-        if relevant.size:
-            local, other, vals = gather(relevant, new_best[relevant] - self.delta)
-            self.rows.append(rows[local])
-            self.cols.append(other)
-            self.vals.append(vals)
-
-    def survivors(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(row, other)`` entries within ``delta`` of the row's final float32 maximum."""
-        if not self.rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows = np.concatenate(self.rows).astype(np.int64)
-        keep = np.concatenate(self.vals) >= self.best[rows] - self.delta
-        return rows[keep], np.concatenate(self.cols).astype(np.int64)[keep]
 
 
 def blocked_search(
@@ -200,7 +169,7 @@ def blocked_search(
     else:
         later, earlier = _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit)
     pairs = rescore_candidates(embeddings, candidates, threshold) if sink is None else sink.finish()
-    best_later, best_earlier = _canonical_maxima(embeddings, later, earlier, workers=workers)
+    best_later, best_earlier = canonical_maxima(embeddings, later, earlier, workers=workers)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
 
@@ -211,8 +180,8 @@ def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads
     n = embeddings.shape[0]
     cols_per = max(cols_per, rows_per)  # the diagonal square fits in the first tile
     ops = _TorchTiles(embeddings, rows_per, cols_per, device, threads)
-    later = _NearBest(n, delta)  # row direction: best later row
-    earlier = _NearBest(n, delta)  # column direction: best earlier row
+    later = NearBest(n, delta)  # row direction: best later row
+    earlier = NearBest(n, delta)  # column direction: best earlier row
     for a in range(0, n, rows_per):
         b = min(n, a + rows_per)
         rows_a = ops.block(a, b, second=False)
@@ -236,8 +205,8 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit):
     caller's among them), each a :class:`_Worker`; ``(later, earlier)`` near-best entries,
     merged in block order so the lists do not depend on the scheduling."""
     n = embeddings.shape[0]
-    later = _NearBest(n, delta)
-    earlier = _NearBest(n, delta)
+    later = NearBest(n, delta)
+    earlier = NearBest(n, delta)
     starts = list(range(0, n, rows_per))
     done: dict[int, tuple[list, list]] = {}
     crew = [
@@ -291,7 +260,7 @@ class _Worker:
     """One CPU worker: GEMM tiles of its row blocks, each scanned while it is in cache.
 
     Scanning a 64 MiB tile the plain way (row maxima, column maxima, the threshold test,
-    the near-best gathers: :class:`_NumpyTiles`) takes five or six passes over main
+    the near-best gathers: :class:`NumpyTiles`) takes five or six passes over main
     memory, a third of the GEMM's time at N = 50k.  Here a tile is scanned in chunks of
     rows of :data:`CHUNK_BYTES`, every pass over a chunk while it is in the L2 cache, by
     the worker that computed it (both cores scan).  A tile narrower than the block
@@ -302,12 +271,12 @@ class _Worker:
     over this worker's chunks so far (``col_best``; the workers' arrays are merged at the
     end).  Every entry within ``delta`` of the final maximum is within ``delta`` of any
     lower bound, so it is gathered; the few extra entries are dropped by
-    :meth:`_NearBest.survivors`, which filters on the final maximum.  Same survivors, same
+    :meth:`NearBest.survivors`, which filters on the final maximum.  Same survivors, same
     bits.  Rows of a block belong to one worker, so ``later_best`` is written race-free.
     """
 
     def __init__(self, embeddings, rows_per, cols_per, radius, delta, later_best) -> None:
-        self.tiles = _NumpyTiles(embeddings, rows_per, cols_per)
+        self.tiles = NumpyTiles(embeddings, rows_per, cols_per)
         self.n = embeddings.shape[0]
         self.cols_per = cols_per
         self.radius = np.float32(radius)
@@ -351,7 +320,7 @@ class _Worker:
             row_max = sub.max(axis=1)
             hit = np.flatnonzero(row_max > radius)
             if hit.size:
-                li, lj = _nonzero2d(sub[hit] > radius)
+                li, lj = nonzero2d(sub[hit] > radius)
                 found_i.append(hit[li] + (a + r0))
                 found_j.append(lj + c)
             # Row direction: entries within delta of the row's maximum so far.
@@ -387,20 +356,19 @@ def _gather(sub: np.ndarray, sel: np.ndarray, lo: np.ndarray, *, columns: bool):
     """Entries ``>= lo`` of rows (or columns) ``sel`` of a chunk: ``(index along sel's
     axis, index along the other axis, float32 value)``, indices int64."""
     size = sub.shape[1] if columns else sub.shape[0]
-    if sel.size > _DENSE_GATHER * size:  # one compare over the chunk beats a copy
+    if sel.size > DENSE_GATHER * size:  # one compare over the chunk beats a copy
         bound = np.full(size, np.inf, dtype=np.float32)
         bound[sel] = lo
-        li, lj = _nonzero2d(sub >= (bound[None, :] if columns else bound[:, None]))
+        li, lj = nonzero2d(sub >= (bound[None, :] if columns else bound[:, None]))
         vals = sub[li, lj]
         return (lj, li, vals) if columns else (li, lj, vals)
     part = sub[:, sel].T if columns else sub[sel]
-    li, lj = _nonzero2d(part >= lo[:, None])
+    li, lj = nonzero2d(part >= lo[:, None])
     return sel[li], lj, part[li, lj]
 
 
 def _worker_count(threads: int | None) -> int:
-    """CPU workers: ``threads`` if given, else the usable cores (at most 16); one when
-    BLAS threads cannot be limited (two multi-threaded GEMMs at once fight)."""
+    """CPU workers: ``threads`` if given, else the usable cores (at most 16)."""
     if threads is not None:
         count = int(threads)
         if count < 1:
@@ -411,18 +379,7 @@ def _worker_count(threads: int | None) -> int:
         except (AttributeError, OSError):
             count = os.cpu_count() or 1
         count = min(count, 16)
-    if count > 1 and not _can_limit_blas():
-        logger.debug("blocked: threadpoolctl missing; one worker, BLAS threads inside")
-        return 1
     return count
-
-
-def _can_limit_blas() -> bool:
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -433,71 +390,6 @@ def _blas_one_thread():
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
-
-
-class _NumpyTiles:
-    """Tile operations on the CPU in numpy.  One BLAS for everything: mixing torch's
-    OpenMP pool with numpy's OpenBLAS threads made both spin against each other (the
-    same search ran 25% slower than torch alone), and OpenBLAS's SGEMM is 1.4-1.6x
-    torch's MKL on the AMD CPUs measured here."""
-
-    def __init__(self, embeddings, rows_per: int, cols_per: int) -> None:
-        self.embeddings = embeddings
-        self.in_memory = isinstance(embeddings, np.ndarray)
-        self.buf = np.empty(rows_per * cols_per, dtype=np.float32)
-        self.rows_per = rows_per
-        self._lower: np.ndarray | None = None  # c <= r: the row itself and earlier rows
-        self.cache: dict[bool, tuple[tuple[int, int], np.ndarray]] = {}
-
-    def block(self, a: int, b: int, second: bool) -> np.ndarray:
-        if self.in_memory:
-            return self.embeddings[a:b]
-        key, rows = self.cache.get(second, (None, None))
-        if key != (a, b):  # a store: keep the last row block and the last column block
-            rows = np.ascontiguousarray(self.embeddings[a:b], dtype=np.float32)
-            self.cache[second] = ((a, b), rows)
-        return rows
-
-    def product(self, rows_a: np.ndarray, rows_c: np.ndarray) -> np.ndarray:
-        out = self.buf[: rows_a.shape[0] * rows_c.shape[0]].reshape(rows_a.shape[0], -1)
-        return np.matmul(rows_a, rows_c.T, out=out)
-
-    def mask_diagonal(self, s: np.ndarray, ra: int) -> None:
-        np.copyto(s[:, :ra], -np.inf, where=self.lower(0, ra))
-
-    def lower(self, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0:r1``, columns ``:r1`` of the diagonal tile's mask ``c <= r``."""
-        if self._lower is None:
-            self._lower = np.tri(self.rows_per, dtype=bool)
-        return self._lower[r0:r1, :r1]
-
-    def maxima(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return s.max(axis=1), s.max(axis=0)
-
-    def above(self, s: np.ndarray, rows: np.ndarray, bound) -> tuple[np.ndarray, np.ndarray]:
-        return _nonzero2d(s[rows] > bound)
-
-    def gather(self, s, offset: int, columns: bool, sel: np.ndarray, lo: np.ndarray):
-        """Entries ``>= lo`` of the selected rows (or columns) ``sel`` of tile ``s``:
-        ``(row or column within the tile, other row id, float32 score)``."""
-        size = s.shape[1] if columns else s.shape[0]
-        if sel.size > _DENSE_GATHER * size:
-            bound = np.full(size, np.inf, dtype=np.float32)
-            bound[sel] = lo
-            li, lj = _nonzero2d(s >= (bound[None, :] if columns else bound[:, None]))
-            vals = s[li, lj]
-            if columns:
-                li, lj = lj, li
-            return li, lj.astype(np.int64) + offset, vals
-        sub = s[:, sel].T if columns else s[sel]
-        li, lj = _nonzero2d(sub >= lo[:, None])
-        return sel[li], lj + offset, sub[li, lj]
-
-
-def _nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2-D mask, ~10x faster for sparse masks (flat scan, then divmod)."""
-    flat = np.flatnonzero(mask)
-    return np.divmod(flat, mask.shape[1])
 
 
 class _TorchTiles:
@@ -548,12 +440,12 @@ def _single_tile(x: np.ndarray, threshold: float) -> tuple[PairSet, np.ndarray, 
     delta = np.float32(candidate_delta(d))
     sim = x @ x.T
     sim[np.tril_indices(n)] = -np.inf  # strict upper triangle: i < j
-    ci, cj = _nonzero2d(sim > threshold - delta)
+    ci, cj = nonzero2d(sim > threshold - delta)
     pairs = rescore_candidates(x, [(ci, cj)], threshold)
     later = sim.max(axis=1)
     earlier = sim.max(axis=0)
-    li, lj = _nonzero2d((sim >= (later - delta)[:, None]) & np.isfinite(later)[:, None])
-    ei, ej = _nonzero2d((sim >= (earlier - delta)[None, :]) & np.isfinite(earlier)[None, :])
+    li, lj = nonzero2d((sim >= (later - delta)[:, None]) & np.isfinite(later)[:, None])
+    ei, ej = nonzero2d((sim >= (earlier - delta)[None, :]) & np.isfinite(earlier)[None, :])
     lo = np.concatenate([li, ei]).astype(np.int64)
     hi = np.concatenate([lj, ej]).astype(np.int64)
     key = np.unique(lo * n + hi)
@@ -564,51 +456,6 @@ def _single_tile(x: np.ndarray, threshold: float) -> tuple[PairSet, np.ndarray, 
     np.maximum.at(best_earlier, key % n, scores)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
-
-
-def _canonical_maxima(embeddings, later: _NearBest, earlier: _NearBest, *, workers: int = 1):
-    """Canonical best-later and best-earlier score per row, each pair rescored once
-    (the later entry ``(i, j)`` of row ``i`` is the earlier entry of row ``j``); the
-    rescoring is cut into cache-sized calls, shared by ``workers`` threads."""
-    n = later.best.shape[0]
-    li, lj = later.survivors()
-    ej, ei = earlier.survivors()  # row j, its earlier partner i
-    lo = np.concatenate([li, ei])
-    hi = np.concatenate([lj, ej])
-    key = np.unique(lo * n + hi)
-    scores = _rescore_keys(embeddings, key // n, key % n, workers)
-    best_later = np.full(n, -np.inf)
-    best_earlier = np.full(n, -np.inf)
-    np.maximum.at(best_later, li, scores[np.searchsorted(key, li * n + lj)])
-    np.maximum.at(best_earlier, ej, scores[np.searchsorted(key, ei * n + ej)])
-    return best_later, best_earlier
-
-
-def _rescore_keys(embeddings, i: np.ndarray, j: np.ndarray, workers: int) -> np.ndarray:
-    """``canonical_scores(embeddings, i, j)`` in calls of :data:`RESCORE_PAIRS` pairs
-    (its float64 scratch then stays in cache: ~2.5x faster), over ``workers`` threads
-    when it is worth it.  The same bits: each pair's score depends on that pair alone."""
-    out = np.empty(i.shape[0], dtype=np.float64)
-    spans = [(k, min(i.shape[0], k + RESCORE_PAIRS)) for k in range(0, i.shape[0], RESCORE_PAIRS)]
-
-    def part(lo: int, hi: int) -> None:
-        out[lo:hi] = canonical_scores(embeddings, i[lo:hi], j[lo:hi])
-
-    if workers > 1 and len(spans) > 4 * workers and isinstance(embeddings, np.ndarray):
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            for job in [pool.submit(part, lo, hi) for lo, hi in spans]:
-                job.result()
-    else:
-        for lo, hi in spans:
-            part(lo, hi)
-    return out
-
-
-#: Above this share of relevant rows (columns), one compare over the whole tile beats
-#: copying the selected rows (columns) out first.
-_DENSE_GATHER = 0.15
 
 
 class _Resident:

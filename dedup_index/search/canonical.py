@@ -89,6 +89,13 @@ def as_unit_float32(embeddings: object, *, normalize: bool = True) -> np.ndarray
     return out
 
 
+def rows_of(embeddings: object, a: int, b: int) -> np.ndarray:
+    """Rows ``a:b`` of an array or array-like (an
+    :class:`~dedup_index.store.EmbeddingStore`) as a C-contiguous float32 array: what
+    FAISS and BLAS take (no copy when the rows already are one)."""
+    return np.ascontiguousarray(embeddings[a:b], dtype=np.float32)
+
+
 def canonical_scores(
     embeddings: np.ndarray, i: np.ndarray, j: np.ndarray, other: np.ndarray | None = None
 ) -> np.ndarray:

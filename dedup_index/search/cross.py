@@ -1,12 +1,12 @@
 """Exact search of new rows (queries) against a base of rows: the incremental step.
 
-``cross_search(queries, base, threshold)`` tiles ``queries @ base.T`` like the ``blocked``
-backend (numpy GEMM tiles, canonical rescoring of candidates at ``threshold - delta``) and
-returns, in one pass, the pairs at or above the threshold, each query's best base row and
-each base row's best query.  With the queries' own ``blocked`` search this gives exactly
-what a one-shot search of ``base + queries`` gives for every pair involving a query, and
-the update every old row's nearest neighbour needs.
-"""
+``cross_search(queries, base, threshold)`` tiles ``queries @ base.T`` with the ``blocked``
+backend's tile machinery (:mod:`.tiles`: numpy GEMM tiles, canonical rescoring of
+candidates at ``threshold - delta``) and returns, in one pass, the pairs at or above the
+threshold, each query's best base row and each base row's best query.  With the queries'
+own ``blocked`` search this gives exactly what a one-shot search of ``base + queries``
+gives for every pair involving a query, and the update every old row's nearest neighbour
+needs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from functools import partial
 
 import numpy as np
 
-from .blocked import DEFAULT_COLS, DEFAULT_ROWS, _NearBest, _NumpyTiles
 from .canonical import candidate_delta, canonical_scores
+from .tiles import DEFAULT_COLS, DEFAULT_ROWS, NearBest, NumpyTiles, canonical_best
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ def cross_search(
     delta = candidate_delta(d)
     radius = np.float32(threshold - delta)
     rows, cols = min(rows, m), min(cols, n)  # a single query needs a 1 x n tile, not more
-    q_tiles = _NumpyTiles(queries, rows, cols)
-    b_tiles = _NumpyTiles(base, rows, cols)
-    q_near = _NearBest(m, delta)
-    b_near = _NearBest(n, delta)
+    q_tiles = NumpyTiles(queries, rows, cols)
+    b_tiles = NumpyTiles(base, rows, cols)
+    q_near = NearBest(m, delta)
+    b_near = NearBest(n, delta)
     found_q, found_b = [], []
     for a in range(0, m, rows):
         e_a = min(m, a + rows)
@@ -87,16 +87,6 @@ def cross_search(
         q[order],
         b[order],
         scores[order],
-        _best(queries, base, q_near, swap=False),
-        _best(base, queries, b_near, swap=True),
+        canonical_best(queries, base, q_near),
+        canonical_best(base, queries, b_near),
     )
-
-
-def _best(own, other, near: _NearBest, *, swap: bool) -> np.ndarray:
-    """Canonical best score per row from its near-best survivors."""
-    rows, partners = near.survivors()
-    out = np.full(near.best.shape[0], -np.inf)
-    if rows.size:
-        # Score as (query, base) whichever side ``own`` is: the same bits either way.
-        np.maximum.at(out, rows, canonical_scores(own, rows, partners, other=other))
-    return out

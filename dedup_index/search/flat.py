@@ -14,6 +14,10 @@ Two ways through, both exact after canonical rescoring:
   square gives each row its candidates and its nearest neighbours at once; the few rows
   whose top-``k`` list is all candidates (more than ``k`` near-duplicates) are completed
   with ``range_search``.  One pass instead of a range search plus a nearest search.
+
+:func:`flat_cross_search` does the same for new rows against a base of rows (the
+persistent index's ``flat`` backend): :class:`~dedup_index.search.cross.CrossResult`, the
+same bits as :func:`~dedup_index.search.cross.cross_search`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .canonical import candidate_delta, canonical_scores
+from .canonical import candidate_delta, canonical_scores, rows_of
+from .cross import CrossResult
 from .pairs import PairSet, best_pair_score, rescore_candidates
+from .tiles import NearBest, canonical_best
 
 DEFAULT_QUERY_BLOCK = 4096
 DEFAULT_DB_BLOCK = 8192
@@ -34,7 +40,12 @@ NEAREST_K = 16
 _FULL_ROWS_BYTES = 256 << 20
 
 
-def _faiss(threads: int | None):
+def faiss_module(threads: int | None = None):
+    """The ``faiss`` module, its OpenMP thread count set to ``threads`` when given.
+
+    FAISS is imported here, on the first search that needs it, so that ``import
+    dedup_index.search`` stays light; every FAISS-backed search (flat, ivf, hnsw, the
+    partitioned backend's k-means, the persistent index) gets it through this one door."""
     import faiss
 
     if threads is not None:
@@ -71,7 +82,7 @@ def flat_candidates(
     threads: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(i, j)`` blocks of row pairs with ``i < j`` and float32 score ``> radius``."""
-    faiss = _faiss(threads)
+    faiss = faiss_module(threads)
     n = embeddings.shape[0]
     for c, e in _db_tiles(n, db_block):
         index = _tile_index(faiss, embeddings, c, e)
@@ -122,7 +133,7 @@ def flat_pairs_and_nearest(
     delta = candidate_delta(d)
     radius = threshold - delta
     k = min(n, k)
-    faiss = _faiss(threads)
+    faiss = faiss_module(threads)
     tiles = _db_tiles(n, db_block)
     nearest = np.full(n, -np.inf, dtype=np.float64)
     candidate_blocks: list[tuple[np.ndarray, np.ndarray]] = []
@@ -207,3 +218,126 @@ def _nearest_by_full_rows(embeddings, rows, nearest, delta, query_block, db_bloc
         qi, qj = np.nonzero(near)
         qi = block[qi]
         np.maximum.at(nearest, qi, canonical_scores(embeddings, qi, qj.astype(np.int64)))
+
+
+# ------------------------------------------------------------------ queries against a base
+
+
+def flat_cross_search(
+    queries: np.ndarray,
+    base,
+    threshold: float,
+    *,
+    base_live: np.ndarray | None = None,
+    base_best: bool = True,
+    k: int = NEAREST_K,
+    query_block: int = DEFAULT_QUERY_BLOCK,
+    db_block: int = DEFAULT_DB_BLOCK,
+    threads: int | None = None,
+) -> CrossResult:
+    """:func:`~dedup_index.search.cross.cross_search` through FAISS ``IndexFlatIP``: all
+    ``(q, b)`` with canonical ``s >= threshold`` and the best scores both ways, exact.
+
+    The base is read in tiles of ``db_block`` rows, each its own ``IndexFlatIP`` (its live
+    rows only: ``base_live`` as in ``cross_search``); the queries go through each tile
+    with one top-``k`` search, which gives their candidates (entries above ``threshold -
+    delta``) and their near-best entries (within ``delta`` of the tile's float32 best,
+    :class:`~dedup_index.search.tiles.NearBest`) at once.  A row whose whole list is
+    candidates (or near-ties) may have been cut short and is completed with a range
+    search.  For the base rows' best query (``base_best``) each base tile searches an
+    ``IndexFlatIP`` of the queries the same way: the full square, twice.  The pairs and
+    maxima are canonical, so the result equals ``cross_search``'s bit for bit.
+    """
+    m, d = queries.shape
+    n = base.shape[0]
+    empty = np.zeros(0, np.int64)
+    if m == 0 or n == 0:
+        return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
+    faiss = faiss_module(threads)
+    delta = candidate_delta(d)
+    radius = np.float32(threshold - delta)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    q_near = NearBest(m, delta)
+    b_near = NearBest(n, delta)
+    q_index = None
+    if base_best:
+        q_index = faiss.IndexFlatIP(d)
+        q_index.add(queries)
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    for c, e in _db_tiles(n, db_block):
+        tile = rows_of(base, c, e)
+        ids = np.arange(c, e, dtype=np.int64)
+        if base_live is not None and not base_live[c:e].all():
+            live = base_live[c:e]
+            tile, ids = np.ascontiguousarray(tile[live]), ids[live]
+        if ids.size == 0:
+            continue
+        index = faiss.IndexFlatIP(d)
+        index.add(tile)
+        for a in range(0, m, query_block):
+            rows = np.arange(a, min(m, a + query_block), dtype=np.int64)
+            side = _TopK(index, queries[a : a + query_block], ids, k)
+            found.append(side.candidates(rows, radius))
+            q_near.update(rows, side.best, side.gather)
+        del index
+        if q_index is not None:
+            for t in range(0, ids.size, query_block):
+                side = _TopK(q_index, tile[t : t + query_block], np.arange(m), k)
+                b_near.update(ids[t : t + query_block], side.best, side.gather)
+    q = np.concatenate([f[0] for f in found]) if found else empty
+    b = np.concatenate([f[1] for f in found]) if found else empty
+    key = np.unique(q * n + b)
+    q, b = key // n, key % n
+    scores = canonical_scores(queries, q, b, other=base)
+    hit = scores >= threshold
+    q, b, scores = q[hit], b[hit], scores[hit]
+    order = np.lexsort((q, b))
+    return CrossResult(
+        q[order],
+        b[order],
+        scores[order],
+        canonical_best(queries, base, q_near),
+        canonical_best(base, queries, b_near) if base_best else np.full(n, -np.inf),
+    )
+
+
+class _TopK:
+    """A top-``k`` search of rows ``x`` in a flat ``index`` whose labels map to ``ids``:
+    each row's float32 best, its candidates and its near-best entries, the lists that may
+    have been cut short completed by a range search."""
+
+    def __init__(self, index, x: np.ndarray, ids: np.ndarray, k: int) -> None:
+        self.index, self.x, self.ids = index, x, ids
+        self.k = min(k, ids.size)
+        self.scores, labels = index.search(x, self.k)
+        self.labels = labels.astype(np.int64)
+        self.full = self.k < ids.size  # a list of k entries may leave some out
+        self.best = self.scores[:, 0].copy()
+
+    def _at_least(self, sel: np.ndarray, lo: np.ndarray):
+        """``(index into sel, label, score)`` of every entry ``>= lo`` of rows ``sel``."""
+        scores, labels = self.scores[sel], self.labels[sel]
+        cut = (scores[:, -1] >= lo) if self.full else np.zeros(sel.size, dtype=bool)
+        li, lj = np.nonzero((scores >= lo[:, None]) & ~cut[:, None])
+        parts = [(li, labels[li, lj], scores[li, lj])]
+        if cut.any():  # range search keeps scores > radius: just below the lowest bound
+            rows = np.flatnonzero(cut)
+            below = np.nextafter(np.float32(lo[rows].min()), np.float32(-np.inf))
+            lims, vals, labs = self.index.range_search(self.x[sel[rows]], float(below))
+            owner = np.repeat(rows, np.diff(lims.astype(np.int64)))
+            ok = vals >= lo[owner]
+            parts.append((owner[ok], labs.astype(np.int64)[ok], vals[ok]))
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+    def candidates(self, rows: np.ndarray, radius: np.float32):
+        """``(row, id)`` of the entries above ``radius`` (float32)."""
+        sel = np.arange(self.x.shape[0])
+        lo = np.full(sel.size, np.nextafter(radius, np.float32(np.inf)), dtype=np.float32)
+        li, lab, _ = self._at_least(sel, lo)
+        return rows[li], self.ids[lab]
+
+    def gather(self, sel: np.ndarray, lo: np.ndarray):
+        """The :class:`~dedup_index.search.tiles.NearBest` gather: ``(local row, id,
+        float32 score)`` of the entries ``>= lo`` of local rows ``sel``."""
+        li, lab, vals = self._at_least(sel, np.asarray(lo, dtype=np.float32))
+        return sel[li], self.ids[lab], vals

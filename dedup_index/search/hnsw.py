@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_positive_int
-from .canonical import canonical_scores
-from .flat import NEAREST_K, _faiss
-from .ivf import ADD_BLOCK, _rows, index_search
+from .canonical import canonical_scores, rows_of
+from .flat import NEAREST_K, faiss_module
+from .ivf import ADD_BLOCK, index_search
 from .pairs import PairSet
 
 __all__ = [
@@ -164,14 +164,14 @@ def build_hnsw_index(
     embeddings: Any, *, m: int = 32, ef_construction: int = 200, threads: int | None = None
 ):  # -> faiss.IndexHNSWFlat
     """An ``IndexHNSWFlat`` (inner product) holding every row, added in blocks."""
-    faiss = _faiss(check_positive_int(threads, "threads", allow_none=True))
+    faiss = faiss_module(check_positive_int(threads, "threads", allow_none=True))
     m = check_positive_int(m, "m")
     ef_construction = check_positive_int(ef_construction, "ef_construction")
     n, d = embeddings.shape
     index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
     for a in range(0, n, ADD_BLOCK):
-        index.add(_rows(embeddings, a, min(n, a + ADD_BLOCK)))
+        index.add(rows_of(embeddings, a, min(n, a + ADD_BLOCK)))
     return index
 
 
@@ -201,13 +201,13 @@ def copy_groups(embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
     coeff = np.random.default_rng(0x5EED).integers(0, 2**63, size=d, dtype=np.uint64) * 2 + 1
     hashes = np.empty(n, dtype=np.uint64)
     for a in range(0, n, block):
-        bits = _rows(embeddings, a, min(n, a + block)).view(np.uint32).astype(np.uint64)
+        bits = rows_of(embeddings, a, min(n, a + block)).view(np.uint32).astype(np.uint64)
         hashes[a : a + block] = bits @ coeff
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     rep_of = first[inverse.ravel()].astype(np.int64)
     for a in range(0, n, block):
         b = min(n, a + block)
-        same = (_rows(embeddings, a, b) == _gather(embeddings, rep_of[a:b])).all(axis=1)
+        same = (rows_of(embeddings, a, b) == _gather(embeddings, rep_of[a:b])).all(axis=1)
         rep_of[a:b][~same] = np.arange(a, b, dtype=np.int64)[~same]
     reps = np.unique(rep_of)
     return reps, np.searchsorted(reps, rep_of)

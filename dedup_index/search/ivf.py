@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_positive_int
-from .canonical import candidate_delta, canonical_scores
-from .flat import NEAREST_K, _faiss
+from .canonical import candidate_delta, canonical_scores, rows_of
+from .flat import NEAREST_K, faiss_module
 from .pairs import PairSet, best_pair_score, rescore_candidates
 
 __all__ = [
@@ -144,7 +144,7 @@ def build_ivf_index(
     list there is nothing to learn, so k-means is skipped (FAISS would warn about too
     few points on tiny inputs).  Rows are added in blocks of :data:`ADD_BLOCK`.
     """
-    faiss = _faiss(check_positive_int(threads, "threads", allow_none=True))
+    faiss = faiss_module(check_positive_int(threads, "threads", allow_none=True))
     n, d = embeddings.shape
     if n < 1:
         raise ValueError("an IVF index needs at least one row")
@@ -163,7 +163,7 @@ def build_ivf_index(
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     if nlist == 1:
-        quantizer.add(_rows(embeddings, 0, 1))
+        quantizer.add(rows_of(embeddings, 0, 1))
         index.is_trained = True
     else:
         rng = np.random.default_rng(seed)
@@ -183,7 +183,7 @@ def build_ivf_index(
             cp.min_points_per_centroid = 1  # said once here instead of on stderr
         index.train(train)
     for a in range(0, n, ADD_BLOCK):
-        index.add(_rows(embeddings, a, min(n, a + ADD_BLOCK)))
+        index.add(rows_of(embeddings, a, min(n, a + ADD_BLOCK)))
     return index
 
 
@@ -215,10 +215,6 @@ def index_search(
     )
 
 
-def _rows(embeddings: Any, a: int, b: int) -> np.ndarray:
-    return np.ascontiguousarray(embeddings[a:b], dtype=np.float32)
-
-
 def _range_candidates(
     index: Any, embeddings: Any, radius: float, query_block: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -227,7 +223,7 @@ def _range_candidates(
     n = embeddings.shape[0]
     for a in range(0, n, query_block):
         b = min(n, a + query_block)
-        lims, _, labels = index.range_search(_rows(embeddings, a, b), radius)
+        lims, _, labels = index.range_search(rows_of(embeddings, a, b), radius)
         qi = np.repeat(np.arange(a, b, dtype=np.int64), np.diff(lims.astype(np.int64)))
         yield _undirected(qi, labels.astype(np.int64), n)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .blocked import blocked_search
+from .flat import faiss_module
 from .pairs import PairSet, concat_pairsets
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def partitioned_search(
     earlier = np.full(n, -np.inf, dtype=np.float64)
     if n < 2:
         return PairSet.empty(), nearest, earlier, info
-    faiss = _faiss(threads)
+    faiss = faiss_module(threads)
     rows = np.arange(n, dtype=np.int64)
     parts = _partition(faiss, embeddings, rows, params, info, depth=0)
     first_shared = _FirstShared(n, parts)
@@ -188,14 +189,6 @@ class _FirstShared:
         shared = (a == b) & (a >= 0)
         big = np.iinfo(np.int64).max
         return np.where(shared, a, big).min(axis=(1, 2))
-
-
-def _faiss(threads: int | None):
-    import faiss
-
-    if threads is not None:
-        faiss.omp_set_num_threads(threads)
-    return faiss
 
 
 def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]:

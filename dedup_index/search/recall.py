@@ -15,7 +15,6 @@ the pairs, whatever N (the embeddings may live on disk).
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_positive_int
+from .backends import check_backend, search
 from .canonical import as_unit_float32, candidate_delta, canonical_scores
 from .pairs import PairSet
 
@@ -176,50 +176,23 @@ def measure_recall_of(
     The rows are normalised as :func:`dedup_index.dedup_embeddings` normalises them
     (:func:`~dedup_index.search.canonical.as_unit_float32`) when ``embeddings`` is an
     ndarray; other array-likes (an :class:`~dedup_index.store.EmbeddingStore`) are taken
-    as unit float32 rows and searched as they are.  ``backend_options`` go to the
-    backend (e.g. ``nprobe=4`` for ``ivf``, ``ef_search=32`` for ``hnsw``).
-
-    ``dedup_embeddings`` runs the search when it knows ``backend`` and accepts the
-    options; otherwise the ``ivf`` and ``hnsw`` module functions are called directly
-    (they are not registered with ``dedup_embeddings`` yet).
+    as unit float32 rows and searched as they are.  The search runs through the backend
+    registry (:func:`dedup_index.search.backends.search`): any registered name works.
+    ``backend_options`` are the backend's options (e.g. ``nprobe=4`` for ``ivf``,
+    ``ef_search=32`` for ``hnsw``), plus ``threads`` and ``device`` for the search itself.
     """
+    check_backend(backend)
     unit = as_unit_float32(embeddings) if isinstance(embeddings, np.ndarray) else embeddings
-    found = _run_backend(unit, threshold, backend, backend_options)
-    return measure_recall(unit, threshold, found, sample=sample, seed=seed)
-
-
-def _run_backend(unit: Any, threshold: float, backend: str, options: dict[str, Any]) -> Any:
-    """The pairs ``backend`` finds in ``unit`` at ``threshold``."""
-    from .. import dedup as dedup_module
-
-    known = getattr(dedup_module, "BACKENDS", ())
-    # normalize=False: search exactly the rows measured (normalising unit float32 rows
-    # again can move a last bit, and so a pair sitting at the threshold).
-    run_options = {"normalize": False, **options}
-    if backend in known and _accepts(dedup_module.dedup_embeddings, run_options):
-        result = dedup_module.dedup_embeddings(
-            unit, threshold, backend=backend, score="pairs", **run_options
-        )
-        return result.pairs
-    if backend == "ivf":
-        from .ivf import ivf_search
-
-        return ivf_search(unit, threshold, nearest=False, **options)[0]
-    if backend == "hnsw":
-        from .hnsw import hnsw_search
-
-        return hnsw_search(unit, threshold, nearest=False, **options)[0]
-    if backend in known:
-        raise TypeError(
-            f"dedup_embeddings does not accept the options {sorted(options)} "
-            f"for backend {backend!r}"
-        )
-    raise ValueError(f"unknown backend {backend!r}; known: {sorted({*known, 'ivf', 'hnsw'})}")
-
-
-def _accepts(func: Any, options: dict[str, Any]) -> bool:
-    """Whether ``func`` takes every keyword in ``options``."""
-    params = inspect.signature(func).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return all(name in params for name in options)
+    options = dict(backend_options)
+    threads = options.pop("threads", None)
+    device = options.pop("device", None)
+    found = search(
+        unit,
+        threshold,
+        backend=backend,
+        nearest=False,
+        threads=threads,
+        device=device,
+        options=options,
+    )
+    return measure_recall(unit, threshold, found.pairs, sample=sample, seed=seed)

@@ -6,7 +6,8 @@
   take it wherever they take an ndarray.
 - :func:`open_or_array`: a store, a store's path or an array, as backends take them.
 - :class:`PairSink` / :class:`PairFile`: pairs buffered in memory and spilled to Parquet
-  beyond a budget, read back in chunks.
+  beyond a budget, read back in chunks; :func:`write_pair_file` writes one atomically
+  (returning its checksum, which ``PairFile(path, sha256=...)`` verifies).
 
 numpy and pyarrow only: no torch, transformers or faiss here.
 """
@@ -20,7 +21,7 @@ from .embeddings import (
     StoreNotFoundError,
     open_or_array,
 )
-from .pairs_file import PairFile, PairSink
+from .pairs_file import PairFile, PairSink, write_pair_file
 
 __all__ = [
     "EmbeddingStore",
@@ -30,4 +31,5 @@ __all__ = [
     "StoreExistsError",
     "StoreNotFoundError",
     "open_or_array",
+    "write_pair_file",
 ]

@@ -36,6 +36,7 @@ import numpy as np
 
 from .._validation import check_choice, check_positive_int
 from ..errors import DedupIndexError
+from ..files import crash_point, fsync_dir, read_json, write_json_atomic
 from ..search.canonical import as_unit_float32
 
 __all__ = [
@@ -58,10 +59,8 @@ KEYS_FILE = "keys.jsonl"
 _MANIFEST_TMP = ".manifest.json.tmp"
 _FORMAT_NAME = "dedup_index.EmbeddingStore"
 _DTYPES = ("float32", "float16")
-# Test-only: "point" or "point@n" makes the n-th arrival at that point call os._exit(77),
-# to prove that a crash there leaves a consistent store (tests/test_store.py).
-_CRASH_ENV = "DEDUP_INDEX_STORE_CRASH_AT"
-_crash_hits: dict[str, int] = {}
+# Crash points (dedup_index.files.crash_point, tests/test_store.py): shard_chunk,
+# shards_written, keys_written, manifest_partial, manifest_tmp, manifest_replaced.
 
 
 class StoreError(DedupIndexError, OSError):
@@ -331,11 +330,11 @@ class EmbeddingStore:
         start = self._count
         stop = start + n
         new_shards = self._write_rows(data, start)
-        _crash_point("shards_written")
+        crash_point("shards_written")
         keys_record = None
         if key_list is not None:
             keys_record = {"count": stop, "bytes": self._write_keys(key_list)}
-            _crash_point("keys_written")
+            crash_point("keys_written")
         n_shards = -(-stop // self._shard_rows)
         manifest = self._manifest(count=stop, n_shards=n_shards, keys=keys_record)
         _write_manifest(self._path, manifest)
@@ -457,10 +456,10 @@ class EmbeddingStore:
                 f.write(np.ascontiguousarray(data[r : r + take]).data)
                 f.flush()
                 os.fsync(f.fileno())
-            _crash_point("shard_chunk")
+            crash_point("shard_chunk")
             r += take
         if new:
-            _fsync_dir(self._path)
+            fsync_dir(self._path)
         return new
 
     def _write_keys(self, key_list: list[str]) -> int:
@@ -475,7 +474,7 @@ class EmbeddingStore:
             f.flush()
             os.fsync(f.fileno())
         if created:
-            _fsync_dir(self._path)
+            fsync_dir(self._path)
         return self._keys_bytes + len(payload)
 
     def _manifest(self, *, count: int, n_shards: int, keys: dict[str, int] | None) -> dict:
@@ -723,24 +722,20 @@ def _dtype_name(dtype: str | np.dtype) -> str:
 
 def _load_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
-    try:
-        text = mpath.read_text(encoding="utf-8")
-    except FileNotFoundError:
+
+    def missing(_: str) -> StoreNotFoundError:
         what = "does not exist" if not path.exists() else f"has no {MANIFEST}"
-        raise StoreNotFoundError(
+        return StoreNotFoundError(
             f"{path} is not an embedding store: it {what} (make one with EmbeddingStore.create)"
-        ) from None
-    try:
-        m = json.loads(text)
-    except ValueError as err:
-        raise StoreError(f"manifest {mpath} is corrupt (not JSON: {err})") from err
-    if not isinstance(m, dict) or m.get("format") != _FORMAT_NAME:
-        raise StoreError(f"manifest {mpath} is corrupt or not an embedding store manifest")
-    if m.get("version") != FORMAT_VERSION:
-        raise StoreError(
-            f"manifest {mpath} has format version {m.get('version')!r}; this dedup_index "
-            f"reads version {FORMAT_VERSION} only"
         )
+
+    m = read_json(
+        mpath,
+        StoreError,
+        missing=missing,
+        format=("format", _FORMAT_NAME),
+        version=("version", FORMAT_VERSION),
+    )
     try:
         ints = {f: m[f] for f in ("dim", "shard_rows", "count", "n_shards")}
         keys, meta, dtype = m["keys"], m["meta"], m["dtype"]
@@ -767,43 +762,4 @@ def _load_manifest(path: Path) -> dict[str, Any]:
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Replace ``manifest.json`` atomically and durably: the store's commit point."""
-    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    tmp = path / _MANIFEST_TMP
-    with open(tmp, "wb") as f:
-        half = len(data) // 2
-        f.write(data[:half])
-        f.flush()
-        _crash_point("manifest_partial")
-        f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
-    _crash_point("manifest_tmp")
-    os.replace(tmp, path / MANIFEST)
-    _crash_point("manifest_replaced")
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _crash_point(name: str) -> None:
-    spec = os.environ.get(_CRASH_ENV)
-    if not spec:
-        return
-    point, _, nth = spec.partition("@")
-    if point != name:
-        return
-    _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] >= int(nth or 1):
-        os._exit(77)
+    write_json_atomic(path / MANIFEST, manifest, tmp_name=_MANIFEST_TMP, crash_name="manifest")

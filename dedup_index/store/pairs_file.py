@@ -17,6 +17,7 @@ tolerate repeats; :meth:`PairFile.to_pairset` removes them.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -30,10 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._validation import check_positive_int
+from ..files import atomic_write_bytes, fsync_dir, sha256_file
 from ..search.pairs import PairSet
-from .embeddings import StoreError, _fsync_dir
+from .embeddings import StoreError
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "PAIR_SCHEMA", "PairFile", "PairSink"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "PAIR_SCHEMA", "PairFile", "PairSink", "write_pair_file"]
 
 #: Bytes of pairs a :class:`PairSink` holds in memory before spilling (24 bytes a pair).
 DEFAULT_MEMORY_BUDGET = 256 << 20
@@ -51,19 +53,36 @@ PAIR_SCHEMA = pa.schema(
 class PairFile:
     """A Parquet file of pairs with columns ``i``, ``j`` (int64) and ``similarity`` (float64).
 
-    Opening reads only the footer.  Pairs are in the order they were written, possibly
-    with repeats (see the module docstring).  ``cleanup_dir`` is for :class:`PairSink`: a
-    temporary directory removed with the file by :meth:`cleanup`, when this object is
-    garbage-collected, or at interpreter exit.
+    Opening reads only the footer, or, given ``sha256`` (the hex digest a manifest recorded
+    for it, see :func:`write_pair_file`), first checks the whole file against it and raises
+    :class:`~dedup_index.store.StoreError` naming the file if it differs.  Pairs are in the
+    order they were written, possibly with repeats (see the module docstring).
+    ``cleanup_dir`` is for :class:`PairSink`: a temporary directory removed with the file
+    by :meth:`cleanup`, when this object is garbage-collected, or at interpreter exit.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, cleanup_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        cleanup_dir: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
         self._path = Path(path)
         self._finalizer = (
             None
             if cleanup_dir is None
             else weakref.finalize(self, shutil.rmtree, cleanup_dir, ignore_errors=True)
         )
+        if sha256 is not None:
+            try:
+                digest = sha256_file(self._path)
+            except FileNotFoundError:
+                raise StoreError(f"pair file {self._path} does not exist") from None
+            if digest != sha256:
+                raise StoreError(
+                    f"pair file {self._path} fails its checksum: the file is corrupted or truncated"
+                )
         try:
             meta = pq.read_metadata(self._path)
         except FileNotFoundError:
@@ -205,7 +224,7 @@ class PairSink:
                 os.fsync(f.fileno())
             final = self._final_path()
             os.replace(self._tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             self.abort()
             raise
@@ -253,6 +272,24 @@ class PairSink:
         self._buf_pairs = 0
         table = pa.Table.from_arrays([pa.array(i), pa.array(j), pa.array(s)], schema=PAIR_SCHEMA)
         self._writer.write_table(table)
+
+
+def write_pair_file(path: str | os.PathLike[str], pairs: PairSet) -> str:
+    """Write ``pairs`` as one pair file (the :data:`PAIR_SCHEMA` Parquet that
+    :class:`PairFile` reads), atomically; returns its SHA-256 hex digest, for a manifest to
+    check it by (``PairFile(path, sha256=...)``).  The file is built in memory first: for
+    pair sets that fit there (a :class:`PairSink` spills larger ones)."""
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(pairs.i, dtype=np.int64)),
+            pa.array(np.asarray(pairs.j, dtype=np.int64)),
+            pa.array(np.asarray(pairs.s, dtype=np.float64)),
+        ],
+        schema=PAIR_SCHEMA,
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _column(table: pa.Table | pa.RecordBatch, name: str, dtype: type) -> np.ndarray:

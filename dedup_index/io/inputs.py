@@ -1,4 +1,7 @@
-"""Read what ``dedup-index run INPUT`` (and ``index add/query``) is given into a table.
+"""Input discovery: a folder, a table or a list of paths read into a table of image values.
+
+What ``dedup-index run INPUT``, ``index add/query`` and the Ray path
+(:func:`dedup_index.distributed.embed_table`) are given, read one way for all of them.
 
 Three kinds of input, told apart by what the path is:
 
@@ -10,8 +13,9 @@ Three kinds of input, told apart by what the path is:
 - a text file of paths (``.txt``, ``.lst``, ``.list``): one path per line, blank lines and
   lines starting with ``#`` skipped.
 
-Every problem (missing input, empty table, no image column, unknown extension) is a
-:class:`~dedup_index.cli._common.UsageError`, raised before any image is touched.
+Every problem (missing input, empty table, no image column, unknown extension) is an
+:class:`InputError` (a ``ValueError``), raised before any image is touched; the CLI turns
+it into its exit code 2.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._common import TABLE_FORMATS, UsageError
+from ..errors import DedupIndexError
+
+#: Table formats read (and written by the CLI), by file extension.
+TABLE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -34,6 +41,10 @@ IMAGE_EXTENSIONS = (
     ".webp",
 )
 TEXT_EXTENSIONS = (".txt", ".lst", ".list")
+
+
+class InputError(DedupIndexError, ValueError):
+    """The input cannot be read as a table of images (missing, empty, no image column)."""
 
 
 @dataclass
@@ -55,24 +66,26 @@ class Input:
 
 
 def read_input(path: str | os.PathLike, image_key: str, image_root: str | None = None) -> Input:
-    """Read ``path`` (folder, table or text file of paths) and check its image column."""
+    """Read ``path`` (folder, table or text file of paths) and check its image column.
+
+    Raises :class:`InputError` naming the problem."""
     import pandas as pd
 
     source = Path(path)
     if not source.exists():
-        raise UsageError(f"input {str(source)!r} does not exist")
+        raise InputError(f"input {str(source)!r} does not exist")
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():
-        raise UsageError(f"--image-root {str(root)!r} is not a folder")
+        raise InputError(f"--image-root {str(root)!r} is not a folder")
     if source.is_dir():
         if root is not None:
-            raise UsageError(
+            raise InputError(
                 "--image-root is for table and text inputs; a folder input's images are "
                 "found (and loaded) relative to the folder itself"
             )
         files = list_images(source)
         if not files:
-            raise UsageError(
+            raise InputError(
                 f"no image files under {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                 "any case, recursively)"
             )
@@ -80,12 +93,12 @@ def read_input(path: str | os.PathLike, image_key: str, image_root: str | None =
         return Input(source, "folder", frame, image_key, "jsonl", source)
     suffix = source.suffix.lower()
     if suffix in TABLE_FORMATS:
-        from ..operator.storage import read_table
+        from .tables import read_table
 
         try:
             frame = read_table(source, TABLE_FORMATS[suffix])
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise InputError(str(exc)) from None
         fmt = TABLE_FORMATS[suffix]
         kind = "table"
     elif suffix in TEXT_EXTENSIONS:
@@ -94,15 +107,15 @@ def read_input(path: str | os.PathLike, image_key: str, image_root: str | None =
         frame = pd.DataFrame({image_key: paths})
         fmt, kind = "jsonl", "text"
     else:
-        raise UsageError(
+        raise InputError(
             f"cannot tell what {str(source)!r} is from its extension {suffix or '(none)'!r}: "
             f"give a folder, a table ({', '.join(TABLE_FORMATS)}) or a text file of paths "
             f"({', '.join(TEXT_EXTENSIONS)})"
         )
     if len(frame) == 0:
-        raise UsageError(f"input {str(source)!r} has no rows: nothing to deduplicate")
+        raise InputError(f"input {str(source)!r} has no rows: nothing to deduplicate")
     if image_key not in frame.columns:
-        raise UsageError(
+        raise InputError(
             f"image column {image_key!r} not found in {str(source)!r}; its columns are "
             f"{', '.join(map(str, frame.columns))} (pass --image-key COLUMN)"
         )
@@ -121,12 +134,12 @@ def list_images(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def row_key(value: Any, row: int) -> str:
-    """A readable key for a row's image value: its path, else ``row N``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
-        return value["path"]
-    return f"row {row}"
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TABLE_FORMATS",
+    "TEXT_EXTENSIONS",
+    "Input",
+    "InputError",
+    "list_images",
+    "read_input",
+]

@@ -1,0 +1,217 @@
+"""The tile machinery the exact searches share: ``blocked``, ``cross`` and the Ray tiles.
+
+Every exact search cuts the similarity matrix into float32 GEMM tiles, gathers pair
+candidates above ``threshold - delta`` and keeps, per row, every entry within ``delta`` of
+its running float32 maximum (:class:`NearBest`); the survivors are rescored canonically
+(:func:`canonical_maxima`, :func:`rescore_keys`).  The ``blocked`` backend, the persistent
+index's cross search (:mod:`.cross`) and the Ray tile tasks
+(:mod:`dedup_index.distributed.tiles`) all run *this* code, which is why their pairs,
+nearest and best-earlier scores agree bit for bit: a second copy of any piece here would
+be free to drift (a different near-tie rule, a different gather bound) and the three would
+no longer give the same bits for the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .canonical import canonical_scores
+
+__all__ = [
+    "DEFAULT_COLS",
+    "DEFAULT_ROWS",
+    "DENSE_GATHER",
+    "RESCORE_PAIRS",
+    "NearBest",
+    "NumpyTiles",
+    "canonical_best",
+    "canonical_maxima",
+    "nonzero2d",
+    "rescore_keys",
+]
+
+#: Rows per row block, and columns per GEMM tile (a row block meets the later rows in
+#: chunks of this many): wide tiles keep the GEMM near its peak, short row blocks keep
+#: the wasted lower triangle of the diagonal tiles (``N * rows / 2`` products) small.
+#: The tile shape never changes a bit of the result (maxima are decided canonically).
+DEFAULT_ROWS = 2048
+DEFAULT_COLS = 8192
+#: Pairs per canonical rescoring call in :func:`rescore_keys`: the float64 scratch (a few
+#: arrays of ``pairs * D * 8`` bytes) stays in cache; the bits do not depend on it.
+RESCORE_PAIRS = 512
+#: Above this share of relevant rows (columns), one compare over the whole tile beats
+#: copying the selected rows (columns) out first (same entries either way).
+DENSE_GATHER = 0.15
+
+
+class NearBest:
+    """Per row: its running float32 maximum and every entry within ``delta`` of it.
+
+    Why: a float32 near-tie can hide the true (canonical) maximum, so the maximum is not
+    taken on float32 values.  Each row keeps the entries within ``delta`` of its running
+    maximum (a tile adds entries only when it raises or nearly ties it: a few per row);
+    :meth:`survivors` filters them on the final maximum and the caller rescores them
+    canonically (:func:`canonical_maxima`).  The entry holding the canonical maximum is
+    always among the survivors, since ``delta`` is four times the float32 error bound.
+    """
+
+    def __init__(self, n: int, delta: float) -> None:
+        self.best = np.full(n, -np.inf, dtype=np.float32)
+        self.delta = np.float32(delta)
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+
+    def update(self, rows: np.ndarray, tile_max: np.ndarray, gather: Callable) -> None:
+        """``rows``: global ids; ``tile_max``: their max in this tile; ``gather(sel, lo)``
+        returns ``(local_row, other_global_id, score)`` of the entries ``>= lo`` of local
+        rows ``sel``."""
+        new_best = np.maximum(self.best[rows], tile_max)
+        self.best[rows] = new_best
+        relevant = np.flatnonzero((tile_max >= new_best - self.delta) & np.isfinite(tile_max))
+        if relevant.size:
+            local, other, vals = gather(relevant, new_best[relevant] - self.delta)
+            self.rows.append(rows[local])
+            self.cols.append(other)
+            self.vals.append(vals)
+
+    def survivors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, other)`` entries within ``delta`` of the row's final float32 maximum."""
+        if not self.rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = np.concatenate(self.rows).astype(np.int64)
+        keep = np.concatenate(self.vals) >= self.best[rows] - self.delta
+        return rows[keep], np.concatenate(self.cols).astype(np.int64)[keep]
+
+
+class NumpyTiles:
+    """Tile operations on the CPU in numpy: row blocks, the GEMM, the diagonal mask, maxima,
+    candidates above a bound and the near-best gathers of :class:`NearBest`.
+
+    One BLAS for everything: mixing torch's OpenMP pool with numpy's OpenBLAS threads made
+    both spin against each other (the same search ran 25% slower than torch alone), and
+    OpenBLAS's SGEMM is 1.4-1.6x torch's MKL on the AMD CPUs measured here.  ``embeddings``
+    is an array or anything indexable like one (a store: the last row block and the last
+    column block are kept)."""
+
+    def __init__(self, embeddings, rows_per: int, cols_per: int) -> None:
+        self.embeddings = embeddings
+        self.in_memory = isinstance(embeddings, np.ndarray)
+        self.buf = np.empty(rows_per * cols_per, dtype=np.float32)
+        self.rows_per = rows_per
+        self._lower: np.ndarray | None = None  # c <= r: the row itself and earlier rows
+        self.cache: dict[bool, tuple[tuple[int, int], np.ndarray]] = {}
+
+    def block(self, a: int, b: int, second: bool) -> np.ndarray:
+        """Rows ``a:b`` as float32 (``second``: the column side, cached apart)."""
+        if self.in_memory:
+            return self.embeddings[a:b]
+        key, rows = self.cache.get(second, (None, None))
+        if key != (a, b):  # a store: keep the last row block and the last column block
+            rows = np.ascontiguousarray(self.embeddings[a:b], dtype=np.float32)
+            self.cache[second] = ((a, b), rows)
+        return rows
+
+    def product(self, rows_a: np.ndarray, rows_c: np.ndarray) -> np.ndarray:
+        """``rows_a @ rows_c.T`` into the preallocated buffer (overwritten by the next)."""
+        out = self.buf[: rows_a.shape[0] * rows_c.shape[0]].reshape(rows_a.shape[0], -1)
+        return np.matmul(rows_a, rows_c.T, out=out)
+
+    def mask_diagonal(self, s: np.ndarray, ra: int) -> None:
+        """Set the entries ``c <= r`` of a diagonal tile to ``-inf`` (self, earlier rows)."""
+        np.copyto(s[:, :ra], -np.inf, where=self.lower(0, ra))
+
+    def lower(self, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1``, columns ``:r1`` of the diagonal tile's mask ``c <= r``."""
+        if self._lower is None:
+            self._lower = np.tri(self.rows_per, dtype=bool)
+        return self._lower[r0:r1, :r1]
+
+    def maxima(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column maxima of a tile."""
+        return s.max(axis=1), s.max(axis=0)
+
+    def above(self, s: np.ndarray, rows: np.ndarray, bound) -> tuple[np.ndarray, np.ndarray]:
+        """``(index into rows, column)`` of the entries ``> bound`` of tile rows ``rows``."""
+        return nonzero2d(s[rows] > bound)
+
+    def gather(self, s, offset: int, columns: bool, sel: np.ndarray, lo: np.ndarray):
+        """Entries ``>= lo`` of the selected rows (or columns) ``sel`` of tile ``s``:
+        ``(row or column within the tile, other row id, float32 score)``."""
+        size = s.shape[1] if columns else s.shape[0]
+        if sel.size > DENSE_GATHER * size:
+            bound = np.full(size, np.inf, dtype=np.float32)
+            bound[sel] = lo
+            li, lj = nonzero2d(s >= (bound[None, :] if columns else bound[:, None]))
+            vals = s[li, lj]
+            if columns:
+                li, lj = lj, li
+            return li, lj.astype(np.int64) + offset, vals
+        sub = s[:, sel].T if columns else s[sel]
+        li, lj = nonzero2d(sub >= lo[:, None])
+        return sel[li], lj + offset, sub[li, lj]
+
+
+def nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D mask, ~10x faster for sparse masks (flat scan, then divmod);
+    the same indices in the same (row-major) order."""
+    flat = np.flatnonzero(mask)
+    return np.divmod(flat, mask.shape[1])
+
+
+def canonical_maxima(embeddings, later: NearBest, earlier: NearBest, *, workers: int = 1):
+    """Canonical best-later and best-earlier score per row, from the near-best survivors.
+
+    Each pair is rescored once (the later entry ``(i, j)`` of row ``i`` is the earlier
+    entry of row ``j``); the rescoring is cut into cache-sized calls, shared by
+    ``workers`` threads (:func:`rescore_keys`).  Returns float64 arrays, ``-inf`` for a
+    row with no later (earlier) row."""
+    n = later.best.shape[0]
+    li, lj = later.survivors()
+    ej, ei = earlier.survivors()  # row j, its earlier partner i
+    lo = np.concatenate([li, ei])
+    hi = np.concatenate([lj, ej])
+    key = np.unique(lo * n + hi)
+    scores = rescore_keys(embeddings, key // n, key % n, workers)
+    best_later = np.full(n, -np.inf)
+    best_earlier = np.full(n, -np.inf)
+    np.maximum.at(best_later, li, scores[np.searchsorted(key, li * n + lj)])
+    np.maximum.at(best_earlier, ej, scores[np.searchsorted(key, ei * n + ej)])
+    return best_later, best_earlier
+
+
+def canonical_best(own, other, near: NearBest) -> np.ndarray:
+    """Canonical best score per row of ``own`` against the rows of ``other``, from its
+    near-best survivors (``near``'s partners index ``other``); ``-inf`` where none.
+
+    The cross searches' maxima (queries against a base, each side in turn): a canonical
+    score is the same bits whichever matrix is ``own``, so both sides agree."""
+    rows, partners = near.survivors()
+    out = np.full(near.best.shape[0], -np.inf)
+    if rows.size:
+        np.maximum.at(out, rows, canonical_scores(own, rows, partners, other=other))
+    return out
+
+
+def rescore_keys(embeddings, i: np.ndarray, j: np.ndarray, workers: int = 1) -> np.ndarray:
+    """``canonical_scores(embeddings, i, j)`` in calls of :data:`RESCORE_PAIRS` pairs
+    (its float64 scratch then stays in cache: ~2.5x faster), over ``workers`` threads
+    when it is worth it.  The same bits: each pair's score depends on that pair alone."""
+    out = np.empty(i.shape[0], dtype=np.float64)
+    spans = [(k, min(i.shape[0], k + RESCORE_PAIRS)) for k in range(0, i.shape[0], RESCORE_PAIRS)]
+
+    def part(lo: int, hi: int) -> None:
+        out[lo:hi] = canonical_scores(embeddings, i[lo:hi], j[lo:hi])
+
+    if workers > 1 and len(spans) > 4 * workers and isinstance(embeddings, np.ndarray):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for job in [pool.submit(part, lo, hi) for lo, hi in spans]:
+                job.result()
+    else:
+        for lo, hi in spans:
+            part(lo, hi)
+    return out
