@@ -7,8 +7,7 @@ transformers load only when an image encoder is built (the operator, ``encode``)
 from __future__ import annotations
 
 import os
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # The same image must embed to the same bits whatever the thread count (one machine with
 # 16 threads, a Ray actor with 1): MKL's GEMM splits small products across threads, which
@@ -21,6 +20,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved on first access (PEP 562) so that heavy
 # dependencies are imported only by the stage that needs them.
+from .lazy import lazy_exports  # noqa: E402 - after MKL_CBWR, before anything heavy
+
 _LAZY = {
     "dedup_embeddings": "dedup_index.dedup",
     "DedupResult": "dedup_index.dedup",
@@ -59,14 +60,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .search.pairs import PairSet  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dedup_index' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

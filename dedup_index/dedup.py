@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_choice, check_positive_int, check_threshold
 from .policy import POLICIES, decide
 from .progress import progress as progress_bar
 from .search import PairSet, as_unit_float32, best_pair_score, check_backend, search
 from .store import EmbeddingStore, PairSink, open_or_array
 from .store.pairs_file import DEFAULT_MEMORY_BUDGET
+from .validation import check_choice, check_positive_int, check_threshold
 
 logger = logging.getLogger(__name__)
 

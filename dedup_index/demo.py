@@ -159,7 +159,9 @@ def run_demo(
     """Build the collection under ``out``, dedup it, print what happened; ``report``: also
     an HTML report there.  0 when every planted copy and no original is removed, else 1;
     2 when the model cannot be loaded or the threshold is outside [0, 1]."""
-    from dedup_index import FileStorage, ImageDeduplicateFilter, ModelLoadError
+    from .errors import ModelLoadError
+    from .operator.filter import ImageDeduplicateFilter
+    from .operator.storage import FileStorage
 
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         print(f"error: --threshold must be in [0, 1], got {threshold}", file=sys.stderr)

@@ -99,11 +99,8 @@ def progress(
     """
     if not progress_enabled(enabled, file):
         return NullProgress(total, desc)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        logger.debug("tqdm is not installed: no progress bar for %r", desc)
-        return NullProgress(total, desc)
+    from tqdm import tqdm
+
     return tqdm(
         total=total,
         desc=desc,

@@ -32,10 +32,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._validation import check_choice, check_threshold
 from .dedup import SCORES, DedupResult, dedup_embeddings
 from .policy import POLICIES
 from .search import PairSet, as_unit_float32, canonical_scores
+from .validation import check_choice, check_threshold
 
 __all__ = [
     "BadEmbeddings",

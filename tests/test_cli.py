@@ -111,7 +111,7 @@ def test_help_on_every_subcommand_has_examples(command):
 def test_option_choices_are_the_librarys():
     """The parser spells its choices out (so --help imports nothing heavy): same as the
     library's."""
-    from dedup_index.cli import _common
+    from dedup_index.cli import common as _common
     from dedup_index.dedup import SCORES
     from dedup_index.index.ann import ANN_BACKENDS
     from dedup_index.policy import POLICIES

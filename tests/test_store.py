@@ -295,7 +295,6 @@ def test_read_only_mode_writes_nothing(tmp_path):
     with EmbeddingStore.open(path, "r") as s:
         s.to_array(), s[[3, 15, 0]], s[2:16], s.keys(), s.key_index(), s.nbytes_on_disk
         list(s.iter_blocks(5))
-        s.flush()
         with pytest.raises(StoreError):
             s.append(unit(1), ["x"])
     assert open_or_array(str(path)).shape == (17, DIM)

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from ._common import EXIT_FAILURE, EXIT_USAGE, UsageError, setup_logging
+from .common import EXIT_FAILURE, EXIT_USAGE, UsageError, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dedup-index`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments, 0 on --help
-    verbose = getattr(args, "verbose", 0)
+    verbose = args.verbose
     setup_logging(verbose)
     try:
         return int(args.func(args) or 0)

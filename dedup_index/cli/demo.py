@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import UsageError, check_threshold_arg
+from .common import UsageError, check_threshold_arg
 
 DESCRIPTION = """\
 The README's main command, offline: builds a collection of real photos (from

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..io.inputs import InputError, read_input
 from ..io.keys import image_key
-from ._common import (
+from .common import (
     INDEX_BACKENDS,
     POLICIES,
     UsageError,

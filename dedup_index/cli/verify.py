@@ -14,7 +14,7 @@ import argparse
 import time
 from typing import Any
 
-from ._common import UsageError, check_positive, check_threshold_arg
+from .common import UsageError, check_positive, check_threshold_arg
 
 DESCRIPTION = """\
 Check this installation's search backends against the dense oracle on generated

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
 from ..files import atomic_write_bytes
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure
 from ..progress import progress as progress_bar
 from ..store import EmbeddingStore, StoreError
+from ..validation import check_positive_int
 from . import tiles as tl
 from .cluster import cluster_cpus, connect
 

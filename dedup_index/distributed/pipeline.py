@@ -9,10 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .._validation import check_threshold
 from ..dedup import DedupResult
 from ..errors import NoValidImagesError
 from ..io import LoadFailure
+from ..validation import check_threshold
 from .embed import embed_table
 from .search import dedup_store
 

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
 from ..dedup import DedupResult, dedup_embeddings
 from ..search import SearchResult
 from ..store import EmbeddingStore, PairSink
 from ..store.pairs_file import DEFAULT_MEMORY_BUDGET
+from ..validation import check_positive_int
 from . import tiles as tl
 from .cluster import cluster_cpus, connect
 

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..lazy import lazy_exports
+
 _LAZY = {
     "embed_images": "dedup_index.encode.pipeline",
+    "EmbeddedImages": "dedup_index.encode.pipeline",
     "iter_embedded_batches": "dedup_index.encode.pipeline",
     "EmbeddedBatch": "dedup_index.encode.pipeline",
     "Preprocessor": "dedup_index.encode.preprocess",
@@ -52,12 +55,13 @@ def load_encoder(
     return CLIPEncoder(model_name, device=device, batch_size=batch_size, **options)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["EmbeddedBatch", "Preprocessor", "embed_images", "iter_embedded_batches", "load_encoder"]
+__all__ = [
+    "EmbeddedBatch",
+    "EmbeddedImages",
+    "Preprocessor",
+    "embed_images",
+    "iter_embedded_batches",
+    "load_encoder",
+]

@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .._validation import check_choice
 from ..errors import DedupIndexError
 from ..files import WriterLock
 from ..io import DEFAULT_MAX_PIXELS
 from ..io.keys import content_key, image_path
 from ..store.embeddings import MANIFEST, EmbeddingStore
+from ..validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +305,7 @@ class EmbeddingCache:
             return 0
         if self._store is None:
             self._create(arr.shape[1])
-        store = self._store
-        assert store is not None
+        store = self._store  # made by _create above, if it was missing
         if store.mode != "a":
             return 0
         rows = arr[take]

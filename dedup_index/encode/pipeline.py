@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._validation import check_positive_int
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..validation import check_positive_int
 from .runtime import available_cpus
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_choice, check_positive_int
+from ..validation import check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_choice, check_threshold
 from ..errors import DedupIndexError
 from ..files import WriterLock, atomic_write_bytes, crash_point, read_json, write_json_atomic
 from ..policy import POLICIES, decide
@@ -52,6 +51,7 @@ from ..search.cross import cross_search
 from ..search.flat import flat_cross_search
 from ..search.pairs import PairSet, concat_pairsets
 from ..store import EmbeddingStore, PairFile, StoreError, write_pair_file
+from ..validation import check_choice, check_threshold
 from .ann import ANN_BACKENDS, AnnIndex, Concat
 
 FORMAT = "dedup-index"

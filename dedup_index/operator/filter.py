@@ -21,12 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._validation import (
-    check_choice,
-    check_non_negative_int,
-    check_positive_int,
-    check_threshold,
-)
 from ..dedup import SCORES, DedupResult, dedup_embeddings
 from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, model_identity
 from ..encode.pipeline import EmbeddedImages, embed_images
@@ -35,7 +29,13 @@ from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
 from ..io.keys import image_key
 from ..io.tables import write_table
 from ..policy import POLICIES
-from ..search import BACKENDS
+from ..search import check_backend, get_backend
+from ..validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    check_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ImageDeduplicateFilter:
         self.on_error = check_choice(on_error, ON_ERROR, "on_error")
         self.rejects_path = rejects_path
         self.score = check_choice(score, SCORES, "score")
-        self.backend = check_choice(backend, BACKENDS, "backend")
+        self.backend = check_backend(backend)
         self.policy = check_choice(policy, POLICIES, "policy")
         self.threads = check_positive_int(threads, "threads", allow_none=True)
         try_load_image(None, max_pixels=max_pixels)  # validates max_pixels
@@ -512,13 +512,15 @@ def _check_ray(ray: Any, work_dir: Any, backend: str, **others: Any) -> tuple[bo
             raise ValueError("ray_work_dir is only used with ray=True or a Ray address")
         return False, None
     bad = [name for name, value in others.items() if value is not None]
-    if backend not in ("auto", "blocked", "ray"):
+    allowed = get_backend("ray").replaces
+    if backend not in (*allowed, "ray"):
         bad.insert(0, "backend")
     if bad:
         raise ValueError(
             f"ray=... runs the exact tile search with actors that load model_name; "
-            f"it does not take {', '.join(bad)} (backend must be 'auto' or 'blocked', "
-            f"got {backend!r}; use ray_work_dir to resume a run)"
+            f"it does not take {', '.join(bad)} (backend must be "
+            f"{' or '.join(map(repr, allowed))}, got {backend!r}; use ray_work_dir to "
+            "resume a run)"
         )
     import importlib.util
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from .._validation import check_choice
 from ..io.tables import TABLE_TYPES, read_table, type_from_extension, write_table
+from ..validation import check_choice
 
 #: DataFlow's cache types: the table types of :mod:`dedup_index.io.tables`.
 CACHE_TYPES = TABLE_TYPES

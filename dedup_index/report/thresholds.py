@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._validation import check_threshold
 from ..policy import decide
 from ..search.pairs import PairSet
+from ..validation import check_threshold
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

@@ -210,9 +210,10 @@ def _auto(embeddings, threshold, *, nearest, threads, device, options, sink, pro
     n, d = embeddings.shape
     name, why = choose_backend(n, d, device=device)
     logger.info("backend='auto' picked %r (%s)", name, why)
-    return get_backend(name).search(
+    return search(
         embeddings,
         threshold,
+        backend=name,
         nearest=nearest,
         threads=threads,
         device=device,

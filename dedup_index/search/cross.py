@@ -79,6 +79,16 @@ def cross_search(
                 b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
     q = np.concatenate(found_q) if found_q else empty
     b = np.concatenate(found_b) if found_b else empty
+    return cross_result(queries, base, threshold, q, b, q_near, b_near)
+
+
+def cross_result(
+    queries, base, threshold: float, q: np.ndarray, b: np.ndarray, q_near, b_near
+) -> CrossResult:
+    """The one assembly of a cross search (tiles here, FAISS in ``flat``): candidates
+    ``(q, b)`` rescored canonically, those ``>= threshold`` sorted by ``(b, q)``, and the
+    canonical best scores from the :class:`~.tiles.NearBest` trackers (``b_near=None``:
+    base rows' bests not wanted, all -inf)."""
     scores = canonical_scores(queries, q, b, other=base)
     keep = scores >= threshold
     q, b, scores = q[keep], b[keep], scores[keep]
@@ -88,5 +98,7 @@ def cross_search(
         b[order],
         scores[order],
         canonical_best(queries, base, q_near),
-        canonical_best(base, queries, b_near),
+        canonical_best(base, queries, b_near)
+        if b_near is not None
+        else np.full(base.shape[0], -np.inf),
     )

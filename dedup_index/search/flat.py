@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from .canonical import candidate_delta, canonical_scores, rows_of
-from .cross import CrossResult
+from .cross import CrossResult, cross_result
 from .pairs import PairSet, best_pair_score, rescore_candidates
-from .tiles import NearBest, canonical_best
+from .tiles import NearBest
 
 DEFAULT_QUERY_BLOCK = 4096
 DEFAULT_DB_BLOCK = 8192
@@ -287,17 +287,8 @@ def flat_cross_search(
     q = np.concatenate([f[0] for f in found]) if found else empty
     b = np.concatenate([f[1] for f in found]) if found else empty
     key = np.unique(q * n + b)
-    q, b = key // n, key % n
-    scores = canonical_scores(queries, q, b, other=base)
-    hit = scores >= threshold
-    q, b, scores = q[hit], b[hit], scores[hit]
-    order = np.lexsort((q, b))
-    return CrossResult(
-        q[order],
-        b[order],
-        scores[order],
-        canonical_best(queries, base, q_near),
-        canonical_best(base, queries, b_near) if base_best else np.full(n, -np.inf),
+    return cross_result(
+        queries, base, threshold, key // n, key % n, q_near, b_near if base_best else None
     )
 
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
+from ..validation import check_positive_int
 from .canonical import canonical_scores, rows_of
 from .flat import NEAREST_K, faiss_module
 from .ivf import ADD_BLOCK, index_search

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
+from ..validation import check_positive_int
 from .canonical import candidate_delta, canonical_scores, rows_of
 from .flat import NEAREST_K, faiss_module
 from .pairs import PairSet, best_pair_score, rescore_candidates

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_positive_int
+from ..validation import check_positive_int
 from .backends import check_backend, search
 from .canonical import as_unit_float32, candidate_delta, canonical_scores
 from .pairs import PairSet

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_choice, check_positive_int
 from ..errors import DedupIndexError
 from ..files import crash_point, fsync_dir, read_json, write_json_atomic
 from ..search.canonical import as_unit_float32
+from ..validation import check_choice, check_positive_int
 
 __all__ = [
     "DEFAULT_SHARD_ROWS",
@@ -389,11 +389,6 @@ class EmbeddingStore:
         self._key_index = None
         if count == 0:
             self._has_keys = None
-
-    def flush(self) -> None:
-        """Nothing to do: every :meth:`append` is durable when it returns.  Kept for the
-        file-like protocol, so callers may flush without knowing that."""
-        self._check_open()
 
     def close(self) -> None:
         """Release the memory maps; the store object is unusable afterwards."""

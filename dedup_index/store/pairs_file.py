@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._validation import check_positive_int
 from ..files import atomic_write_bytes, fsync_dir, sha256_file
 from ..search.pairs import PairSet
+from ..validation import check_positive_int
 from .embeddings import StoreError
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "PAIR_SCHEMA", "PairFile", "PairSink", "write_pair_file"]
@@ -255,10 +255,8 @@ class PairSink:
             self.abort()
 
     def _final_path(self) -> Path:
-        if self._path is not None:
-            return self._path
-        assert self._tmpdir is not None
-        return Path(self._tmpdir) / "pairs.parquet"
+        # No path given: the spill made a temporary directory for the file.
+        return self._path if self._path is not None else Path(self._tmpdir) / "pairs.parquet"
 
     def _spill(self) -> None:
         if self._writer is None:
