@@ -64,6 +64,73 @@ def gemm_rate(rows: int = 2048, dim: int = 512, cols: int = 8192, repeats: int =
     return 2.0 * rows * dim * cols / best / 1e9
 
 
+def blas_kernel() -> str:
+    """numpy's BLAS and the kernel it runs (threadpoolctl: e.g. ``openblas Haswell``)."""
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return f"{pool.get('internal_api')} {pool.get('architecture', '?')}"
+    return "?"
+
+
+def numpy_default_rate(rows: int = 2048, dim: int = 512, cols: int = 8192) -> tuple[float, str]:
+    """:func:`gemm_rate` in a subprocess with ``OPENBLAS_CORETYPE`` and
+    ``OPENBLAS_L2_SIZE`` unset (OpenBLAS then picks its kernel for this CPU): the machine's
+    real numpy float32 ceiling, beside the one CI's environment gives.  ``(GFLOP/s,
+    kernel)``."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    }
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import _common as c; "
+        f"print(json.dumps([c.gemm_rate({rows}, {dim}, {cols}), c.blas_kernel()]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(BENCH)], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        return float("nan"), "failed: " + done.stderr.strip()[-200:]
+    rate, kernel = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(rate), kernel
+
+
+def torch_rates(rows: int = 2048, dim: int = 512, cols: int = 8192, repeats: int = 5) -> dict:
+    """GFLOP/s of torch's GEMMs on the same shape, all threads: float32, bf16 through
+    oneDNN with float32 output, and plain bf16 with bf16 output (what
+    ``precision="bf16"`` runs on the CPU).  Empty without torch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    rng = np.random.default_rng(12345)
+    a = torch.from_numpy(rng.standard_normal((rows, dim), dtype=np.float32))
+    b = torch.from_numpy(rng.standard_normal((cols, dim), dtype=np.float32))
+    out = torch.empty(rows, cols)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    ar, br = ab.float(), bb.float()
+
+    def best(fn) -> float:
+        fn()
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return 2.0 * rows * dim * cols / t / 1e9
+
+    mk = torch.backends.mkldnn.matmul
+    rates = {"torch fp32": best(lambda: torch.mm(a, b.T, out=out))}
+    saved = mk.fp32_precision
+    try:
+        mk.fp32_precision = "bf16"
+        rates["torch bf16 (oneDNN, fp32 out)"] = best(lambda: torch.mm(ar, br.T, out=out))
+    finally:
+        mk.fp32_precision = saved
+    rates["torch bf16 (bf16 out)"] = best(lambda: torch.mm(ab, bb.T))
+    return rates
+
+
 def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (1,)) -> str:
     """Plain aligned table: columns in ``left`` left-aligned, the others right-aligned; an
     empty row prints as a blank line."""
@@ -166,9 +233,22 @@ def ensure_data(n: int, dim: int = 512, seed: int = 0) -> Path:
     return path
 
 
-def store_path(n: int, dim: int = 512, seed: int = 0) -> Path:
+#: Stores above this many rows are generated chunk by chunk
+#: (``synthetic.clustered_unit_vector_chunks``: peak RSS O(chunk), not O(N)).
+CHUNKED_ABOVE = 200_000
+
+
+def store_generator(n: int) -> str:
+    """The generator a store of ``n`` rows is built with (recorded and checked)."""
+    if n > CHUNKED_ABOVE:
+        return "bench/synthetic.py clustered_unit_vector_chunks"
+    return "bench/synthetic.py clustered_unit_vectors"
+
+
+def store_path(n: int, dim: int = 512, seed: int = 0, dtype: str = "float32") -> Path:
     tag = f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
-    return OUT / f"store_{tag}" if (dim, seed) == (512, 0) else OUT / f"store_{n}x{dim}_s{seed}"
+    base = OUT / f"store_{tag}" if (dim, seed) == (512, 0) else OUT / f"store_{n}x{dim}_s{seed}"
+    return base if dtype == "float32" else Path(f"{base}_{dtype}")
 
 
 def store_record(path: Path) -> dict[str, Any] | None:
@@ -181,12 +261,18 @@ def store_record(path: Path) -> dict[str, Any] | None:
     return rec if rec.get("complete") and count == rec.get("n") else None
 
 
-def ensure_store(n: int, dim: int = 512, seed: int = 0, *, rebuild: bool = False) -> dict:
-    """A store of ``clustered_unit_vectors(n, dim, seed)``, built in a fresh subprocess
-    unless a complete one is there; returns its build record (``reused`` says which)."""
-    path = store_path(n, dim, seed)
+def ensure_store(
+    n: int, dim: int = 512, seed: int = 0, *, rebuild: bool = False, dtype: str = "float32"
+) -> dict:
+    """A store of ``clustered_unit_vectors(n, dim, seed)`` (chunked above
+    :data:`CHUNKED_ABOVE` rows: :func:`store_generator`), rows kept as ``dtype``, built in a
+    fresh subprocess unless a complete one is there; returns its build record
+    (``reused`` says which)."""
+    path = store_path(n, dim, seed, dtype)
     rec = store_record(path)
-    want = {"n": n, "dim": dim, "seed": seed}
+    want = {"n": n, "dim": dim, "seed": seed, "generator": store_generator(n)}
+    if dtype != "float32":
+        want["dtype"] = dtype
     if rec and not rebuild and all(rec.get(k) == v for k, v in want.items()):
         return {**rec, "reused": True, "path": str(path)}
     if path.exists():
@@ -194,7 +280,8 @@ def ensure_store(n: int, dim: int = 512, seed: int = 0, *, rebuild: bool = False
 
         shutil.rmtree(path)
     Path(str(path) + ".build.json").unlink(missing_ok=True)
-    res = run_worker({"task": "build_store", "n": n, "dim": dim, "seed": seed, "path": str(path)})
+    spec = {"task": "build_store", "n": n, "dim": dim, "seed": seed, "path": str(path)}
+    res = run_worker({**spec, "dtype": dtype})
     return {**res, "reused": False, "path": str(path)}
 
 
@@ -231,23 +318,39 @@ def run_worker(spec: dict[str, Any], timeout: float | None = None) -> dict[str, 
 
 
 def _build_store(spec: dict[str, Any]) -> dict[str, Any]:
-    """Generate all rows (the generator is not chunked: clusters and the final shuffle
-    span all rows), then append them in pieces of 65536 rows."""
-    from synthetic import clustered_unit_vectors
+    """Up to :data:`CHUNKED_ABOVE` rows: generate all rows (clusters and the final shuffle
+    span all rows), then append them in pieces of 65536 rows.  Above: generate and append
+    65536 rows at a time (``clustered_unit_vector_chunks``), so the builder's peak RSS
+    stays near one chunk (the whole-array generator peaked at 17.5 GiB for 1M rows)."""
+    from synthetic import clustered_unit_vector_chunks, clustered_unit_vectors
 
     from dedup_index.store import EmbeddingStore
 
     n, dim, seed = spec["n"], spec["dim"], spec["seed"]
-    t0 = time.perf_counter()
-    rows = clustered_unit_vectors(n, dim, seed=seed)
-    t_gen = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    meta = {"generator": "bench/synthetic.py clustered_unit_vectors", "n": n, "dim": dim}
-    store = EmbeddingStore.create(spec["path"], dim, meta={**meta, "seed": seed})
-    for a in range(0, n, 65_536):
-        store.append(rows[a : a + 65_536], normalize=False)
+    dtype = spec.get("dtype", "float32")
+    generator = store_generator(n)
+    meta = {"generator": generator, "n": n, "dim": dim}
+    if dtype != "float32":
+        meta["dtype"] = dtype
+    store = EmbeddingStore.create(spec["path"], dim, meta={**meta, "seed": seed}, dtype=dtype)
+    t_gen = t_write = 0.0
+    if n > CHUNKED_ABOVE:
+        chunks = clustered_unit_vector_chunks(n, dim, seed=seed)
+    else:
+        t0 = time.perf_counter()
+        rows = clustered_unit_vectors(n, dim, seed=seed)
+        t_gen += time.perf_counter() - t0
+        chunks = (rows[a : a + 65_536] for a in range(0, n, 65_536))
+    while True:
+        t0 = time.perf_counter()
+        block = next(chunks, None)
+        t_gen += time.perf_counter() - t0
+        if block is None:
+            break
+        t1 = time.perf_counter()
+        store.append(block, normalize=False)
+        t_write += time.perf_counter() - t1
     store.close()
-    t_write = time.perf_counter() - t1
     rec = {
         **meta,
         "seed": seed,

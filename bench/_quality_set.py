@@ -204,16 +204,20 @@ def build_set(
     seed: int = 0,
     tile_side: int = TILE_SIDE,
     shuffle: bool = True,
+    catalog: dict[str, tuple[str, Callable[[Image.Image], Image.Image]]] | None = None,
 ) -> QualitySet:
     """Tile every source photo, make each transform of each tile, label and shuffle.
 
     ``sources`` lists ``(skimage.data name, rows, cols, kept cells or None)``.  Returns
     ``len(tiles) * (1 + len(transforms))`` rows.  Deterministic for a given ``seed``.
+    ``catalog`` maps transform names to ``(description, function)`` (default
+    :data:`TRANSFORMS`; the harder set of ``_hard_set.py`` passes its own).
     """
-    names = tuple(TRANSFORMS) if transforms is None else tuple(transforms)
-    unknown = [t for t in names if t not in TRANSFORMS]
+    catalog = TRANSFORMS if catalog is None else catalog
+    names = tuple(catalog) if transforms is None else tuple(transforms)
+    unknown = [t for t in names if t not in catalog]
     if unknown:
-        raise ValueError(f"unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
+        raise ValueError(f"unknown transform(s) {unknown}; choose from {list(catalog)}")
     if tile_side < 16:
         raise ValueError(f"tile_side must be >= 16 pixels, got {tile_side}")
     images: list[Image.Image] = []
@@ -235,7 +239,7 @@ def build_set(
             tile = img.crop(box)
             tiles.append(f"{name}[{k // cols},{k % cols}]")
             for t in (ORIGINAL, *names):
-                images.append(tile if t == ORIGINAL else TRANSFORMS[t][1](tile))
+                images.append(tile if t == ORIGINAL else catalog[t][1](tile))
                 group.append(len(tiles) - 1)
                 photo.append(len(photos) - 1)
                 transform.append(t)

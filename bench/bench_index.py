@@ -1,13 +1,27 @@
-"""Persistent index: add throughput, query latency, against rebuilding from scratch.
+"""Persistent index: add cost against rebuilding, query latency against FAISS's own search.
 
-Usage: python bench/bench_index.py [--base 200000] [--add 20000] [--backends flat,ivf,hnsw]
+Usage: python bench/bench_index.py [--base 200000] [--add 20000] [--backends ivf,hnsw,blocked]
+                                   [--queries 1000] [--store bench/_out/store_1m] [--no-rebuild]
 
 For each backend, in the same run on the same rows (``bench/synthetic.py``, D = 512,
-threshold 0.9): build an index of ``--base`` rows (timed), ``add`` ``--add`` new rows
-(timed: rows/s), answer 1000 single-row queries one at a time (p50/p99 latency), and
-compare with rebuilding from scratch: one-shot ``dedup_embeddings`` of base + new rows
-(``blocked`` for exact, ``partitioned`` above 150k rows).  Approximate backends also get
-the recall of the pairs of the added rows against an exact search of those rows.
+threshold 0.9; or ``--store``: base rows from an EmbeddingStore, new rows 30% near-copies
+of base rows):
+
+- build: ``add`` the ``--base`` rows, then ``compact`` (one segment; for ``ivf`` the
+  coarse quantizer retrained with ``nlist`` grown to the rows), both timed;
+- add: ``add`` the ``--add`` new rows (timed: rows/s, and ``rebuild s / add s`` against
+  one-shot ``dedup_embeddings`` of base + new rows: ``partitioned`` above 150k rows, else
+  ``blocked``; timed first, and again at the end for the drift); approximate backends
+  get the recall of the new-to-old pairs of a sample of 2000 new rows against an exact
+  search of them; the exact backend gets the fraction
+  of the machine's GEMM rate (``_common.gemm_rate``, measured just before and after the
+  add, GFLOP/s) that its ``Q x N + Q x Q / 2`` products reach;
+- query: ``--queries`` single-row ``DedupIndex.query`` calls (p50/p99 ms) and, on the same
+  FAISS index, FAISS's own ``range_search`` of the same rows (p50/p99 ms), and the recall
+  of the query hits against an exact search;
+- compact again after the add (timed).
+
+The machine is shared: compare numbers within one run only.
 """
 
 from __future__ import annotations
@@ -23,30 +37,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_lines, maxrss_bytes, table  # noqa: E402
+from _common import gemm_rate, machine_lines, maxrss_bytes, table  # noqa: E402
 from synthetic import clustered_unit_vectors  # noqa: E402
 
 from dedup_index import dedup_embeddings  # noqa: E402
 from dedup_index.index import DedupIndex  # noqa: E402
+from dedup_index.search.canonical import candidate_delta  # noqa: E402
 from dedup_index.search.cross import cross_search  # noqa: E402
 
 THRESHOLD = 0.9
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", type=int, default=200_000)
-    ap.add_argument("--add", type=int, default=20_000)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--backends", default="flat,ivf,hnsw")
-    ap.add_argument(
-        "--store",
-        default=None,
-        help="base rows from an EmbeddingStore (e.g. bench/_out/store_1m); new rows are then "
-        "30%% near-copies of base rows and 70%% fresh rows",
-    )
-    args = ap.parse_args(argv)
-    print("\n".join(machine_lines()))
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.array(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def data(args) -> tuple[np.ndarray, np.ndarray, str]:
     if args.store:
         from dedup_index.store import EmbeddingStore
 
@@ -60,88 +67,265 @@ def main(argv: list[str] | None = None) -> None:
         fresh = clustered_unit_vectors(m - k, 512, seed=1)
         new = np.concatenate([near / np.linalg.norm(near, axis=1, keepdims=True), fresh])
         new = new[rng.permutation(m)].astype(np.float32)
-        E = np.concatenate([base, new])
-        print(f"data: store {args.store} ({n} rows) + {m} new rows (30% near-copies of base rows)")
-    else:
-        n, m = args.base, args.add
-        E = clustered_unit_vectors(n + m, 512, seed=0)
-        base, new = E[:n], E[n:]
-        print(f"data: clustered_unit_vectors({n + m}, 512); base {n}, add {m}")
-    print(f"threshold {THRESHOLD}")
+        return base, new, f"store {args.store} ({n} rows) + {m} new rows (30% near-copies)"
+    n, m = args.base, args.add
+    E = clustered_unit_vectors(n + m, 512, seed=0)
+    return E[:n], E[n:], f"clustered_unit_vectors({n + m}, 512); base {n}, add {m}"
 
-    t0 = time.perf_counter()
-    backend = "blocked" if n + m <= 150_000 else "partitioned"
-    rebuilt = dedup_embeddings(E, THRESHOLD, backend=backend, normalize=False, score="pairs")
-    rebuild_s = time.perf_counter() - t0
-    print(f"rebuild from scratch: {backend} over {n + m} rows, {rebuild_s:.1f} s", flush=True)
-    # Exact pairs of (a sample of) the new rows with the old rows, for the recall column.
-    sample = np.sort(np.random.default_rng(2).choice(m, size=min(m, 2000), replace=False))
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=int, default=200_000)
+    ap.add_argument("--add", type=int, default=20_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--backends", default="ivf,hnsw,blocked")
+    ap.add_argument("--store", default=None, help="base rows from an EmbeddingStore")
+    ap.add_argument("--no-rebuild", action="store_true", help="skip the one-shot rebuild")
+    ap.add_argument("--nprobe", type=int, default=None, help="ivf lists probed (default 16)")
+    ap.add_argument(
+        "--no-compact", action="store_true", help="no compactions (hnsw: each is a rebuild)"
+    )
+    ap.add_argument(
+        "--latency-only",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only single-row query latency and recall on N rows (no adds, no rebuild)",
+    )
+    ap.add_argument(
+        "--niter", type=int, default=None, help="--latency-only: k-means iterations (default 20)"
+    )
+    args = ap.parse_args(argv)
+    print("\n".join(machine_lines()))
+    if args.latency_only:
+        latency_only(args)
+        return
+    base, new, what = data(args)
+    n, m = len(base), len(new)
+    print(f"data: {what}; threshold {THRESHOLD}", flush=True)
+    gemm = gemm_rate()
+    print(f"GEMM rate (numpy float32, this run): {gemm:.0f} GFLOP/s", flush=True)
+
+    rebuild_s = None
+    if not args.no_rebuild:
+        E = np.concatenate([base, new])
+        method = "blocked" if n + m <= 150_000 else "partitioned"
+        t0 = time.perf_counter()
+        rebuilt = dedup_embeddings(E, THRESHOLD, backend=method, normalize=False, score="pairs")
+        rebuild_s = time.perf_counter() - t0
+        del E
+        print(
+            f"rebuild from scratch: {method} over {n + m} rows, {rebuild_s:.1f} s, "
+            f"{rebuilt.n_removed} removed",
+            flush=True,
+        )
+    # Exact new-to-old pairs of a sample of the new rows (recall of the add).
+    rng = np.random.default_rng(2)
+    sample = np.sort(rng.choice(m, size=min(m, 2000), replace=False))
     exact_new = cross_search(new[sample], base, THRESHOLD)
     exact = set(zip(exact_new.b.tolist(), sample[exact_new.q].tolist(), strict=True))
+    # Query rows: new rows' near-copies of base rows and plain rows, and their exact hits.
+    queries = np.concatenate([base, new])[rng.choice(n + m, size=args.queries, replace=False)]
 
-    rows = []
+    rows, notes = [], []
     for name in [b for b in args.backends.split(",") if b]:
         folder = Path(tempfile.mkdtemp(prefix=f"bench-index-{name}-"))
+        options = {} if args.nprobe is None or name != "ivf" else {"nprobe": args.nprobe}
         try:
+            index = DedupIndex.create(
+                folder / "i", 512, THRESHOLD, backend=name, backend_options=options
+            )
             t0 = time.perf_counter()
-            index = DedupIndex.create(folder / "i", 512, THRESHOLD, backend=name)
             index.add(base)
             build_s = time.perf_counter() - t0
-            print(f"{name}: built over {n} rows in {build_s:.1f} s", flush=True)
             t0 = time.perf_counter()
+            if not args.no_compact:
+                index.compact(retain_seconds=0)
+            compact_s = time.perf_counter() - t0
+            print(
+                f"{name}: built over {n} rows in {build_s:.1f} s, compacted in {compact_s:.1f} s "
+                f"({index.stats()['nlist'] or '-'} lists)",
+                flush=True,
+            )
+            rate = gemm_rate() if index.exact else None  # the machine drifts: measure
+            t0 = time.perf_counter()  # the GEMM rate next to the add, before and after
             added = index.add(new)
             add_s = time.perf_counter() - t0
-            print(f"{name}: added {m} rows in {add_s:.1f} s", flush=True)
+            if rate is not None:
+                rate = (rate + gemm_rate()) / 2
             pairs = index.pairs()
-            new_old = pairs.j >= n
-            sampled = np.zeros(m, bool)
-            sampled[sample] = True
-            cross_pairs = new_old & (pairs.i < n)
-            ci, cj = pairs.i[cross_pairs], pairs.j[cross_pairs] - n
-            keep = sampled[cj]
+            cross = (pairs.j >= n) & (pairs.i < n)
+            ci, cj = pairs.i[cross], pairs.j[cross] - n
+            keep = np.isin(cj, sample)
             found = set(zip(ci[keep].tolist(), cj[keep].tolist(), strict=True))
             recall = len(found & exact) / len(exact) if exact else 1.0
-            lat = []
-            rng = np.random.default_rng(1)
-            for r in rng.choice(n + m, size=args.queries, replace=False):
+            gemm_pct = ""
+            if index.exact:
+                flops = 2.0 * m * n * 512 + m * m * 512
+                gemm_pct = f"{100 * flops / add_s / 1e9 / rate:.0f}% of {rate:.0f}"
+            print(f"{name}: added {m} rows in {add_s:.2f} s (recall {recall:.4f})", flush=True)
+
+            lat, hits = [], []
+            for q in queries:
                 t0 = time.perf_counter()
-                index.query(E[r])
+                hits.append(index.query(q)[0])
                 lat.append(time.perf_counter() - t0)
+            q50, q99 = percentiles(lat)
+            total = len(index)
+            truth = cross_search(queries, index._view.rows, THRESHOLD, base_best=False)
+            want = set(zip(truth.q.tolist(), truth.b.tolist(), strict=True))
+            keys = index.keys()
+            row_of = {k: r for r, k in enumerate(keys)}
+            got = {(qi, row_of[k]) for qi, h in enumerate(hits) for k, _ in h}
+            q_recall = len(got & want) / len(want) if want else 1.0
+            f50 = f99 = float("nan")
+            ann = index._view.ann
+            if ann is not None and ann.segments:
+                seg = ann.segments[0].index
+                radius = THRESHOLD - candidate_delta(512)
+                flat = []
+                for q in queries:
+                    x = np.ascontiguousarray(q[None, :])
+                    t0 = time.perf_counter()
+                    seg.range_search(x, radius)
+                    flat.append(time.perf_counter() - t0)
+                f50, f99 = percentiles(flat)
+            imbalance = "-"
+            if ann is not None and name == "ivf":
+                import faiss
+
+                sizes = [faiss.extract_index_ivf(s.index).invlists for s in ann.segments]
+                imbalance = f"{sizes[0].imbalance_factor():.2f}"
+            t0 = time.perf_counter()
+            stats = index.compact(retain_seconds=0) if not args.no_compact else index.stats()
+            compact2_s = time.perf_counter() - t0
             index.close()
-            lat_ms = np.array(lat) * 1e3
             rows.append(
                 [
                     name,
                     f"{build_s:.1f}",
+                    f"{compact_s:.1f}",
                     f"{add_s:.2f}",
                     f"{m / add_s:,.0f}",
-                    f"{np.percentile(lat_ms, 50):.2f}",
-                    f"{np.percentile(lat_ms, 99):.2f}",
-                    f"{rebuild_s / add_s:.1f}x",
+                    "-" if rebuild_s is None else f"{rebuild_s / add_s:.1f}x",
                     f"{recall:.4f}",
+                    gemm_pct or "-",
+                    f"{q50:.2f}",
+                    f"{q99:.2f}",
+                    f"{f50:.2f}",
+                    f"{f99:.2f}",
+                    f"{q_recall:.4f}",
+                    f"{compact2_s:.1f}",
                     str(added.n_removed),
                     f"{maxrss_bytes() / 2**30:.2f}",
                 ]
             )
+            notes.append(
+                f"{name}: {total} rows after the add, {stats['nlist'] or '-'} lists after the "
+                f"second compaction, {stats['bytes_on_disk'] / 2**20:.0f} MiB on disk; "
+                f"{len(ann.segments) if ann else 0} FAISS segment(s) while queried, list "
+                f"imbalance factor (FAISS: 1 = even) {imbalance}"
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    if rebuild_s is not None:  # again: the machine drifts, so rebuild/add uses both
+        E = np.concatenate([base, new])
+        t0 = time.perf_counter()
+        dedup_embeddings(E, THRESHOLD, backend=method, normalize=False, score="pairs")
+        again = time.perf_counter() - t0
+        print(f"rebuild again after the backends: {again:.1f} s (first {rebuild_s:.1f} s)")
     header = [
         "backend",
         "build s",
+        "compact s",
         "add s",
         "add rows/s",
-        "query p50 ms",
-        "query p99 ms",
         "rebuild/add",
         "recall new",
+        "% GEMM",
+        "query p50 ms",
+        "p99 ms",
+        "faiss p50 ms",
+        "p99 ms",
+        "query recall",
+        "compact 2 s",
         "removed",
         "peak GiB",
     ]
     print(table(header, rows, left=(0,)))
-    print(
-        f"rebuild from scratch: {backend} over {n + m} rows, {rebuild_s:.1f} s, "
-        f"{rebuilt.n_removed} removed"
-    )
+    print("\n".join(notes))
+
+
+def latency_only(args) -> None:
+    """Single-row query latency at N rows through what ``DedupIndex.query`` runs on a
+    compacted index (one FAISS segment over every row, ``nlist = default_nlist(N)``),
+    against FAISS's own ``range_search`` on the same index; recall against an exact
+    search of the queries.  Skips the index's own dedup of the N rows (an hour at 1M on
+    two cores): the index is built as ``compact`` builds it."""
+    import faiss
+
+    from dedup_index.index.ann import AnnIndex
+    from dedup_index.search.ivf import default_nlist
+    from dedup_index.store import SegmentedRows
+
+    n = args.latency_only
+    t0 = time.perf_counter()
+    E = clustered_unit_vectors(n, 512, seed=0)
+    print(f"data: clustered_unit_vectors({n}, 512) in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = SegmentedRows([E], 512)
+    rng = np.random.default_rng(1)
+    queries = E[rng.choice(n, size=args.queries, replace=False)]
+    queries = queries + 0.01 * rng.standard_normal(queries.shape).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = cross_search(queries, E, THRESHOLD, base_best=False)
+    want = set(zip(truth.q.tolist(), truth.b.tolist(), strict=True))
+    out = []
+    for name in [b for b in args.backends.split(",") if b in ("ivf", "hnsw")]:
+        options = {} if args.nprobe is None else {"nprobe": args.nprobe}
+        if args.niter:
+            options["niter"] = args.niter  # k-means iterations of the balanced quantizer
+        empty = AnnIndex(name, options)
+        t0 = time.perf_counter()
+        if name == "ivf":
+            index = empty.build_segment(rows, nlist=default_nlist(n), fresh=True)
+        else:
+            index = empty.build_segment(rows)
+        build_s = time.perf_counter() - t0
+        ann = empty.with_segment(0, n, index)
+        print(f"{name}: built over {n} rows in {build_s:.0f} s", flush=True)
+        lat, faiss_lat, got = [], [], set()
+        radius = THRESHOLD - candidate_delta(512)
+        for k, q in enumerate(queries):
+            x = np.ascontiguousarray(q[None, :])
+            t0 = time.perf_counter()
+            found = ann.search(x, rows, THRESHOLD, None, nearest=False)
+            lat.append(time.perf_counter() - t0)
+            got.update((k, int(b)) for b in found.b)
+            t0 = time.perf_counter()
+            index.range_search(x, radius)
+            faiss_lat.append(time.perf_counter() - t0)
+        q50, q99 = percentiles(lat)
+        f50, f99 = percentiles(faiss_lat)
+        recall = len(got & want) / len(want) if want else 1.0
+        imbalance = "-"
+        if name == "ivf":
+            imbalance = f"{faiss.extract_index_ivf(index).invlists.imbalance_factor():.2f}"
+        out.append(
+            [
+                name,
+                str(n),
+                str(getattr(index, "nlist", "-")),
+                f"{build_s:.0f}",
+                f"{q50:.2f}",
+                f"{q99:.2f}",
+                f"{f50:.2f}",
+                f"{f99:.2f}",
+                f"{recall:.4f} ({len(want)})",
+                imbalance,
+            ]
+        )
+    header = ["backend", "N", "nlist", "build s", "p50 ms", "p99 ms", "faiss p50", "faiss p99"]
+    print(table([*header, "recall (pairs)", "imbalance"], out, left=(0,)))
 
 
 if __name__ == "__main__":

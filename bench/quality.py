@@ -82,6 +82,9 @@ COSINE_CUTS = (0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.93, 0.95, 0.97, 0.99)
 HAMMING_CUTS = (0, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24)
 #: pHash pairs are gathered up to this distance (the best-F1 search covers them all).
 HAMMING_SEARCH = 32
+#: PDQ pairs (256 bits) are gathered up to this distance.
+PDQ_SEARCH = 128
+PDQ_CUTS = (0, 8, 16, 24, 31, 40, 48, 56, 64, 80, 96)
 LOW = 0.4
 CHECK_THRESHOLD = 0.9
 
@@ -90,8 +93,9 @@ CHECK_THRESHOLD = 0.9
 class MethodRun:
     """One method's candidate pairs on the set, with a closeness score (larger = closer).
 
-    ``kind`` is ``"cosine"`` (score = similarity, cut = threshold) or ``"hamming"``
-    (score = -distance, cut = -d).  ``cuts`` are the printed grid, in score units.
+    ``kind`` is ``"cosine"`` (score = similarity, cut = threshold), ``"hamming"``
+    (score = -distance, cut = -d) or ``"verified"`` (the verified pairs, score 1: one
+    operating point).  ``cuts`` are the printed grid, in score units.
     """
 
     name: str
@@ -104,11 +108,15 @@ class MethodRun:
     notes: list[str]
 
     def label(self, cut: float) -> str:
+        if self.kind == "verified":
+            return "verified"
         return f"{cut:.2f}" if self.kind == "cosine" else f"d<={-cut:g}"
 
     def value(self, score: float) -> str:
         if not np.isfinite(score):
             return "none"
+        if self.kind == "verified":
+            return "verified"
         return f"{score:.4f}" if self.kind == "cosine" else f"{abs(score):g}"
 
 
@@ -195,6 +203,79 @@ def phash_method(qs: QualitySet, distances: Sequence[int]) -> MethodRun:
     return MethodRun("phash", "hamming", i, j, -d.astype(np.float64), cuts, seconds, notes)
 
 
+def pdq_method(qs: QualitySet, distances: Sequence[int]) -> MethodRun | None:
+    """PDQ (``pdqhash``, 256 bits) of every image, then every pair within the largest
+    distance; None when ``pdqhash`` is not installed (it builds from source)."""
+    try:
+        import pdqhash
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    bits = np.stack(
+        [
+            np.packbits(pdqhash.compute(np.asarray(im.convert("RGB")))[0].astype(bool))
+            for im in qs.images
+        ]
+    )
+    seconds = time.perf_counter() - t0
+    search = max(PDQ_SEARCH, *distances)
+    i, j, d = hamming_pairs(bits, search)
+    notes = [
+        f"pdqhash {metadata.version('pdqhash')} PDQ (256 bits): {qs.n} images in "
+        f"{seconds:.1f} s; {len(i)} pairs within distance {search}"
+    ]
+    cuts = tuple(-float(x) for x in sorted(distances))
+    return MethodRun("pdq", "hamming", i, j, -d.astype(np.float64), cuts, seconds, notes)
+
+
+def verified_method(
+    qs: QualitySet, candidates: MethodRun, threshold: float, num_workers: int | None
+) -> MethodRun:
+    """The candidate pairs of an embedding run at ``threshold``, through the library's
+    verification stage (:func:`dedup_index.verify.verify_pairs`): hash, then SIFT + RANSAC."""
+    from dedup_index.search import PairSet
+    from dedup_index.verify import verify_pairs
+
+    hit = candidates.score >= threshold
+    i, j, s = candidates.i[hit], candidates.j[hit], candidates.score[hit]
+    order = np.lexsort((j, i))
+    pairs = PairSet(i[order], j[order], s[order])
+    t0 = time.perf_counter()
+    v = verify_pairs(pairs, qs.images, num_workers=num_workers)
+    seconds = time.perf_counter() - t0
+    c, sec = v.counts, v.seconds
+    same = qs.group[v.candidates.i] == qs.group[v.candidates.j]
+    by_hash = v.how == "hash"
+    cand_counts = pair_counts(pairs.i, pairs.j, qs.group)
+    notes = [
+        f"candidates: {candidates.name} pairs at cosine >= {threshold} ({len(pairs)} pairs, "
+        f"holding {cand_counts.tp} of {cand_counts.tp + cand_counts.fn} true pairs: "
+        f"candidate recall {cand_counts.recall:.3f})",
+        f"verification ({num_workers if num_workers is not None else 'auto'} workers): "
+        + v.summary(),
+        f"settled by the hash: {c['by_hash']} of {len(pairs)} candidate pairs "
+        f"({c['by_hash'] / max(len(pairs), 1):.1%}), {int((by_hash & ~same).sum())} of them "
+        "wrong",
+        f"cost (wall, 2 shared cores, under others' load): hash {sec['hash']:.1f} s "
+        f"({1000 * sec['hash'] / max(c['images_hashed'], 1):.1f} ms/image), features "
+        f"{sec['features']:.1f} s ({1000 * sec['features'] / max(c['images_featured'], 1):.1f}"
+        f" ms/image), matching {sec['match']:.1f} s "
+        f"({1000 * sec['match'] / max(c['geometry_pairs'], 1):.1f} ms per candidate pair); "
+        f"{1000 * seconds / qs.n:.1f} ms per image of the set in all",
+    ]
+    vp = v.pairs
+    return MethodRun(
+        f"{candidates.name} + verify geometric",
+        "verified",
+        np.asarray(vp.i),
+        np.asarray(vp.j),
+        np.ones(len(vp)),
+        (1.0,),
+        seconds,
+        notes,
+    )
+
+
 def find_clip(path: str | None, cache_dir: str | None = None) -> tuple[str | None, str]:
     """``(checkpoint path or None, how it was found or why not)``; never downloads.
 
@@ -249,7 +330,7 @@ def method_report(qs: QualitySet, run: MethodRun, transform_cuts: Sequence[float
         farthest = f"beyond the search for {missed} of {true_scores.size} true pairs"
     lines += [f"- closest distinct pair: {closest}; farthest true pair: {farthest}", ""]
     header = [
-        "threshold" if run.kind == "cosine" else "distance",
+        {"cosine": "threshold", "verified": "decision"}.get(run.kind, "distance"),
         "pairs",
         "TP",
         "FP",
@@ -330,6 +411,8 @@ def method_report(qs: QualitySet, run: MethodRun, transform_cuts: Sequence[float
 
 
 def _best_label(run: MethodRun, best) -> str:
+    if run.kind == "verified":
+        return "verified"
     if run.kind == "cosine":
         lo = best.below if np.isfinite(best.below) else 0.0
         return f"{best.cut:.4f}" if best.cut - lo < 5e-5 else f"{(best.cut + lo) / 2:.4f}"
@@ -396,7 +479,8 @@ def _grid(source) -> str:
     return f"{name} ({rows}x{cols}, {cells})"
 
 
-def set_report(qs: QualitySet, seed: int) -> str:
+def set_report(qs: QualitySet, seed: int, catalog=None) -> str:
+    catalog = TRANSFORMS if catalog is None else catalog
     n_true = true_pair_total(qs.group)
     n_all = qs.n * (qs.n - 1) // 2
     first = f"{qs.n} images: {len(qs.tiles)} tiles of {len(qs.photos)} photos x "
@@ -412,7 +496,7 @@ def set_report(qs: QualitySet, seed: int) -> str:
         + ", ".join(_grid(src) for src in SOURCES if src[0] in qs.photos)
         + ".",
         "",
-        md_table(["transform", "what"], [[t, TRANSFORMS[t][0]] for t in qs.transforms]),
+        md_table(["transform", "what"], [[t, catalog[t][0]] for t in qs.transforms]),
     ]
     gray = [g for g in range(len(qs.tiles)) if _is_gray(qs, g)]
     if gray and "grayscale" in qs.transforms:
@@ -465,6 +549,24 @@ def main(argv: Sequence[str] | None = None) -> list[MethodRun]:
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--set",
+        choices=("standard", "hard"),
+        default="standard",
+        help="standard: the near-duplicate set (_quality_set.py); hard: copy detection with "
+        "harder edits (_hard_set.py)",
+    )
+    ap.add_argument("--no-verify", action="store_true", help="skip the verified method")
+    ap.add_argument(
+        "--candidates",
+        type=float,
+        default=None,
+        help="candidate threshold of the verified method (default: the model's recorded one)",
+    )
+    ap.add_argument("--workers", type=int, default=None, help="verification workers")
+    ap.add_argument(
+        "--pdq", action="store_true", help="add the PDQ baseline (needs pdqhash, built from source)"
+    )
     args = ap.parse_args(argv)
     if not 0.0 <= args.low <= min(args.thresholds):
         ap.error(f"--low must be in [0, min(--thresholds)={min(args.thresholds)}], got {args.low}")
@@ -482,10 +584,16 @@ def main(argv: Sequence[str] | None = None) -> list[MethodRun]:
     transforms = [t.strip() for t in args.transforms.split(",") if t.strip()] or None
 
     t0 = time.perf_counter()
-    qs = build_set(sources, transforms, seed=args.seed)
+    catalog = TRANSFORMS
+    if args.set == "hard":
+        from _hard_set import HARD_TRANSFORMS
+
+        catalog = HARD_TRANSFORMS
+    qs = build_set(sources, transforms, seed=args.seed, catalog=catalog)
     build_s = time.perf_counter() - t0
     print("# Dedup quality: near-duplicate detection on a labelled set of real photos\n")
-    print(set_report(qs, args.seed))
+    print(f"Set: `--set {args.set}`.\n")
+    print(set_report(qs, args.seed, catalog))
     print(f"\nBuilt in {build_s:.1f} s.\n")
 
     runs: list[MethodRun] = []
@@ -525,7 +633,21 @@ def main(argv: Sequence[str] | None = None) -> list[MethodRun]:
                     use_cache=cache,
                 )
             )
+    if not args.no_efficientnet and not args.no_verify:
+        from dedup_index.verify import candidate_threshold
+
+        cand = args.candidates
+        if cand is None:
+            cand = candidate_threshold("efficientnet-lite0", args.low)[0]
+        if cand < args.low:
+            ap.error(f"--candidates {cand} is below --low {args.low}: pairs were not gathered")
+        runs.append(verified_method(qs, runs[0], cand, args.workers))
     runs.append(phash_method(qs, [int(d) for d in args.distances]))
+    if args.pdq:
+        pdq = pdq_method(qs, PDQ_CUTS)
+        if pdq is None:
+            ap.error("--pdq needs pdqhash: pip install pdqhash (it compiles from source)")
+        runs.append(pdq)
 
     print("## Results\n")
     print(f"Machine: {machine_line()}.\n")
@@ -540,6 +662,10 @@ def main(argv: Sequence[str] | None = None) -> list[MethodRun]:
     )
     for run in runs:
         tcuts = tcuts_cos if run.kind == "cosine" else [-4.0, -8.0, -10.0, -12.0, -16.0]
+        if run.name == "pdq":
+            tcuts = [-16.0, -24.0, -31.0, -48.0, -64.0]
+        elif run.kind == "verified":
+            tcuts = [1.0]
         tcuts = [c for c in tcuts if c >= min(run.cuts)]
         print(method_report(qs, run, tcuts))
     print("## Best threshold per method (maximum F1 over every pair score)\n")

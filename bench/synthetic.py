@@ -133,6 +133,53 @@ def _generate(
     return rows, labels, is_copy
 
 
+def clustered_unit_vector_chunks(
+    n: int, d: int = 512, seed: int = 0, *, chunk: int = 65_536, **params
+):
+    """The same model as :func:`clustered_unit_vectors`, generated ``chunk`` rows at a
+    time with memory ``O(chunk * d + clusters * d)``: yields float32 unit row blocks that
+    add up to ``n`` rows.  For the 1M and 10M stores (the whole-array generator peaks at
+    ~17.5 GiB at 1M).  Not the same rows as :func:`clustered_unit_vectors` for the same
+    seed: the mean direction, the cluster centres and their Zipf sizes are shared by all
+    chunks, but each chunk draws its own rows, plants its copies among its own rows
+    (sources never cross a chunk) and is shuffled on its own.  Every chunk is a function
+    of ``(seed, chunk index)`` alone."""
+    opts = {**DEFAULTS, **params}
+    rng = np.random.default_rng(seed)
+    n_dup_total = int(round(opts["dup_fraction"] * n)) if n > 1 else 0
+    n_clusters = max(1, (n - n_dup_total) // opts["rows_per_cluster"])
+    mean = _unit(rng.standard_normal(d))
+    centres = _unit(rng.standard_normal((n_clusters, d))).astype(np.float32)
+    sizes = 1.0 / np.arange(1, n_clusters + 1) ** 0.7
+    p = sizes / sizes.sum()
+    g_cluster = rng.uniform(*opts["noise_weight"], size=n_clusters)
+    for k, a0 in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - a0)
+        r = np.random.default_rng([seed, k + 1])
+        n_dup = int(round(opts["dup_fraction"] * m)) if m > 1 else 0
+        n_base = m - n_dup
+        label = r.choice(n_clusters, size=n_base, p=p)
+        a = r.uniform(*opts["mean_weight"], size=n_base)
+        z = r.standard_normal((n_base, d)) / np.sqrt(d)
+        base = a[:, None] * mean + opts["centre_weight"] * centres[label].astype(np.float64)
+        base += g_cluster[label][:, None] * z
+        base = _unit(base)
+        del z
+        src = r.integers(n_base, size=n_dup) if n_base else np.zeros(0, np.int64)
+        u = base[src]
+        w = r.standard_normal((n_dup, d))
+        w -= np.einsum("ij,ij->i", w, u)[:, None] * u
+        w = _unit(w) if n_dup else w
+        cos = r.uniform(*opts["dup_cos"], size=n_dup)
+        copies = cos[:, None] * u + np.sqrt(1.0 - cos**2)[:, None] * w
+        out = np.concatenate([base, _unit(copies) if n_dup else copies]).astype(np.float32)
+        exact = r.random(n_dup) < opts["exact_fraction"]
+        out[n_base:][exact] = out[src[exact]]
+        out = out[r.permutation(m)]
+        norms = np.linalg.norm(out.astype(np.float64), axis=1, keepdims=True)
+        yield np.ascontiguousarray((out.astype(np.float64) / norms).astype(np.float32))
+
+
 DEFAULTS = dict(
     rows_per_cluster=200,
     dup_fraction=0.05,

@@ -19,6 +19,8 @@ import numpy as np
 from .policy import POLICIES, decide
 from .progress import progress as progress_bar
 from .search import PairSet, as_unit_float32, best_pair_score, check_backend, search
+from .search.backends import PRECISION_BACKENDS
+from .search.precision import check_precision
 from .store import EmbeddingStore, PairSink, open_or_array
 from .store.pairs_file import DEFAULT_MEMORY_BUDGET
 from .validation import check_choice, check_positive_int, check_threshold
@@ -129,6 +131,7 @@ def dedup_embeddings(
     pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
     pairs_path: str | os.PathLike | None = None,
     progress: bool | None = None,
+    precision: str = "auto",
 ) -> DedupResult:
     """Find near-duplicate rows of an ``(N, D)`` embedding matrix.
 
@@ -163,12 +166,33 @@ def dedup_embeddings(
         progress: a rows/s progress bar of the search on stderr: ``None`` (default) when
             stderr is a terminal and ``DEDUP_INDEX_PROGRESS`` is not ``0``; True/False
             force it on or off.
+        precision: the arithmetic of the candidate search's GEMM tiles: ``"auto"``
+            (default: times each available kernel once on this machine and runs the
+            fastest; ``fp32`` for small searches or without a fast path), ``"fp32"``,
+            ``"bf16"`` or ``"fp16"``.  Candidates are gathered at the margin that
+            precision's proven error bound requires and rescored canonically, so every
+            decision, pair, ``duplicate_of``, ``max_similarity`` and best-earlier score
+            is bit-identical whichever runs (:mod:`dedup_index.search.precision`); only
+            the speed differs.  ``result.info["precision"]`` says what ran and why.
+            Applies to the exact tiles of ``blocked``, ``partitioned`` and ``ray``;
+            the FAISS backends and ``dense`` search in float32 (``"auto"``/``"fp32"``
+            only).
     """
     threshold = check_threshold(threshold)
     check_backend(backend)
     check_choice(score, SCORES, "score")
     check_choice(policy, POLICIES, "policy")
     threads = check_positive_int(threads, "threads", allow_none=True)
+    check_precision(precision)
+    options = dict(backend_options or {})
+    if backend in PRECISION_BACKENDS:
+        options.setdefault("precision", precision)
+    elif precision not in ("auto", "fp32"):
+        raise ValueError(
+            f"precision={precision!r} applies to the exact tiles of "
+            f"{', '.join(repr(b) for b in PRECISION_BACKENDS if b != 'auto')}; "
+            f"backend {backend!r} searches in float32 (use precision='auto' or 'fp32')"
+        )
     start = time.perf_counter()
     source = open_or_array(embeddings)
     if isinstance(source, EmbeddingStore):
@@ -185,7 +209,7 @@ def dedup_embeddings(
             nearest=score == "nearest",
             threads=threads,
             device=device,
-            options=backend_options,
+            options=options,
             sink=sink,
             progress=bar.update,
         )

@@ -21,23 +21,12 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "efficientnet-lite0"
-#: Default threshold per model kind, and why.
-THRESHOLDS = {
-    # Measured with EfficientNet-Lite0 on this demo's collection: distinct photos at cosine
-    # 0.05-0.33, planted copies at 0.92 (JPEG q60 re-encode of a fine texture) to 1.0.
-    # Over 19 skimage photos, distinct pairs reach 0.45 and q60 re-encodes fall to 0.79,
-    # so 0.85 sits in the gap with room on both sides (0.95 would miss the retina q60 copy).
-    "efficientnet": 0.85,
-    # Random weights put distinct photos up to ~0.999; exact and re-encoded copies > 0.9999.
-    "tiny-clip": 0.9999,
-    # A common choice for real CLIP weights (not measured here: no hub on this machine).
-    "clip": 0.95,
-}
-WHY = {
-    "efficientnet": "distinct photos <= 0.33, planted copies >= 0.92 with this model",
-    "tiny-clip": "random weights: only near-exact copies are above it",
-    "clip": "a common value for CLIP checkpoints; pass --threshold to change it",
-}
+#: The tiny random CLIP's threshold: distinct photos reach ~0.999 with random weights, exact
+#: and re-encoded copies stay above 0.9999.  Real models use their recommended threshold
+#: (:mod:`dedup_index.encode.models`: 0.75 for efficientnet-lite0, measured by
+#: bench/quality.py; on this demo's photos distinct pairs stay below 0.35, planted copies
+#: above 0.9).
+TINY_CLIP_THRESHOLD = 0.9999
 
 PHOTOS = [
     "astronaut",
@@ -110,8 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         default=None,
-        help=f"cosine threshold (default: {THRESHOLDS['efficientnet']} for {DEFAULT_MODEL}, "
-        f"{THRESHOLDS['tiny-clip']} with --tiny-clip, {THRESHOLDS['clip']} with --model)",
+        help="cosine threshold (default: the model's recommended one, 0.75 for "
+        f"{DEFAULT_MODEL}, 0.90 for CLIP ViT-B/32 and other models; {TINY_CLIP_THRESHOLD} "
+        "with --tiny-clip)",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -180,8 +170,14 @@ def run_demo(
         from dedup_index.encode.tiny import make_tiny_clip
 
         make_tiny_clip(model)
-    why = WHY[kind] if threshold is None else "given with --threshold"
-    threshold = THRESHOLDS[kind] if threshold is None else threshold
+    if threshold is not None:
+        why = "given with --threshold"
+    elif kind == "tiny-clip":
+        threshold, why = TINY_CLIP_THRESHOLD, "random weights: only near-exact copies are above it"
+    else:
+        from .encode.models import recommended_threshold
+
+        threshold, why = recommended_threshold(model)
 
     rows = build_collection(images)
     manifest = out / "images.jsonl"

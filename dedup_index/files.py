@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any
 __all__ = [
     "CRASH_ENV",
     "CRASH_EXIT_CODE",
+    "StagedWrites",
     "WriterLock",
     "atomic_write_bytes",
     "atomic_write_with",
@@ -47,7 +49,9 @@ __all__ = [
     "default_file_mode",
     "fsync_dir",
     "read_json",
+    "remove_stale_temp_files",
     "sha256_file",
+    "temp_prefix",
     "write_json_atomic",
 ]
 
@@ -119,7 +123,8 @@ def atomic_write_with(
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if tmp_name is None:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        remove_stale_temp_files(folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix, dir=folder)
         os.close(fd)
     else:
         tmp = os.path.join(folder, tmp_name)
@@ -138,6 +143,100 @@ def atomic_write_with(
     if crash_name:
         crash_point(f"{crash_name}_replaced")
     fsync_dir(folder)
+
+
+def temp_prefix() -> str:
+    """Prefix of this process's temp files: ``.tmp-<host>-<pid>-``, so that a later run can
+    tell a dead writer's leftovers (killed between write and rename) from a live one's."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    return f".tmp-{host}-{os.getpid()}-"
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> int:
+    """Remove temp files left in ``folder`` by writers of this host that are no longer
+    running (a ``kill -9`` between write and rename); returns how many.  Files of other
+    hosts (shared storage) and of live processes are left alone."""
+    host = temp_prefix().split("-")[1]
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        parts = name.split("-", 3)
+        if len(parts) < 4 or parts[0] != ".tmp" or parts[1] != host or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class StagedWrites:
+    """Several output files that appear together or not at all.
+
+    ``path(final)`` gives a temp path beside ``final`` to write to (with any writer, atomic
+    or not); leaving the ``with`` block normally renames every temp file over its final
+    path, an exception removes them all, so a run that fails while writing its outputs
+    leaves none of them (and no mix of two runs' files).  Only the renames themselves,
+    done last and back to back, could be cut by a kill in between.
+
+    >>> with StagedWrites() as staged:  # doctest: +SKIP
+    ...     write_table(kept, staged.path("kept.jsonl"))
+    ...     write_report(staged.path("report.html"), ...)
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, str]] = []
+
+    def path(self, final: str | os.PathLike) -> str:
+        final = os.path.abspath(os.fspath(final))
+        folder = os.path.dirname(final)
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temp_files(folder)
+        fd, tmp = tempfile.mkstemp(
+            prefix=temp_prefix(), suffix="-" + os.path.basename(final), dir=folder
+        )
+        os.close(fd)
+        self._staged.append((tmp, final))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, final in self._staged:
+            os.replace(tmp, final)
+        for folder in {os.path.dirname(final) for _, final in self._staged}:
+            fsync_dir(folder)
+        self._staged = []
+
+    def abort(self) -> None:
+        for tmp, _ in self._staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._staged = []
+
+    def __enter__(self) -> StagedWrites:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def atomic_write_bytes(

@@ -1,17 +1,24 @@
 """Deduplicate precomputed embeddings: no images, no torch.
 
-Usage: python examples/dedup_embeddings.py EMBEDDINGS.npy [THRESHOLD]
+Usage: python examples/dedup_embeddings.py EMBEDDINGS.npy [THRESHOLD [KEEP_MASK.npy]]
+
+EMBEDDINGS.npy is an (N, D) float array (e.g. from dedup_index.encode.embed_images);
+THRESHOLD defaults to 0.9; the keep mask is written to KEEP_MASK.npy (default: next to the
+embeddings, as <name>.keep.npy).
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from dedup_index import dedup_embeddings
 
-E = np.load(sys.argv[1])
+source = Path(sys.argv[1])
 threshold = float(sys.argv[2]) if len(sys.argv) > 2 else 0.9
-result = dedup_embeddings(E, threshold)
+out = Path(sys.argv[3]) if len(sys.argv) > 3 else source.with_suffix(".keep.npy")
+result = dedup_embeddings(np.load(source), threshold)
 print(result.summary())
 print(result.pairs.to_frame().head(20))
-np.save("keep_mask.npy", result.keep)
+np.save(out, result.keep)
+print(f"keep mask: {out}")

@@ -291,3 +291,18 @@ def test_search_shows_a_rows_per_second_bar_when_asked(backend, capsys):
     assert "search" in err and "3000/3000" in err and "rows/s" in err
     dedup_embeddings(E, 0.99, backend=backend)  # None: stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+def test_rows_of_another_precision_never_mix_with_fp32_rows(tmp_path, ten_photos, tiny_clip):
+    """The cache keys on the arithmetic too (issue 16): bf16 rows are not fp32 rows."""
+    from dedup_index.encode.cache import encoder_identity
+    from dedup_index.encode.clip import CLIPEncoder
+
+    fp32 = CLIPEncoder(tiny_clip, device="cpu", precision="fp32")
+    bf16 = CLIPEncoder(tiny_clip, device="cpu", precision="bf16")
+    assert encoder_identity(tiny_clip, fp32) == model_identity(tiny_clip)
+    assert encoder_identity(tiny_clip, bf16) == model_identity(tiny_clip) + " [cpu bf16]"
+    cache_dir = tmp_path / "emb-cache"
+    run_filter(ten_photos[:2], fp32, cache_dir=cache_dir)
+    with pytest.raises(CacheModelMismatchError, match="bf16"):
+        ImageDeduplicateFilter(encoder=bf16, cache_dir=cache_dir)

@@ -28,11 +28,13 @@ RANKS = {
     "dedup": 4,
     "encode": 5,
     "index": 6,
+    "verify": 6,  # candidate pairs -> verified pairs: images (io), pairs, policy, dedup
     "distributed": 7,
     "operator": 8,
     "report": 9,
     "testing": 9,
     "demo": 10,
+    "service": 10,  # the HTTP query service: over the index, under the command line
     "cli": 11,
     "dedup_index": 12,  # the package root re-exports (lazily) from every stage
 }

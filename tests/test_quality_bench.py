@@ -284,9 +284,12 @@ def test_efficientnet_run_finds_the_resized_and_jpeg_copies(capsys):
     args = "--photos astronaut --transforms jpeg,resize --no-clip --no-cache"
     runs = quality.main(args.split())
     out = capsys.readouterr().out
-    assert [r.name for r in runs] == ["efficientnet-lite0", "phash"]
+    names = ["efficientnet-lite0", "efficientnet-lite0 + verify geometric", "phash"]
+    assert [r.name for r in runs] == names
     assert "keep mask replayed at 0.9 == a direct run" in out
     qs = build_set(tuple(s for s in quality.SOURCES if s[0] == "astronaut"), ["jpeg", "resize"])
+    verified = runs[1]  # every copy verified, no other tile of the photo (issue 14)
+    assert pair_counts(verified.i, verified.j, qs.group).f1 == 1.0
     eff = runs[0]
     assert eff.score.min() >= quality.LOW and eff.score.max() <= 1.0 + 1e-9
     # Measured on the full set: every resized and JPEG q50 copy is at cosine >= 0.70.

@@ -65,6 +65,7 @@ def test_the_names_and_their_facts():
         "tile_rows",
         "threads_per_task",
         "max_retries",
+        "precision",
     }
 
 

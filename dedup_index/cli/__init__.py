@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .common import EXIT_FAILURE, EXIT_USAGE, UsageError, setup_logging
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 EPILOG = """\
 examples:
   dedup-index demo                                   # offline demo with an HTML report
-  dedup-index run photos/ --model efficientnet-lite0 --threshold 0.85 --out kept.jsonl
-  dedup-index index create my.index --model efficientnet-lite0 --threshold 0.85
+  dedup-index run photos/ --model efficientnet-lite0 --out kept.jsonl
+  dedup-index index create my.index --model efficientnet-lite0
   dedup-index index add my.index photos/week1/
   dedup-index verify
 
@@ -36,7 +37,7 @@ exit codes: 0 done, 1 failure, 2 bad arguments or input (nothing written)
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (argparse; ``--help`` on each, with examples)."""
     from .. import __version__
-    from . import demo, index, run, verify
+    from . import apply, calibrate, demo, index, run, serve, verify
 
     parser = argparse.ArgumentParser(
         prog="dedup-index",
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="more logging; tracebacks on failure (-vv: transformers' logs too)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, index, verify, demo):
+    for module in (run, apply, index, serve, verify, calibrate, demo):
         module.add_parser(sub, [common])
     return parser
 
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dedup-index: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout left (`... | head`): not a failure of ours.  Point stdout at
+        # /dev/null so the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # noqa: BLE001 - any failure: a message and exit 1
         if verbose:
             logger.exception("failed")

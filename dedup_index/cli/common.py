@@ -34,6 +34,8 @@ FLAGS = {
     "image_root": "--image-root",
     "cache_dir": "--cache",
     "ray_work_dir": "--ray-work-dir",
+    "verify": "--verify",
+    "precision": "--precision",
     "ray": "--ray",
     "threshold": "--threshold",
     "backend": "--backend",
@@ -42,13 +44,29 @@ FLAGS = {
     "device": "--device",
     "dim": "--dim",
 }
-_FLAG_PATTERN = re.compile(
-    r"(?<![\w.-])("
-    + "|".join(re.escape(k) for k in FLAGS)
-    + r")(?:=\.\.\.|=(?!')|(?= must\b))"
-    + r"|(?<![\w.-])("
-    + "|".join(re.escape(k) for k in FLAGS if "_" in k)
-    + r")(?![\w=])"
+_NAMES = "|".join(re.escape(k) for k in FLAGS if "=" not in k)
+_FLAG_PATTERNS = (
+    # on_duplicate_key='skip' -> --skip-existing (a value that is a flag of its own)
+    (re.compile(r"on_duplicate_key='skip'"), lambda m: FLAGS[m.group(0)]),
+    # model_name='x' -> --model x
+    (
+        re.compile(rf"(?<![\w.-])({_NAMES})=(?:'([^']*)'|\"([^\"]*)\")"),
+        lambda m: f"{FLAGS[m.group(1)]} {m.group(2) if m.group(2) is not None else m.group(3)}",
+    ),
+    # image_root=... / image_root= / threshold must ... -> the flag
+    (
+        re.compile(rf"(?<![\w.-])({_NAMES})(?:=\.\.\.|=(?![\w'\"])|(?= must\b))"),
+        lambda m: FLAGS[m.group(1)],
+    ),
+    # a bare parameter name with an underscore: batch_size -> --batch-size
+    (
+        re.compile(
+            r"(?<![\w.-])("
+            + "|".join(re.escape(k) for k in FLAGS if "_" in k and "=" not in k)
+            + r")(?![\w=])"
+        ),
+        lambda m: FLAGS[m.group(1)],
+    ),
 )
 
 
@@ -68,7 +86,9 @@ class UsageError(Exception):
 def shell_message(text: str) -> str:
     """``text`` with the library's parameter names replaced by the command's flags:
     ``"batch_size must be an integer >= 1"`` -> ``"--batch-size must be ..."``."""
-    return _FLAG_PATTERN.sub(lambda m: FLAGS[m.group(1) or m.group(2)], text)
+    for pattern, flag in _FLAG_PATTERNS:
+        text = pattern.sub(flag, text)
+    return text
 
 
 @contextmanager
@@ -128,6 +148,35 @@ def check_outputs(inputs: Iterable[str | os.PathLike], outputs: dict[str, str | 
         for other_opt, other in given[k + 1 :]:
             if same_file(path, other):
                 raise UsageError(f"{opt} and {other_opt} name the same file {path}")
+
+
+def check_writable(outputs: dict[str, str | None]) -> None:
+    """Refuse, before any work, an output whose folder cannot be written (read-only file
+    system, permissions): the first existing folder up its path must be writable."""
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        folder = Path(path).expanduser().absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"{option} {path}: the folder {str(folder)!r} is not writable")
+
+
+def check_not_an_image(outputs: dict[str, str | None], images: Iterable[str]) -> None:
+    """Refuse an output path that names one of the input's images (``--report x.jpg``
+    would overwrite a photo).  ``images``: the input's image files, resolved paths."""
+    given = {
+        os.path.normpath(Path(path).expanduser().absolute()): option
+        for option, path in outputs.items()
+        if path is not None
+    }
+    if not given:
+        return
+    for image in images:
+        option = given.get(os.path.normpath(image))
+        if option is not None:
+            raise UsageError(f"{option} {image} is one of the input's images; write elsewhere")
 
 
 def check_positive(value: int | None, option: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..io.inputs import InputError, read_input
 from ..io.keys import image_key
+from ..search.precision import PRECISIONS
 from .common import (
     INDEX_BACKENDS,
     POLICIES,
@@ -40,7 +41,7 @@ settings as JSON. Decisions equal one-shot dedup of everything added, in order.
 
 EXAMPLES = """\
 examples:
-  dedup-index index create my.index --model efficientnet-lite0 --threshold 0.85
+  dedup-index index create my.index --model efficientnet-lite0
   dedup-index index add my.index photos/week1/            # images, embedded with the model
   dedup-index index add my.index photos/week2/ --out week2.jsonl   # per-row decisions
   dedup-index index query my.index new_photos/            # JSON lines: query -> neighbours
@@ -78,7 +79,7 @@ def add_parser(sub: Any, parents: list) -> None:
     p = action(
         "create",
         "create an empty index",
-        "  dedup-index index create my.index --model efficientnet-lite0 --threshold 0.85\n"
+        "  dedup-index index create my.index --model efficientnet-lite0\n"
         "  dedup-index index create vec.index --dim 512 --threshold 0.9 --backend hnsw\n",
     )
     p.add_argument(
@@ -89,8 +90,20 @@ def add_parser(sub: Any, parents: list) -> None:
         default=None,
         help="the model whose embeddings the index holds (recorded; gives --dim)",
     )
-    p.add_argument("--threshold", type=float, default=0.9, help="default: %(default)s")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="default: the --model's recommended one (0.75 for efficientnet-lite0), else 0.9",
+    )
     p.add_argument("--policy", choices=POLICIES, default="reference", help="default: reference")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="arithmetic of the candidate search; decisions are the same in every one "
+        "(default: auto, the fastest measured here)",
+    )
     p.add_argument(
         "--backend",
         choices=INDEX_BACKENDS,
@@ -151,6 +164,35 @@ def add_parser(sub: Any, parents: list) -> None:
     )
     p.set_defaults(func=stats)
 
+    p = action(
+        "compact",
+        "merge the files of every add into one of each and retrain the FAISS index "
+        "(nlist grown to the row count); one atomic commit, decisions unchanged",
+        "  dedup-index index compact my.index\n",
+    )
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the rows)")
+    p.set_defaults(func=compact)
+    p = action(
+        "verify",
+        "check every file of the index against its recorded SHA-256 (exit 1 if damaged)",
+        "  dedup-index index verify my.index\n",
+    )
+    p.set_defaults(func=verify_files)
+
+
+def compact(args: argparse.Namespace) -> int:
+    if args.nlist is not None and args.nlist < 1:
+        raise UsageError(f"--nlist must be an integer >= 1, got {args.nlist}")
+    with _open(args.path, "a") as index:
+        print(json.dumps(index.compact(nlist=args.nlist), indent=2))
+    return 0
+
+
+def verify_files(args: argparse.Namespace) -> int:
+    with _open(args.path, "r") as index:
+        print(json.dumps(index.verify()))
+    return 0
+
 
 # ---------------------------------------------------------------------------- commands
 def create(args: argparse.Namespace) -> int:
@@ -165,16 +207,22 @@ def create(args: argparse.Namespace) -> int:
     if args.dim is None and args.model is None:
         raise UsageError("give --dim or --model (the model's embedding dimension is used)")
     dim = args.dim
+    threshold = args.threshold
+    if threshold is None:
+        from ..encode.models import recommended_threshold
+
+        threshold = recommended_threshold(args.model)[0]
     if dim is None:  # the model says (loading it also proves it can be loaded)
         dim = _encoder(args.model, args.device, 1).dim
     with usage_errors():
         index = DedupIndex.create(
             path,
             dim,
-            args.threshold,
+            threshold,
             policy=args.policy,
             backend=args.backend,
             model_name=None if args.model is None else model_identity(args.model),
+            precision=args.precision,
         )
     with index:
         print(json.dumps(index.stats()))
@@ -214,8 +262,8 @@ def add(args: argparse.Namespace) -> int:
             "key": k,
             "kept": bool(kept),
             "duplicate_of": dup,
-            "similarity": None if dup is None else float(s),
-            "max_similarity": float(m),
+            "similarity": None if dup is None else float(min(s, 1.0)),
+            "max_similarity": float(min(m, 1.0)),
         }
         for k, kept, dup, s, m in zip(
             result.keys,
@@ -226,6 +274,21 @@ def add(args: argparse.Namespace) -> int:
             strict=True,
         )
     ]
+    # Every image that did not load is a row too (kept: null, with its error), so nothing
+    # leaves without a record in the output.
+    rows += [
+        {
+            "key": k,
+            "kept": None,
+            "duplicate_of": None,
+            "similarity": None,
+            "max_similarity": None,
+            "error": str(f),
+        }
+        for k, f in result.failures
+    ]
+    for row in rows:  # the decisions, one JSON line per added row
+        print(json.dumps(row))
     if args.out:
         _write_rows(rows, args.out)
         print(f"wrote {len(rows)} rows: {args.out}")
@@ -262,9 +325,14 @@ def query(args: argparse.Namespace) -> int:
     long_rows = []
     for key, hits in zip(keys, found, strict=True):
         print(
-            json.dumps({"query": key, "neighbours": [{"key": k, "similarity": s} for k, s in hits]})
+            json.dumps(
+                {
+                    "query": key,
+                    "neighbours": [{"key": k, "similarity": min(s, 1.0)} for k, s in hits],
+                }
+            )
         )
-        long_rows += [{"query": key, "key": k, "similarity": s} for k, s in hits]
+        long_rows += [{"query": key, "key": k, "similarity": min(s, 1.0)} for k, s in hits]
     if args.out:
         _write_rows(long_rows, args.out, columns=("query", "key", "similarity"))
         logger.info("wrote %d neighbour rows to %s", len(long_rows), args.out)

@@ -19,30 +19,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io.inputs import InputError, read_input
+from ..files import StagedWrites
+from ..io.inputs import TABLE_FORMATS, InputError, read_input
 from ..io.keys import image_key
+from ..search.precision import PRECISIONS
 from .common import (
     BACKENDS,
     FORMATS,
     POLICIES,
     SCORES,
     UsageError,
+    check_not_an_image,
     check_outputs,
+    check_writable,
     format_of,
     same_file,
+    shell_message,
     usage_errors,
 )
 
 logger = logging.getLogger(__name__)
 
-#: The operator's defaults (and upstream's): the CLI adds no model-dependent magic.
+#: The operator's default model (upstream's); the threshold defaults to the model's own.
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-DEFAULT_THRESHOLD = 0.90
 
 EXAMPLES = """\
 examples:
   # a folder of images (recursively), with the offline model; kept rows to kept.jsonl
-  dedup-index run photos/ --model efficientnet-lite0 --threshold 0.85 --out kept.jsonl
+  dedup-index run photos/ --model efficientnet-lite0 --out kept.jsonl
 
   # a table with an image column; kept rows in the same format, removed rows and pairs too
   dedup-index run images.parquet --image-key image --image-root /data/images \\
@@ -60,6 +64,13 @@ examples:
 
 exit codes: 0 done, 1 failure, 2 bad arguments or input (nothing written)
 """
+
+
+def _threshold_help() -> str:
+    from ..encode.models import DEFAULT_THRESHOLD, MODELS
+
+    known = ", ".join(f"{m.threshold:g} for {m.name}" for m in MODELS.values())
+    return f"{known}, else upstream's {DEFAULT_THRESHOLD:g}"
 
 
 def add_parser(sub: Any, parents: list) -> None:
@@ -91,10 +102,10 @@ def add_parser(sub: Any, parents: list) -> None:
     g.add_argument(
         "--threshold",
         type=float,
-        default=DEFAULT_THRESHOLD,
+        default=None,
         help="cosine similarity in [0, 1]; rows at or above it are near-duplicates "
-        "(default: %(default)s, the operator's, whatever the model: pick one for yours; "
-        "0.85 separates re-encoded copies from distinct photos with efficientnet-lite0)",
+        f"(default: the model's recommended one: {_threshold_help()}; for another model "
+        "pick one from the --report's threshold table)",
     )
     g.add_argument(
         "--model",
@@ -111,6 +122,13 @@ def add_parser(sub: Any, parents: list) -> None:
     )
     g.add_argument(
         "--policy", choices=POLICIES, default="reference", help="keep policy (default: reference)"
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="arithmetic of the exact candidate search (bf16 where the CPU or GPU is faster at "
+        "it); decisions, pairs and scores are bit-identical in every one (default: auto)",
     )
     g.add_argument(
         "--score",
@@ -151,6 +169,14 @@ def add_parser(sub: Any, parents: list) -> None:
         metavar="DIR",
         default=None,
         help="shared folder for the Ray run's shards and tiles; rerun with it to resume",
+    )
+    p.add_argument(
+        "--verify",
+        choices=("none", "geometric"),
+        default="none",
+        help="geometric: keep only pairs confirmed as copies (perceptual hash, else SIFT + "
+        "RANSAC); the search then gathers candidates at the model's candidate threshold "
+        "(efficientnet-lite0: 0.4) unless --threshold is given (default: none)",
     )
     g = p.add_argument_group("outputs (nothing is written unless asked)")
     g.add_argument(
@@ -215,6 +241,9 @@ def command(args: argparse.Namespace) -> int:
         "--report": args.report,
     }
     check_outputs([source.path], wanted)
+    _check_extensions(args)
+    check_writable(wanted)
+    check_not_an_image(wanted, _image_files(source))
     if args.cache is not None and same_file(args.cache, source.path):
         raise UsageError(f"--cache {args.cache} is the input; give the cache its own folder")
     out_format = args.format or (format_of(args.out) if args.out else None) or source.format
@@ -227,8 +256,10 @@ def command(args: argparse.Namespace) -> int:
     storage = MemoryStorage(source.frame)
     from ..errors import NoValidImagesError
 
-    with usage_errors(NoValidImagesError):
+    try:
         filt.run(storage, input_image_key=args.image_key, output_score_key=args.score_key)
+    except NoValidImagesError as exc:
+        raise UsageError(shell_message(str(exc))) from None
     report = filt.last_report
     failed_rows = {pos for pos, _ in report.failures}
     valid = [p for p in range(report.rows_in) if p not in failed_rows]
@@ -236,41 +267,58 @@ def command(args: argparse.Namespace) -> int:
     keys = [image_key(image_values.iat[p], p) for p in valid]
 
     written = []
-    if not args.dry_run:
-        from ..io.tables import write_table
+    # All outputs appear together once every one is written (files.StagedWrites): a run
+    # that fails part-way leaves none of them, never a mix of two runs' files.
+    with StagedWrites() as staged:
+        if not args.dry_run:
+            from ..io.tables import write_table
 
-        if args.pairs:
-            write_pairs(args.pairs, report.result.pairs, valid, keys)
-            written.append(f"{len(report.result.pairs)} pairs: {args.pairs}")
-        if args.removed:
-            write_table(report.rejects, args.removed, format_of(args.removed, "jsonl"))
-            written.append(f"{len(report.rejects)} removed rows: {args.removed}")
-        if args.out:
-            write_table(storage.written, args.out, out_format)
-            written.append(f"{len(storage.written)} kept rows: {args.out}")
-    seconds = time.perf_counter() - start
-    if args.report:
-        from ..report import write_report
+            if args.pairs:
+                verification = report.result.info.get("verification")
+                if verification is None:
+                    write_pairs(staged.path(args.pairs), report.result.pairs, valid, keys)
+                else:  # --verify: each pair's evidence, and every candidate beside them
+                    from ..verify.outputs import candidates_path, write_verified_pairs
 
-        failures = [(image_key(image_values.iat[p], p), str(f)) for p, f in report.failures]
-        Path(args.report).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
-        write_report(
-            args.report,
-            result=report.result,
-            keys=keys,
-            values=[image_values.iat[p] for p in valid],
-            failures=failures,
-            image_root=source.image_root,
-            title=f"dedup-index report: {source.path}",
-            extra_summary={
-                "input": str(source.path),
-                "model": args.model,
-                "rows in": report.rows_in,
-                "failed to load": report.failed,
-                "dry run": bool(args.dry_run),
-            },
-        )
-        written.append(f"report: {args.report}")
+                    side = candidates_path(args.pairs)
+                    write_verified_pairs(
+                        staged.path(args.pairs), staged.path(side), verification, valid, keys
+                    )
+                    written.append(f"{len(verification)} candidate pairs: {side}")
+                written.append(f"{len(report.result.pairs)} pairs: {args.pairs}")
+            if args.removed:
+                removed_format = format_of(args.removed, "jsonl")
+                write_table(report.rejects, staged.path(args.removed), removed_format)
+                written.append(f"{len(report.rejects)} removed rows: {args.removed}")
+            if args.out:
+                write_table(storage.written, staged.path(args.out), out_format)
+                written.append(f"{len(storage.written)} kept rows: {args.out}")
+        seconds = time.perf_counter() - start
+        if args.report:
+            from ..report import write_report
+
+            failures = [
+                (image_key(image_values.iat[p], p), str(f), p) for p, f in report.failures
+            ]
+            note = report.threshold_note()
+            write_report(
+                staged.path(args.report),
+                result=report.result,
+                keys=keys,
+                values=[image_values.iat[p] for p in valid],
+                failures=failures,
+                image_root=source.image_root,
+                title=f"dedup-index report: {source.path}",
+                extra_summary={
+                    "input": str(source.path),
+                    "model": args.model,
+                    **_verification_summary(report),
+                    **({"threshold chosen": note} if note else {}),
+                    **({"dry run": "yes: no table written"} if args.dry_run else {}),
+                },
+                rows=valid,
+            )
+            written.append(f"report: {args.report}")
     for line in written:
         print(f"wrote {line}")
     if args.dry_run:
@@ -287,7 +335,40 @@ def summary_line(report: Any, seconds: float) -> str:
     )
     if report.cached:
         text += f" ({report.embedded} embedded, {report.cached} from the cache)"
+    if report.threshold_note():
+        text += f"; {report.threshold_note()}"
     return text
+
+
+def _image_files(source: Any) -> Any:
+    """The input's image files as absolute paths (path values only), lazily."""
+    from ..io.keys import image_path
+
+    root = source.image_root if source.image_root is not None else Path.cwd()
+    for value in source.frame[source.image_key]:
+        raw = image_path(value)
+        if raw is not None and "://" not in raw:
+            yield os.path.abspath(os.path.join(os.fspath(root), os.path.expanduser(raw)))
+
+
+def _verification_summary(report: Any) -> dict:
+    """The report's line on verification (--verify), if it ran."""
+    verification = report.result.info.get("verification") if report.result else None
+    return {"verification": verification.summary()} if verification is not None else {}
+
+
+def _check_extensions(args: argparse.Namespace) -> None:
+    """An output whose extension names a format we cannot write is refused before any
+    work (an extension-less --out takes the input's format, or --format)."""
+    tables = ", ".join(TABLE_FORMATS)
+    checks = [("--removed", args.removed, TABLE_FORMATS), ("--pairs", args.pairs, (".parquet",))]
+    if args.format is None:
+        checks.insert(0, ("--out", args.out, TABLE_FORMATS))
+    for option, path, allowed in checks:
+        suffix = Path(path).suffix.lower() if path else ""
+        if suffix and suffix not in allowed:
+            what = tables + " (or --format)" if option == "--out" else ", ".join(allowed)
+            raise UsageError(f"{option} {path}: cannot write {suffix} files; use {what}")
 
 
 def _build_filter(args: argparse.Namespace, image_root: Path | None):
@@ -302,11 +383,13 @@ def _build_filter(args: argparse.Namespace, image_root: Path | None):
         "score": args.score,
         "backend": args.backend,
         "policy": args.policy,
+        "precision": args.precision,
         "cache_dir": args.cache,
         "num_workers": args.workers,
         "progress": False if args.no_progress else None,
         "ray": args.ray,
         "ray_work_dir": args.ray_work_dir,
+        "verify": args.verify,
     }
     with usage_errors(CacheModelMismatchError):
         return ImageDeduplicateFilter(
@@ -326,6 +409,7 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
     import pyarrow.parquet as pq
 
     from ..files import atomic_write_with
+    from ..io.tables import shown_similarity
 
     rows = np.asarray(valid, dtype=np.int64)
     key_array = np.asarray(keys, dtype=object)
@@ -349,7 +433,7 @@ def write_pairs(path: str | os.PathLike, pairs: Any, valid: list[int], keys: lis
                         "j": rows[j],
                         "key_i": key_array[i].tolist(),
                         "key_j": key_array[j].tolist(),
-                        "similarity": np.asarray(chunk.s, np.float64),
+                        "similarity": shown_similarity(chunk.s),
                     },
                     schema=schema,
                 )

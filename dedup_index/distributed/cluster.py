@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from contextlib import contextmanager
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -37,10 +40,48 @@ def connect(address: str | None = None, **init_kwargs: Any) -> Any:
     if address is not None and not isinstance(address, str):
         raise TypeError(f"address must be a string such as 'auto' or 'host:6379'; got {address!r}")
     init_kwargs.setdefault("include_dashboard", False)
+    quiet = not logging.getLogger("dedup_index").isEnabledFor(logging.INFO)
+    if quiet:  # Ray's own chatter only with -v (logging at INFO): our messages say enough
+        quiet_ray()
+        init_kwargs.setdefault("logging_level", logging.ERROR)
+        init_kwargs.setdefault("log_to_driver", False)
     init_kwargs.setdefault("log_to_driver", True)
     logger.info("ray: connecting to %s", address or "a new local cluster (or RAY_ADDRESS)")
-    ray.init(address=address, **init_kwargs)
+    if quiet:
+        # The driver's core worker announces RAY_BACKEND_LOG_LEVEL on stderr as it starts,
+        # whatever the level: keep that one line off the terminal (errors still raise).
+        with _stderr_silenced():
+            ray.init(address=address, **init_kwargs)
+    else:
+        ray.init(address=address, **init_kwargs)
+    if quiet:
+        import ray.data  # configures its loggers on import: quiet them after
+
+        ray.data.DataContext.get_current().print_on_execution_start = False
+        quiet_ray()
     return ray
+
+
+@contextmanager
+def _stderr_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def quiet_ray() -> None:
+    """Ray's Python loggers at ERROR and its C++ workers' stderr lines off (they go to the
+    session's log files): what a user sees are this package's messages, once each."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data", "ray._private", "ray.rllib", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cluster_cpus(ray: Any) -> int:

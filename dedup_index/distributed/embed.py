@@ -506,9 +506,16 @@ def _run_actors(
     import ray
     import ray.data
 
+    gpus_here = float(ray.cluster_resources().get("GPU", 0))
+    if num_gpus > 0 and gpus_here < num_gpus:
+        # Ray would wait for ever for a GPU that never comes ("job may hang forever").
+        raise ValueError(
+            f"num_gpus_per_actor={num_gpus:g} but the Ray cluster has {gpus_here:g} GPU(s); "
+            "pass num_gpus_per_actor=0 to embed on CPUs, or add GPU nodes"
+        )
     if concurrency is None:
         if num_gpus > 0:
-            gpus = int(ray.cluster_resources().get("GPU", 0))
+            gpus = int(gpus_here)
             concurrency = max(1, int(gpus / num_gpus))
         else:
             concurrency = max(1, cluster_cpus(ray) // cpus)

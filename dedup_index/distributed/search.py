@@ -40,6 +40,7 @@ import numpy as np
 
 from ..dedup import DedupResult, dedup_embeddings
 from ..search import SearchResult
+from ..search.precision import check_precision
 from ..store import EmbeddingStore, PairSink
 from ..store.pairs_file import DEFAULT_MEMORY_BUDGET
 from ..validation import check_positive_int
@@ -78,6 +79,7 @@ def dedup_store(
     normalize: bool = True,
     pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
     pairs_path: str | os.PathLike | None = None,
+    precision: str = "auto",
 ) -> DedupResult:
     """Exact near-duplicate search on a Ray cluster; same result as one machine's ``blocked``.
 
@@ -100,6 +102,8 @@ def dedup_store(
         threads_per_task: CPUs (and BLAS threads) per task.
         max_retries: how often Ray retries a task whose worker died.
         pairs_memory_budget, pairs_path: as in ``dedup_embeddings`` (pairs spill to Parquet).
+        precision: the tiles' candidate arithmetic, as in ``dedup_embeddings`` (``auto``
+            is resolved by each task on its node; the results are the same bits).
 
     ``result.backend`` is ``"ray"``; ``result.info`` holds the tile counts.
     """
@@ -120,6 +124,7 @@ def dedup_store(
         pairs_memory_budget=pairs_memory_budget,
         pairs_path=pairs_path,
         progress=progress,
+        precision=precision,
     )
 
 
@@ -152,6 +157,7 @@ def ray_search(
     tile_rows = check_positive_int(options.pop("tile_rows", None), "tile_rows", allow_none=True)
     threads_per_task = check_positive_int(options.pop("threads_per_task", 1), "threads_per_task")
     max_retries = options.pop("max_retries", 3)
+    precision = check_precision(options.pop("precision", "auto"))
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an integer >= 0; got {max_retries!r}")
     if options:
@@ -210,6 +216,7 @@ def ray_search(
             max_retries=max_retries,
             progress=progress,
             sink=sink,
+            precision=precision,
         )
         pairs = sink.finish()
     finally:
@@ -221,7 +228,12 @@ def ray_search(
         near,
         "ray",
         best_earlier,
-        info={"tile_rows": tile_rows, "work_dir": None if temporary else str(work), **counts},
+        info={
+            "tile_rows": tile_rows,
+            "work_dir": None if temporary else str(work),
+            "precision": {"precision": precision, "why": "resolved by each task on its node"},
+            **counts,
+        },
     )
 
 
@@ -236,7 +248,19 @@ def _fingerprint(unit: Any, store_path: str | None) -> dict:
 
 
 def _run_tiles(
-    ray, unit, store_path, threshold, b, work, jid, *, threads_per_task, max_retries, progress, sink
+    ray,
+    unit,
+    store_path,
+    threshold,
+    b,
+    work,
+    jid,
+    *,
+    threads_per_task,
+    max_retries,
+    progress,
+    sink,
+    precision="auto",
 ):
     """Submit the missing tiles, merge every tile once (pairs into ``sink``); returns the
     maxima and the tile counts."""
@@ -295,7 +319,15 @@ def _run_tiles(
             args = (store_path, None)
         refs[
             task.remote(
-                *args, threshold=threshold, n=n, block_rows=b, a=a, c=c, work_dir=str(work), job=jid
+                *args,
+                threshold=threshold,
+                n=n,
+                block_rows=b,
+                a=a,
+                c=c,
+                work_dir=str(work),
+                job=jid,
+                precision=precision,
             )
         ] = (a, c)
     report = _RowProgress(progress, n, len(grid))
@@ -347,7 +379,9 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": value, "OPENBLAS_NUM_THREADS": value, "MKL_NUM_THREADS": value}
 
 
-def _tile_task(block_a, block_c, *, threshold, n, block_rows, a, c, work_dir, job) -> int:
+def _tile_task(
+    block_a, block_c, *, threshold, n, block_rows, a, c, work_dir, job, precision="auto"
+) -> int:
     """One Ray task: tile ``(a, c)`` to its file; returns its number of pairs (or -1 when
     the file was already there, e.g. a re-executed task)."""
     path = tl.tile_path(work_dir, a, c)
@@ -362,7 +396,9 @@ def _tile_task(block_a, block_c, *, threshold, n, block_rows, a, c, work_dir, jo
         rows_c = None if a == c else store[c0:c1]
     else:
         rows_a, rows_c = block_a, block_c
-    pairs, later, earlier = tl.compute_tile(rows_a, rows_c, threshold, start_a=a0, start_c=c0)
+    pairs, later, earlier = tl.compute_tile(
+        rows_a, rows_c, threshold, start_a=a0, start_c=c0, precision=precision
+    )
     tl.write_tile(path, tl.TileOutput(a, c, pairs, later, earlier), job)
     return len(pairs)
 

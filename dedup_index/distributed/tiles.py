@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write_bytes, crash_once, read_json, write_json_atomic
-from ..search.canonical import candidate_delta
 from ..search.pairs import PairSet, rescore_candidates
+from ..search.precision import Arithmetic, arithmetic
 from ..search.tiles import NearBest, NumpyTiles, canonical_maxima
 
 logger = logging.getLogger(__name__)
@@ -89,24 +89,34 @@ def compute_tile(
     *,
     start_a: int,
     start_c: int,
+    precision: str | Arithmetic = "auto",
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Pairs and canonical partial maxima of block ``rows_a`` against block ``rows_c``.
 
     ``rows_c=None`` is the diagonal tile (the block against itself: only pairs ``i < j``
     inside it).  ``start_a``/``start_c`` are the global ids of the blocks' first rows.
     Returns ``(pairs with global ids, best_later per row of a, best_earlier per row of c)``.
+    ``precision``: the tile arithmetic (:mod:`dedup_index.search.precision`; ``auto``
+    is resolved on the node that runs the task): the same bits whichever.
     """
     diagonal = rows_c is None
     ra = rows_a.shape[0]
     rc = ra if diagonal else rows_c.shape[0]
     d = rows_a.shape[1]
-    delta = candidate_delta(d)
-    radius = np.float32(threshold - delta)
     # The tile as a small problem with local ids: block a's rows, then block c's.
     local = rows_a if diagonal else np.concatenate([rows_a, rows_c])
     off = 0 if diagonal else ra
-    ops = NumpyTiles(local, ra, rc)
-    s = ops.product(rows_a, rows_a if diagonal else rows_c)
+    arith = (
+        precision
+        if isinstance(precision, Arithmetic)
+        else arithmetic(precision, d, work=float(ra) * rc * d)
+    )
+    rounded, arith = arith.prepare(np.ascontiguousarray(local, dtype=np.float32))
+    delta = arith.window
+    radius = np.float32(threshold - arith.margin)
+    ops = NumpyTiles(rounded, ra, rc, arith)
+    with arith.session():
+        s = ops.product(rounded[:ra], rounded[:ra] if diagonal else rounded[off:])
     if diagonal:
         ops.mask_diagonal(s, ra)
     row_max, col_max = ops.maxima(s)

@@ -14,9 +14,11 @@ Importing this package is light; torch and transformers load when an encoder is 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..lazy import lazy_exports
+from .models import suggest_model
 
 _LAZY = {
     "embed_images": "dedup_index.encode.pipeline",
@@ -50,6 +52,11 @@ def load_encoder(
         from .efficientnet import EfficientNetLiteEncoder
 
         return EfficientNetLiteEncoder(device=device, batch_size=batch_size, **options)
+    typo = suggest_model(model_name) if "/" not in str(model_name) else None
+    if typo is not None and not os.path.isdir(model_name):
+        from ..errors import ModelLoadError
+
+        raise ModelLoadError(f"unknown model {model_name!r}: did you mean model_name='{typo}'?")
     from .clip import CLIPEncoder
 
     return CLIPEncoder(model_name, device=device, batch_size=batch_size, **options)

@@ -63,6 +63,7 @@ __all__ = [
     "CacheError",
     "CacheModelMismatchError",
     "EmbeddingCache",
+    "encoder_identity",
     "fingerprint",
     "model_identity",
 ]
@@ -136,6 +137,19 @@ def _path_fingerprint(raw: str, image_root: Any) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return f"path:{resolved}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def encoder_identity(model_name: str, encoder: Any = None) -> str:
+    """What a cache (and an index) records as "the model": :func:`model_identity` of the
+    name, plus the arithmetic when it is not fp32 on the CPU (``" [cuda fp16]"``): rows of
+    another precision or device differ in their last bits (bf16 vs fp32 cosine down to 0.97
+    on noisy JPEGs) and must not mix with these."""
+    name = model_identity(model_name)
+    device = str(getattr(encoder, "device", "cpu") or "cpu").split(":")[0]
+    precision = str(getattr(encoder, "precision", "fp32") or "fp32")
+    if device == "cpu" and precision == "fp32":
+        return name
+    return f"{name} [{device} {precision}]"
 
 
 def model_identity(model_name: str) -> str:

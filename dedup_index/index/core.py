@@ -1,22 +1,37 @@
 """``DedupIndex``: incremental add-and-query with exactly the one-shot decisions.
 
-One directory holds everything:
+One directory holds everything, as immutable files listed by one manifest:
 
-- ``embeddings/``: an :class:`~dedup_index.store.EmbeddingStore` (float32 unit rows and
-  their keys), read tile by tile, never re-embedded;
-- ``pairs/part-NNNNNN.parquet``: the pairs each ``add`` found, one immutable part per add;
-- ``state-NNNNNN.npz``: per-row decisions and scores of one generation;
+- ``rows/rows-NNNNNN.npy`` + ``rows/keys-NNNNNN.json``: the rows (float32 or float16
+  unit vectors, memory-mapped, never re-embedded) and keys of one ``add``;
+- ``pairs/part-NNNNNN.parquet``: the pairs one ``add`` found;
+- ``state-NNNNNN.npz``: per-row decisions and scores: a full state, then one *delta* per
+  ``add`` (the rows whose decisions or scores changed, and the new rows);
+- ``ann/seg-NNNNNN.faiss`` (``backend="ivf"``/``"hnsw"``): FAISS segments (see :mod:`.ann`);
 - ``manifest.json``: format version, dimension, threshold, policy, model name, the row
-  count, the parts and state of the current generation with their SHA-256 checksums.
-  It is written last (temp file, fsync, rename): a process killed at any point leaves the
-  previous generation readable, and the next writer rolls back whatever the dead one
-  appended.  A corrupted or truncated file is refused with an error naming it.
+  count and every file of the current generation with its SHA-256 checksum.
 
-With ``backend="ivf"``/``"hnsw"`` new rows go through a FAISS index instead (see
+**Append-only.**  An ``add`` writes new files only and commits by replacing the manifest
+(temp file, fsync, rename): nothing written before is rewritten, so an add costs what it
+adds, and a process killed at any point leaves the previous generation readable; files
+a dead writer left behind are not listed and are removed by the next writer.
+:meth:`DedupIndex.compact` merges the files (one rows file, one pair part, one full
+state, one FAISS segment with ``nlist`` grown to the row count) as one commit; the files
+it supersedes are *retired*: listed in the manifest and deleted by a later commit once
+``retain_seconds`` have passed, so readers still on the old generation keep working.
+Indexes of format version 1 (one ``embeddings/`` store, one FAISS file) are read as they
+are and written as version 2 by their next commit.
+
+**Snapshot reads.**  Readers (``DedupIndex.open(path)``, mode ``"r"``) take no lock and
+see the generation committed when they opened (or last called :meth:`DedupIndex.refresh`);
+within a process, ``query`` runs on one immutable view, so queries may run in threads
+while an ``add`` builds the next generation.
+
+With ``backend="ivf"``/``"hnsw"`` new rows go through FAISS segments instead (see
 :mod:`.ann`): pairs found are exact, some may be missed, and an old row's nearest score
 is only raised through candidates found (a lower bound).  With the exact backends:
 
-Adding rows ``Q`` to ``N`` indexed rows searches ``Q`` against the store exactly
+Adding rows ``Q`` to ``N`` indexed rows searches ``Q`` against the rows exactly
 (:func:`~dedup_index.search.cross.cross_search`) and ``Q`` against itself (``blocked``),
 so every pair involving a new row is found, every new row's nearest and best-earlier
 score is exact, and old rows' nearest scores are raised where a new row is nearer.  The
@@ -26,36 +41,56 @@ what one-shot :func:`~dedup_index.dedup_embeddings` of the concatenation gives. 
 ``reference`` policy removed rows stay in the index: later rows are compared with them too.
 
 Writers take an exclusive lock on ``.lock`` (a second writer gets :class:`IndexLockedError`
-at once); readers (``DedupIndex.open(path)``, mode ``"r"``) take none and see the last
-committed generation.
+at once).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DedupIndexError
-from ..files import WriterLock, atomic_write_bytes, crash_point, read_json, write_json_atomic
+from ..files import (
+    WriterLock,
+    atomic_write_bytes,
+    crash_point,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from ..policy import POLICIES, decide
 from ..search import INDEX_BACKENDS, as_unit_float32
 from ..search.blocked import blocked_search
 from ..search.cross import cross_search
 from ..search.flat import flat_cross_search
 from ..search.pairs import PairSet, concat_pairsets
-from ..store import EmbeddingStore, PairFile, StoreError, write_pair_file
+from ..search.precision import check_precision
+from ..store import (
+    EmbeddingStore,
+    PairFile,
+    SegmentedRows,
+    StoreError,
+    open_rows_file,
+    write_pair_file,
+    write_rows_file,
+)
 from ..validation import check_choice, check_threshold
-from .ann import ANN_BACKENDS, AnnIndex, Concat
+from .ann import ANN_BACKENDS, AnnIndex, Segment
 
 FORMAT = "dedup-index"
-VERSION = 1
+VERSION = 2
+#: Older format versions read (and upgraded by the next commit).
+READS_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 _STATE_FIELDS = (
     "keep",
@@ -66,13 +101,18 @@ _STATE_FIELDS = (
     "earlier",
     "removed",
 )
+#: Folders of the immutable files (created by ``create``; scanned for leftovers).
+_FOLDERS = ("rows", "pairs", "ann")
 logger = logging.getLogger(__name__)
 
 ON_DUPLICATE_KEY = ("error", "skip")
 #: From this many rows in one ``add``, an approximate index finds the batch's own pairs
-#: with the ``partitioned`` backend (GEMM tiles within clusters) instead of one FAISS
-#: range query per row: a 1M-row batch takes minutes instead of hours.
+#: with the ``partitioned`` backend (GEMM tiles within clusters) instead of the exact
+#: ``blocked`` tiles: a 1M-row batch takes minutes instead of hours.
 ANN_BULK_ROWS = 20_000
+#: Seconds a file superseded by ``compact`` or ``remove`` is kept for readers still on
+#: the generation before (deleted by the first commit after that).
+RETAIN_SECONDS = 600.0
 
 
 class IndexError_(DedupIndexError):
@@ -112,33 +152,38 @@ class AddResult:
         return int((~self.kept).sum())
 
 
+@dataclass
+class _View:
+    """One committed generation, as a reader sees it: never changed once built (the keys
+    and the key -> row map are filled in lazily, once)."""
+
+    manifest: dict[str, Any]
+    rows: SegmentedRows
+    state: dict[str, np.ndarray]
+    ann: AnnIndex | None
+    files: dict[str, Any]  # rows/ann file name -> loaded object, for reuse by refresh
+    keys: list[str] | None = None
+    key_rows: dict[str, int] | None = None
+
+
 class DedupIndex:
     """A directory of embeddings, pairs and decisions that grows by ``add``."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock_fd: WriterLock | None):
         self.path = path
         self.mode = mode
-        self._manifest = manifest
         self._lock_fd = lock_fd
-        self.store = EmbeddingStore.open(path / "embeddings", mode="a" if mode == "a" else "r")
-        n = int(manifest["count"])
-        if len(self.store) < n:
-            raise IndexCorruptError(
-                f"{path / 'embeddings'} holds {len(self.store)} rows but {path / MANIFEST} "
-                f"says {n}: the embedding store is damaged"
-            )
-        if len(self.store) > n:  # a writer died after appending: roll back
-            if mode == "a":
-                self.store.truncate(n)
-        self._state = _load_state(path, manifest)
-        self._ann: AnnIndex | None = None
-        if manifest.get("ann"):
-            payload = _verified_bytes(path, manifest["ann"], manifest["checksums"])
-            self._ann = AnnIndex.from_bytes(
-                payload, manifest["backend"], manifest.get("backend_options", {})
-            )
-        self._keys: list[str] | None = None
-        self._key_rows: dict[str, int] | None = None
+        self._view = _load_view(path, manifest)
+        if mode == "a":
+            _collect_garbage(path, manifest)
+
+    @property
+    def _manifest(self) -> dict[str, Any]:
+        return self._view.manifest
+
+    @property
+    def _state(self) -> dict[str, np.ndarray]:
+        return self._view.state
 
     # ------------------------------------------------------------------ create, open
     @classmethod
@@ -153,18 +198,26 @@ class DedupIndex:
         model_name: str | None = None,
         dtype: str = "float32",
         backend_options: dict[str, Any] | None = None,
+        precision: str = "auto",
     ) -> DedupIndex:
         """A new, empty index at ``path`` (which must not hold one), open for writing.
 
         ``backend``: ``"blocked"`` (numpy GEMM tiles) or ``"flat"`` (FAISS
         ``IndexFlatIP`` tiles), exact: every new row against every stored row, the same
-        decisions bit for bit; or ``"ivf"`` / ``"hnsw"`` (a FAISS index; approximate,
+        decisions bit for bit; or ``"ivf"`` / ``"hnsw"`` (FAISS segments; approximate,
         for very large indexes: see :mod:`dedup_index.index.ann`), with
-        ``backend_options`` (``nlist``, ``nprobe``, ``m``, ``ef_search``...)."""
+        ``backend_options`` (``nlist``, ``nprobe``, ``m``, ``ef_search``, ``tail_rows``...).
+        ``dtype="float16"`` stores rows at half the size (scores are then those of the
+        rounded rows, exact and deterministic as ever).  ``precision``: the candidate
+        arithmetic of the exact cross search (``"auto"``, ``"fp32"``, ``"bf16"``,
+        ``"fp16"``: :mod:`dedup_index.search.precision`; the same decisions whichever),
+        recorded in the manifest."""
         path = Path(path)
+        check_precision(precision)
         threshold = check_threshold(threshold)
         check_choice(policy, POLICIES, "policy")
         check_choice(backend, INDEX_BACKENDS, "backend")
+        check_choice(str(np.dtype(dtype)), ("float32", "float16"), "dtype")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
         if (path / MANIFEST).exists():
@@ -172,9 +225,8 @@ class DedupIndex:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path)
         try:
-            (path / "pairs").mkdir(exist_ok=True)
-            meta = {"model_name": model_name}
-            EmbeddingStore.create(path / "embeddings", dim, dtype=dtype, meta=meta, exist_ok=True)
+            for folder in _FOLDERS:
+                (path / folder).mkdir(exist_ok=True)
             manifest = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -183,12 +235,16 @@ class DedupIndex:
                 "policy": policy,
                 "backend": backend,
                 "model_name": model_name,
+                "dtype": str(np.dtype(dtype)),
                 "count": 0,
                 "generation": 0,
                 "backend_options": dict(backend_options or {}),
-                "ann": None,
+                "precision": precision,
+                "rows": [],
+                "ann": [],
                 "pairs": [],
-                "state": None,
+                "state": [],
+                "retired": [],
                 "checksums": {},
             }
             write_json_atomic(path / MANIFEST, manifest)
@@ -229,8 +285,16 @@ class DedupIndex:
             _unlock(lock_fd)
             raise
 
+    def refresh(self) -> bool:
+        """Move a reader to the newest committed generation (files already loaded are
+        reused).  Returns whether there was a newer one."""
+        manifest = _load_manifest(self.path)
+        if manifest["generation"] == self._manifest["generation"]:
+            return False
+        self._view = _load_view(self.path, manifest, reuse=self._view)
+        return True
+
     def close(self) -> None:
-        self.store.close()
         _unlock(self._lock_fd)
         self._lock_fd = None
 
@@ -262,23 +326,34 @@ class DedupIndex:
     def model_name(self) -> str | None:
         return self._manifest["model_name"]
 
+    @property
+    def generation(self) -> int:
+        """The committed generation this object reads (raised by each add)."""
+        return int(self._manifest["generation"])
+
     def __len__(self) -> int:
         return int(self._manifest["count"])
 
     def keys(self) -> list[str]:
-        if self._keys is None:
-            self._keys = (self.store.keys() or [])[: len(self)]
-        return self._keys
+        return _view_keys(self.path, self._view)[: len(self)]
+
+    def _key_rows(self) -> dict[str, int]:
+        """``key -> first row`` (shared by the views of one writer, which append to it:
+        entries at rows ``>= len(self)`` belong to a later generation)."""
+        view = self._view
+        if view.key_rows is None:
+            key_rows: dict[str, int] = {}
+            for r, k in enumerate(_view_keys(self.path, view)):
+                key_rows.setdefault(k, r)
+            view.key_rows = key_rows
+        return view.key_rows
 
     def _rows_of(self, keys: Sequence[str]) -> np.ndarray:
-        if self._key_rows is None:
-            self._key_rows = {}
-            for r, k in enumerate(self.keys()):
-                self._key_rows.setdefault(k, r)
-        missing = [k for k in keys if k not in self._key_rows]
+        key_rows, n = self._key_rows(), len(self)
+        missing = [k for k in keys if key_rows.get(k, n) >= n]
         if missing:
             raise KeyError(f"{len(missing)} key(s) not in the index, e.g. {missing[:3]}")
-        return np.array([self._key_rows[k] for k in keys], dtype=np.int64)
+        return np.array([key_rows[k] for k in keys], dtype=np.int64)
 
     def max_similarity(self, keys: Sequence[str]) -> np.ndarray:
         """Nearest-neighbour similarity of indexed ``keys`` (floored at 0)."""
@@ -288,6 +363,12 @@ class DedupIndex:
         """Per-row arrays: keep, duplicate_of, duplicate_similarity, group, nearest, earlier."""
         return {k: v.copy() for k, v in self._state.items()}
 
+    def embeddings(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored unit float32 rows ``start:stop`` in row order (removed keys included):
+        what every decision of this index was taken on."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        return np.asarray(self._view.rows[start:stop], dtype=np.float32)
+
     def pairs(self) -> PairSet:
         """Every pair ``i < j`` at or above the threshold, sorted."""
         sums = self._manifest["checksums"]
@@ -295,40 +376,50 @@ class DedupIndex:
         return concat_pairsets(_open_part(self.path, p, sums).to_pairset() for p in parts)
 
     def stats(self) -> dict[str, Any]:
-        keep = self._state["keep"]
+        view = self._view
+        keep = view.state["keep"]
+        manifest = view.manifest
+        ann = view.ann
         return {
-            "rows": len(self),
+            "rows": int(manifest["count"]),
             "kept": int(keep.sum()),
             "removed": int((~keep).sum()),
-            "pairs": int(self._manifest.get("n_pairs", 0)),
+            "pairs": int(manifest.get("n_pairs", 0)),
             "dim": self.dim,
             "threshold": self.threshold,
             "policy": self.policy,
-            "backend": self._manifest["backend"],
+            "backend": manifest["backend"],
             "exact": self.exact,
             "model_name": self.model_name,
-            "generation": int(self._manifest["generation"]),
+            "dtype": manifest.get("dtype", "float32"),
+            "generation": int(manifest["generation"]),
+            "row_files": len(manifest["rows"]),
+            "state_files": len(manifest["state"]),
+            "ann_segments": 0 if ann is None else len(ann.segments),
+            "ann_tail_rows": 0 if ann is None else int(manifest["count"]) - ann.covered,
+            "nlist": None if ann is None else ann.nlist,
             "bytes_on_disk": _tree_size(self.path),
         }
 
     def query(self, embeddings) -> list[list[tuple[str, float]]]:
         """For each query row, the indexed rows at or above the threshold as ``(key,
-        similarity)``, most similar first.  Read-only."""
+        similarity)``, most similar first.  Read-only; safe to call from several threads,
+        also while this process adds (each call reads one committed generation)."""
+        view = self._view
         q = self._prepare(embeddings)
-        removed = self._state["removed"]
+        removed = view.state["removed"]
         live = ~removed if removed.any() else None
-        if self._ann is not None:
-            found = self._ann.search(
-                q, _Prefix(self.store, len(self)), self.threshold, live, nearest=False
-            )
+        if view.manifest["backend"] in ANN_BACKENDS:
+            ann = view.ann or _empty_ann(view.manifest)
+            found = ann.search(q, view.rows, self.threshold, live, nearest=False)
         else:
             found = self._cross_search(
-                q, _Prefix(self.store, len(self)), self.threshold, base_live=live, base_best=False
+                q, view.rows, self.threshold, base_live=live, base_best=False
             )
-        keys = self.keys()
+        keys = _view_keys(self.path, view)
         out: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
         for qi, bi, s in sorted(zip(found.q, found.b, found.s, strict=True), key=lambda t: -t[2]):
-            out[int(qi)].append((keys[int(bi)] if keys else str(int(bi)), float(s)))
+            out[int(qi)].append((keys[int(bi)], float(s)))
         return out
 
     # ------------------------------------------------------------------ writing
@@ -342,6 +433,8 @@ class DedupIndex:
         """Add rows; decisions equal one-shot dedup of everything added so far."""
         self._check_writable()
         q = self._prepare(embeddings)
+        if self._manifest.get("dtype", "float32") == "float16":
+            q = q.astype(np.float16).astype(np.float32)  # scored as stored
         n_old = len(self)
         keys = [str(n_old + k) for k in range(q.shape[0])] if keys is None else list(keys)
         if len(keys) != q.shape[0]:
@@ -352,19 +445,23 @@ class DedupIndex:
         m = q.shape[0]
         if m == 0:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
-        removed = self._state["removed"]
+        view = self._view
+        removed = view.state["removed"]
         live = None if not removed.any() else ~removed
         if self._manifest["backend"] in ANN_BACKENDS:
-            new_pairs, nearest, earlier = self._ann_step(q, n_old, removed)
+            new_pairs, nearest, earlier = self._ann_step(q, n_old, live)
         else:
             new_pairs, nearest, earlier = self._exact_step(q, n_old, live)
-        # Commit order: rows, pair part, state, manifest (the commit point).
-        self.store.truncate(n_old)
-        self.store.append(q, keys=keys, normalize=False)
-        crash_point("rows_appended")
-        generation = int(self._manifest["generation"]) + 1
-        part = f"pairs/part-{generation:06d}.parquet"
+        # New files only: rows and keys, pair part, FAISS segment, state delta; then the
+        # manifest (the commit point).
+        generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
+        rows_name = f"rows/rows-{generation:06d}.npy"
+        keys_name = f"rows/keys-{generation:06d}.json"
+        checksums[rows_name] = write_rows_file(self.path / rows_name, q, self._dtype)
+        checksums[keys_name] = write_json_atomic(self.path / keys_name, keys)
+        crash_point("rows_appended")
+        part = f"pairs/part-{generation:06d}.parquet"
         checksums[part] = _write_part(self.path / part, new_pairs)
         crash_point("pairs_written")
         parts = [*self._manifest["pairs"], part]
@@ -373,19 +470,126 @@ class DedupIndex:
         new_state = _state(
             decisions, nearest, earlier, np.concatenate([removed, np.zeros(m, bool)])
         )
-        ann_payload = self._ann.to_bytes() if self._ann is not None else None
-        self._commit(generation, parts, checksums, new_state, n, len(new_pairs), ann_payload)
-        rows = np.arange(n_old, n)
-        all_keys = self.keys()
-        dup = new_state["duplicate_of"][rows]
+        rows_file = _open_rows(self.path, rows_name, m, self.dim)
+        rows = view.rows.with_part(rows_file)
+        ann, ann_entries = self._grow_ann(rows, generation, checksums)
+        manifest = dict(
+            self._manifest,
+            count=n,
+            pairs=parts,
+            n_pairs=int(self._manifest.get("n_pairs", 0)) + len(new_pairs),
+            rows=[*self._manifest["rows"], {"file": rows_name, "keys": keys_name, "count": m}],
+            ann=ann_entries,
+        )
+        files = dict(view.files, **{rows_name: rows_file})
+        self._commit(generation, manifest, checksums, new_state, rows, ann, files, None)
+        # Committed: the next view shares the key list and map, appended to in place
+        # (O(batch), not O(N); an older view reads only its first rows of them).
+        if view.keys is not None:
+            view.keys.extend(keys)
+            self._view.keys = view.keys
+        if view.key_rows is not None:
+            for r, k in enumerate(keys, n_old):
+                view.key_rows.setdefault(k, r)
+            self._view.key_rows = view.key_rows
+        idx = np.arange(n_old, n)
+        dup = new_state["duplicate_of"][idx]
+        all_keys = _view_keys(self.path, self._view)
         return AddResult(
             keys=keys,
-            kept=new_state["keep"][rows].copy(),
+            kept=new_state["keep"][idx].copy(),
             duplicate_of=[all_keys[int(d)] if d >= 0 else None for d in dup],
-            similarity=new_state["duplicate_similarity"][rows].copy(),
-            max_similarity=nearest[rows].copy(),
+            similarity=new_state["duplicate_similarity"][idx].copy(),
+            max_similarity=nearest[idx].copy(),
             skipped=skipped,
         )
+
+    def compact(
+        self, *, nlist: int | None = None, retain_seconds: float = RETAIN_SECONDS
+    ) -> dict[str, Any]:
+        """Merge the files of every add into one of each (rows, keys, pair part, full
+        state and, for ``ivf``/``hnsw``, one FAISS index over every row, its coarse
+        quantizer retrained with ``nlist`` lists: default ``backend_options["nlist"]`` or
+        :func:`~dedup_index.search.ivf.default_nlist` of the row count), as one atomic
+        commit.  Decisions do not change.  The superseded files are deleted by a commit
+        at least ``retain_seconds`` later (readers on the old generation keep working
+        until then).  Returns :meth:`stats`."""
+        self._check_writable()
+        view = self._view
+        n = len(self)
+        if n == 0:
+            return self.stats()
+        generation = self.generation + 1
+        checksums: dict[str, str] = {}
+        rows_name = f"rows/rows-{generation:06d}.npy"
+        keys_name = f"rows/keys-{generation:06d}.json"
+        checksums[rows_name] = write_rows_file(self.path / rows_name, view.rows, self._dtype)
+        keys = self.keys()
+        checksums[keys_name] = write_json_atomic(self.path / keys_name, keys)
+        crash_point("compact_rows_written")
+        part = f"pairs/part-{generation:06d}.parquet"
+        checksums[part] = _write_part(self.path / part, self.pairs())
+        crash_point("compact_pairs_written")
+        rows_file = _open_rows(self.path, rows_name, n, self.dim)
+        rows = SegmentedRows([rows_file], self.dim)
+        ann, entries = None, []
+        if self._manifest["backend"] in ANN_BACKENDS:
+            from ..search.ivf import default_nlist
+
+            empty = _empty_ann(self._manifest)
+            lists = nlist or self._manifest.get("backend_options", {}).get("nlist")
+            index = empty.build_segment(rows, nlist=lists or default_nlist(n), fresh=True)
+            name = f"ann/seg-{generation:06d}.faiss"
+            checksums[name] = atomic_write_bytes(self.path / name, AnnIndex.segment_to_bytes(index))
+            crash_point("compact_ann_written")
+            ann = empty.with_segment(0, n, index)
+            entries = [{"file": name, "start": 0, "stop": n}]
+            files = {rows_name: rows_file, name: index}
+        else:
+            files = {rows_name: rows_file}
+        manifest = dict(
+            self._manifest,
+            rows=[{"file": rows_name, "keys": keys_name, "count": n}],
+            pairs=[part],
+            ann=entries,
+        )
+        self._commit(
+            generation,
+            manifest,
+            checksums,
+            view.state,
+            rows,
+            ann,
+            files,
+            keys,
+            full=True,
+            retain=retain_seconds,
+        )
+        return self.stats()
+
+    def verify(self) -> dict[str, int]:
+        """Check every file of the current generation against its recorded SHA-256 (the
+        rows too, which opening checks by shape only).  Raises
+        :class:`IndexCorruptError` naming the files that fail; returns
+        ``{"files": ..., "bytes": ...}`` checked."""
+        manifest = self._manifest
+        bad, files, size = [], 0, 0
+        for name in sorted(_listed(manifest)):
+            want = manifest["checksums"].get(name)
+            if want is None:
+                continue
+            try:
+                got = sha256_file(self.path / name)
+                size += (self.path / name).stat().st_size
+            except FileNotFoundError:
+                bad.append(f"{name} is missing")
+                continue
+            files += 1
+            if got != want:
+                bad.append(f"{name} fails its checksum")
+        if bad:
+            raise IndexCorruptError(f"the index at {self.path} is damaged: " + "; ".join(bad))
+        return {"files": files, "bytes": size}
 
     def remove(self, keys: Sequence[str]) -> int:
         """Take ``keys`` out: afterwards the index answers exactly as if they had never
@@ -393,7 +597,7 @@ class DedupIndex:
 
         Under the ``reference`` policy this can bring rows back: a row removed only as a
         duplicate of a removed key becomes kept (it no longer has an earlier duplicate).
-        Rows stay in the embedding store as tombstones; the scores are recomputed from the
+        Rows stay in the embedding files as tombstones; the scores are recomputed from the
         remaining rows, which costs an exact search over them (O(N^2 D)).
         """
         self._check_writable()
@@ -406,29 +610,35 @@ class DedupIndex:
         removed[rows] = True
         live = np.flatnonzero(~removed)
         n = len(self)
-        pairs, near, early = blocked_search(self.store[live], self.threshold)
+        view = self._view
+        pairs, near, early = blocked_search(view.rows[live], self.threshold)
         mapped = PairSet(live[pairs.i], live[pairs.j], pairs.s)
         decisions = decide(n, mapped, self.policy)
         nearest = np.full(n, np.nan)
         earlier = np.full(n, np.nan)
         nearest[live], earlier[live] = near, early
         new_state = _state(decisions, nearest, earlier, removed)
-        generation = int(self._manifest["generation"]) + 1
+        generation = self.generation + 1
         part = f"pairs/part-{generation:06d}.parquet"
-        checksums = {
-            k: v for k, v in self._manifest["checksums"].items() if not k.startswith("pairs/")
-        }
+        checksums = dict(self._manifest["checksums"])
         checksums[part] = _write_part(self.path / part, mapped)
-        self._manifest = dict(self._manifest, n_pairs=0)
-        self._commit(generation, [part], checksums, new_state, n, len(mapped))
+        manifest = dict(self._manifest, pairs=[part], n_pairs=len(mapped))
+        self._commit(
+            generation, manifest, checksums, new_state, view.rows, view.ann, view.files, view.keys
+        )
         return len(rows)
 
     def _exact_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
         """New rows against the committed ones (:meth:`_cross_search`) and among
         themselves (``blocked``: it gives the best-earlier scores too)."""
-        state = self._state
-        cross = self._cross_search(q, _Prefix(self.store, n_old), self.threshold, base_live=live)
+        cross = self._cross_search(q, self._view.rows, self.threshold, base_live=live)
         within, near_in, earlier_in = blocked_search(q, self.threshold)
+        return self._combine(cross, within, near_in, earlier_in, n_old)
+
+    def _combine(self, cross, within, near_in, earlier_in, n_old: int):
+        """Pairs, nearest and best-earlier scores of every row after adding ``q``, from
+        ``q``'s search against the old rows (``cross``) and among themselves."""
+        state = self._state
         new_pairs = concat_pairsets(
             [
                 PairSet(cross.b, cross.q + n_old, cross.s),
@@ -448,100 +658,99 @@ class DedupIndex:
     def _cross_search(self):
         """New rows against committed ones, exact: FAISS flat tiles for ``flat``, the
         blocked backend's numpy tiles for ``blocked`` (the same bits either way)."""
-        return flat_cross_search if self._manifest["backend"] == "flat" else cross_search
+        if self._manifest["backend"] == "flat":
+            return flat_cross_search
+        return partial(cross_search, precision=self._manifest.get("precision", "auto"))
 
-    def _ann_step(self, q: np.ndarray, n_old: int, removed: np.ndarray):
-        """New rows join the FAISS index, then search it (old and new rows at once)."""
+    def _ann_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
+        """New rows against the old ones through the FAISS segments (and the exact
+        tail), and among themselves: exactly (``blocked``), or from
+        :data:`ANN_BULK_ROWS` rows by ``partitioned`` search (GEMM tiles in clusters)."""
+        view = self._view
+        ann = view.ann or _empty_ann(self._manifest)
+        cross = ann.search(q, view.rows, self.threshold, live, nearest=True)
         m = q.shape[0]
         if m >= ANN_BULK_ROWS:
-            return self._ann_bulk_step(q, n_old, removed)
-        options = self._manifest.get("backend_options", {})
-        if self._ann is None:
-            self._ann = AnnIndex.build(self._manifest["backend"], q, options)
-        else:
-            self._ann.add(q)
-        live = np.concatenate([~removed, np.ones(m, bool)])
-        base = Concat(_Prefix(self.store, n_old), n_old, q)
-        found = self._ann.search(q, base, self.threshold, live, self_offset=n_old)
-        rows = found.q + n_old  # a found pair is (row, partner), either order
-        lo, hi = np.minimum(rows, found.b), np.maximum(rows, found.b)
-        new_pairs = concat_pairsets([PairSet(lo, hi, found.s)])
-        nearest = np.concatenate([self._state["nearest"], np.zeros(m)])
-        nearest = np.maximum(nearest, np.maximum(found.base_best, 0.0))
-        nearest[n_old:] = np.maximum(nearest[n_old:], np.maximum(found.query_best, 0.0))
-        # Best earlier partner among the candidates found (a lower bound).
-        earlier = np.concatenate([self._state["earlier"], np.full(m, -np.inf)])
-        cand_q, cand_b, cand_s = found.all_candidates
-        before = cand_b < cand_q + n_old
-        np.maximum.at(earlier, cand_q[before] + n_old, cand_s[before])
-        return new_pairs, nearest, earlier
+            from ..search.partitioned import default_params, partitioned_search
 
-    def _ann_bulk_step(self, q: np.ndarray, n_old: int, removed: np.ndarray):
-        """A large batch: its own pairs by ``partitioned`` search, its pairs with the old
-        rows through the FAISS index (before the new rows join it).  Old rows are read
-        only through the index and for rescoring the candidates it returns."""
-        from ..search.partitioned import default_params, partitioned_search
-
-        m = q.shape[0]
-        inner, near_new, earlier_new, info = partitioned_search(
-            q, self.threshold, params=default_params(m)
-        )
-        logger.info("bulk add of %d rows: in-batch pairs by partitioned (%s)", m, info.summary(m))
-        nearest = np.concatenate([self._state["nearest"], near_new])
-        earlier = np.concatenate([self._state["earlier"], earlier_new])
-        parts = [PairSet(inner.i + n_old, inner.j + n_old, inner.s)]
-        if n_old and self._ann is not None:
-            found = self._ann.search(q, _Prefix(self.store, n_old), self.threshold, ~removed)
-            parts.append(PairSet(found.b, found.q + n_old, found.s))  # old row < new row
-            nearest[:n_old] = np.maximum(nearest[:n_old], np.maximum(found.base_best, 0.0))
-            nearest[n_old:] = np.maximum(nearest[n_old:], np.maximum(found.query_best, 0.0))
-            cand_q, _, cand_s = found.all_candidates  # every old row is an earlier row
-            np.maximum.at(earlier, cand_q + n_old, cand_s)
-        if self._ann is None:
-            options = self._manifest.get("backend_options", {})
-            self._ann = AnnIndex.build(self._manifest["backend"], q, options)
+            clusters = max(1, min(4096, round(m / 64)))  # default_params' C, and a sample
+            params = default_params(m, n_clusters=clusters, sample=min(m, 40 * clusters))
+            # large enough that FAISS's k-means has nothing to warn about (>= 39 a list)
+            within, near_in, earlier_in, info = partitioned_search(q, self.threshold, params=params)
+            logger.info(
+                "bulk add of %d rows: in-batch pairs by partitioned (%s)", m, info.summary(m)
+            )
         else:
-            self._ann.add(q)
-        return concat_pairsets(parts), nearest, earlier
+            within, near_in, earlier_in = blocked_search(q, self.threshold)
+        return self._combine(cross, within, near_in, earlier_in, n_old)
+
+    def _grow_ann(self, rows: SegmentedRows, generation: int, checksums: dict[str, str]):
+        """The FAISS segments after an add: unchanged while the exact tail stays within
+        ``tail_rows``, else plus one segment holding the tail (written as a new file)."""
+        if self._manifest["backend"] not in ANN_BACKENDS:
+            return None, []
+        ann = self._view.ann or _empty_ann(self._manifest)
+        entries = list(self._manifest["ann"])
+        n, start = rows.shape[0], ann.covered
+        if n - start <= ann.tail_rows:
+            return ann, entries
+        index = ann.build_segment(rows[start:n])
+        name = f"ann/seg-{generation:06d}.faiss"
+        checksums[name] = atomic_write_bytes(self.path / name, AnnIndex.segment_to_bytes(index))
+        crash_point("ann_written")
+        entries.append({"file": name, "start": start, "stop": n})
+        return ann.with_segment(start, n, index), entries
 
     def _commit(
-        self, generation, parts, checksums, new_state, n, n_new_pairs, ann_payload=None
+        self,
+        generation: int,
+        manifest: dict[str, Any],
+        checksums: dict[str, str],
+        new_state: dict[str, np.ndarray],
+        rows: SegmentedRows,
+        ann: AnnIndex | None,
+        files: dict[str, Any],
+        keys: list[str] | None,
+        *,
+        full: bool = False,
+        retain: float = RETAIN_SECONDS,
     ) -> None:
-        """Write the state, then the manifest (the commit point); drop superseded files."""
-        old_ann = self._manifest.get("ann")
-        ann_name = old_ann
-        if ann_payload is not None:
-            ann_name = f"ann-{generation:06d}.faiss"
-            checksums[ann_name] = atomic_write_bytes(self.path / ann_name, ann_payload)
-            if old_ann:
-                checksums.pop(old_ann, None)
+        """Write the state (a delta, or a full state when most rows changed), then the
+        manifest (the commit point); retire superseded files, delete those retired long
+        enough ago; publish the new view."""
+        old = self._manifest
+        n = int(manifest["count"])
         state_name = f"state-{generation:06d}.npz"
-        checksums[state_name] = _write_state(self.path / state_name, new_state)
-        old_state = self._manifest["state"]
-        if old_state:
-            checksums.pop(old_state, None)
+        changed = None if full or not old["state"] else _changed_rows(self._state, new_state)
+        if changed is None or 2 * changed.shape[0] > n:
+            checksums[state_name] = _write_state(self.path / state_name, new_state)
+            states = [state_name]
+        else:
+            delta = {f: new_state[f][changed] for f in _STATE_FIELDS}
+            delta.update(rows=changed, count=np.int64(n))
+            checksums[state_name] = _write_state(self.path / state_name, delta)
+            states = [*old["state"], state_name]
         crash_point("state_written")
-        manifest = dict(
-            self._manifest,
-            count=n,
-            generation=generation,
-            pairs=parts,
-            state=state_name,
-            checksums=checksums,
-            n_pairs=int(self._manifest.get("n_pairs", 0)) + n_new_pairs,
-            ann=ann_name,
-        )
+        manifest = dict(manifest, version=VERSION, generation=generation, state=states)
+        listed = _listed(manifest)
+        manifest["checksums"] = {k: v for k, v in checksums.items() if k in listed}
+        now = time.time()
+        stale = sorted(_listed(old) - listed)
+        retired = [dict(r) for r in old.get("retired", [])]
+        if stale:
+            retired.append({"until": now + float(retain), "files": stale})
+        due = [r for r in retired if r["until"] <= now]
+        manifest["retired"] = [r for r in retired if r["until"] > now]
         write_json_atomic(self.path / MANIFEST, manifest)
         crash_point("manifest_written")
-        stale = [old_state, *(p for p in self._manifest["pairs"] if p not in parts)]
-        if old_ann != ann_name:
-            stale.append(old_ann)
-        for name in stale:
-            if name and (self.path / name).exists():
-                os.unlink(self.path / name)
-        self._manifest, self._state = manifest, new_state
-        self._keys = None
-        self._key_rows = None
+        for entry in due:
+            _delete(self.path, entry["files"])
+        live_files = {k: v for k, v in files.items() if k in listed}
+        self._view = _View(manifest, rows, new_state, ann, live_files, keys)
+
+    @property
+    def _dtype(self) -> str:
+        return str(self._manifest.get("dtype", "float32"))
 
     def add_images(
         self,
@@ -617,14 +826,15 @@ class DedupIndex:
                 counts[k] = counts.get(k, 0) + 1
             dups = [k for k, c in counts.items() if c > 1]
             raise ValueError(f"keys repeat within this batch, e.g. {dups[:3]}")
-        existing = set(self.keys())
-        clash = [k for k in keys if k in existing]
+        existing = self._key_rows()
+        n = len(self)
+        clash = [k for k in keys if existing.get(k, n) < n]
         if clash and on_duplicate_key == "error":
             raise IndexError_(
                 f"{len(clash)} key(s) are already in the index, e.g. {clash[:3]}; pass "
                 "on_duplicate_key='skip' to leave them out"
             )
-        return [p for p, k in enumerate(keys) if k not in existing], clash
+        return [p for p, k in enumerate(keys) if existing.get(k, n) >= n], clash
 
 
 def _state(decisions, nearest, earlier, removed) -> dict[str, np.ndarray]:
@@ -725,41 +935,207 @@ def _open_part(root: Path, name: str, checksums: dict[str, str]) -> PairFile:
 
 
 def _load_state(root: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """The per-row state: the first file listed is a full state, each later one a delta
+    (``rows`` changed or added, their new values, the new row ``count``)."""
     import io
 
-    if manifest["state"] is None:
-        return {
-            "keep": np.zeros(0, bool),
-            "duplicate_of": np.zeros(0, np.int64),
-            "duplicate_similarity": np.zeros(0),
-            "group": np.zeros(0, np.int64),
-            "nearest": np.zeros(0),
-            "earlier": np.zeros(0),
-            "removed": np.zeros(0, bool),
-        }
-    payload = _verified_bytes(root, manifest["state"], manifest["checksums"])
-    with np.load(io.BytesIO(payload)) as data:
-        state = {k: data[k] for k in _STATE_FIELDS if k in data}
-    state.setdefault("removed", np.zeros(manifest["count"], bool))
+    state = {
+        "keep": np.zeros(0, bool),
+        "duplicate_of": np.zeros(0, np.int64),
+        "duplicate_similarity": np.zeros(0),
+        "group": np.zeros(0, np.int64),
+        "nearest": np.zeros(0),
+        "earlier": np.zeros(0),
+        "removed": np.zeros(0, bool),
+    }
+    for k, name in enumerate(manifest["state"]):
+        payload = _verified_bytes(root, name, manifest["checksums"])
+        try:
+            with np.load(io.BytesIO(payload)) as data:
+                found = {f: data[f] for f in (*_STATE_FIELDS, "rows", "count") if f in data}
+        except (ValueError, OSError) as err:
+            raise IndexCorruptError(f"{root / name} is not a readable state file: {err}") from err
+        if k == 0:
+            found.setdefault("removed", np.zeros(found["keep"].shape[0], bool))
+            state = {f: found[f] for f in _STATE_FIELDS}
+            continue
+        count, rows = int(found["count"]), found["rows"]
+        grown = {}
+        for f in _STATE_FIELDS:
+            arr = np.empty(count, dtype=state[f].dtype)
+            arr[: state[f].shape[0]] = state[f]
+            arr[rows] = found[f]
+            grown[f] = arr
+        state = grown
     if any(v.shape[0] != manifest["count"] for v in state.values()):
-        raise IndexCorruptError(f"{root / manifest['state']} does not match the row count")
+        last = manifest["state"][-1] if manifest["state"] else MANIFEST
+        raise IndexCorruptError(f"{root / last} does not match the row count")
     for part in manifest["pairs"]:  # parts are small to check and wrong answers are worse
         _open_part(root, part, manifest["checksums"])
     return state
 
 
 def _load_manifest(path: Path) -> dict[str, Any]:
-    return read_json(
+    manifest = read_json(
         path / MANIFEST,
         IndexCorruptError,
         missing=lambda _: IndexError_(f"{path} is not a dedup index (no {MANIFEST})"),
         format=("format", FORMAT),
-        version=("version", VERSION),
-        version_error=IndexError_,
     )
+    if manifest.get("version") not in READS_VERSIONS:
+        raise IndexError_(
+            f"manifest {path / MANIFEST} has format version {manifest.get('version')!r}; "
+            f"this dedup_index reads versions {READS_VERSIONS}"
+        )
+    if manifest["version"] == 1:  # one store, one FAISS file, one state: as segments
+        n = int(manifest["count"])
+        store_meta = path / "embeddings" / "manifest.json"
+        dtype = "float32"
+        if store_meta.exists():
+            dtype = read_json(store_meta, IndexCorruptError).get("dtype", "float32")
+        ann = manifest.get("ann")
+        manifest = dict(
+            manifest,
+            dtype=dtype,
+            rows=[{"store": "embeddings", "count": n}] if n else [],
+            ann=[{"file": ann, "start": 0, "stop": n}] if ann else [],
+            state=[manifest["state"]] if manifest.get("state") else [],
+            retired=[],
+        )
+    return manifest
 
 
 def _tree_size(path: Path) -> int:
     """Bytes allocated on disk: store shards are preallocated sparse files, so their
     apparent size (``st_size``) says little about what they use."""
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def _listed(manifest: dict[str, Any]) -> set[str]:
+    """Every file (or legacy store folder) the generation of ``manifest`` reads."""
+    names = set(manifest["pairs"]) | set(manifest["state"])
+    for entry in manifest["rows"]:
+        names.update(v for k, v in entry.items() if k in ("file", "keys", "store") and v)
+    names.update(e["file"] for e in manifest["ann"])
+    return names
+
+
+def _delete(root: Path, names) -> None:
+    import shutil
+
+    for name in names:
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            os.unlink(target)
+
+
+def _collect_garbage(root: Path, manifest: dict[str, Any]) -> None:
+    """Remove what a writer killed before its commit left behind (files no manifest
+    lists); run by each writer as it opens, under the lock."""
+    keep = _listed(manifest) | {n for r in manifest.get("retired", []) for n in r["files"]}
+    found = []
+    for folder in _FOLDERS:
+        if (root / folder).is_dir():
+            found += [f"{folder}/{p.name}" for p in (root / folder).iterdir() if p.is_file()]
+    found += [p.name for p in root.glob("state-*.npz")] + [p.name for p in root.glob(".tmp-*")]
+    found += [p.name for p in root.glob("ann-*.faiss")]  # version 1 FAISS files
+    orphans = [name for name in found if name not in keep]
+    if orphans:
+        logger.info("removing %d file(s) an interrupted writer left in %s", len(orphans), root)
+        _delete(root, orphans)
+
+
+def _changed_rows(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows whose state differs between ``old`` and ``new`` (NaN equal to NaN), and every
+    row ``new`` has beyond ``old``."""
+    n_old = old["keep"].shape[0]
+    n = new["keep"].shape[0]
+    changed = np.zeros(n_old, bool)
+    for f in _STATE_FIELDS:
+        a, b = old[f], new[f][:n_old]
+        if a.dtype.kind == "f":
+            changed |= ~((a == b) | (np.isnan(a) & np.isnan(b)))
+        else:
+            changed |= a != b
+    return np.concatenate([np.flatnonzero(changed), np.arange(n_old, n)]).astype(np.int64)
+
+
+def _empty_ann(manifest: dict[str, Any]) -> AnnIndex:
+    return AnnIndex(manifest["backend"], manifest.get("backend_options", {}))
+
+
+def _open_rows(root: Path, name: str, count: int, dim: int) -> np.ndarray:
+    try:
+        return open_rows_file(root / name, count, dim)
+    except StoreError as err:
+        raise IndexCorruptError(f"{err} (listed in {root / MANIFEST})") from err
+
+
+def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None) -> _View:
+    """The generation ``manifest`` describes: rows memory-mapped, state and FAISS
+    segments loaded and checked (``reuse``: a view whose loaded files may be shared)."""
+    old = {} if reuse is None else reuse.files
+    dim = int(manifest["dim"])
+    files: dict[str, Any] = {}
+    parts = []
+    for entry in manifest["rows"]:
+        if entry.get("store"):  # version 1: rows in an EmbeddingStore
+            name = entry["store"]
+            part = old.get(name)
+            if part is None:
+                try:
+                    store = EmbeddingStore.open(root / name, mode="r")
+                except StoreError as err:
+                    raise IndexCorruptError(f"{err} (listed in {root / MANIFEST})") from err
+                if len(store) < entry["count"]:
+                    raise IndexCorruptError(
+                        f"{root / name} holds {len(store)} rows but {root / MANIFEST} says "
+                        f"{entry['count']}: the embedding store is damaged"
+                    )
+                part = _Prefix(store, int(entry["count"]))
+        else:
+            name = entry["file"]
+            part = old.get(name)
+            if part is None:
+                part = _open_rows(root, name, int(entry["count"]), dim)
+        files[name] = part
+        parts.append(part)
+    rows = SegmentedRows(parts, dim)
+    if len(rows) != int(manifest["count"]):
+        raise IndexCorruptError(
+            f"{root / MANIFEST} lists {len(rows)} rows in its files but says {manifest['count']}"
+        )
+    state = _load_state(root, manifest)
+    ann = None
+    if manifest["backend"] in ANN_BACKENDS and manifest["ann"]:
+        segments = []
+        for entry in manifest["ann"]:
+            index = old.get(entry["file"])
+            if index is None:
+                payload = _verified_bytes(root, entry["file"], manifest["checksums"])
+                index = AnnIndex.segment_from_bytes(payload)
+            files[entry["file"]] = index
+            segments.append(Segment(int(entry["start"]), int(entry["stop"]), index))
+        ann = AnnIndex(manifest["backend"], manifest.get("backend_options", {}), segments)
+    return _View(manifest, rows, state, ann, files)
+
+
+def _view_keys(root: Path, view: _View) -> list[str]:
+    """The keys of a view's rows, read once from the files its manifest lists."""
+    if view.keys is None:
+        keys: list[str] = []
+        for entry in view.manifest["rows"]:
+            count = int(entry["count"])
+            if entry.get("store"):
+                stored = view.files[entry["store"]].store.keys()
+                keys += stored[:count] if stored else [str(len(keys) + k) for k in range(count)]
+                continue
+            payload = _verified_bytes(root, entry["keys"], view.manifest["checksums"])
+            part = json.loads(payload)
+            if not isinstance(part, list) or len(part) != count:
+                raise IndexCorruptError(f"{root / entry['keys']} does not hold {count} keys")
+            keys += part
+        view.keys = keys
+    return view.keys

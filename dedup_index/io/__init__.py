@@ -5,19 +5,23 @@ tested) without torch or transformers installed.
 """
 
 from dedup_index.io.images import (
+    DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageLoadError,
     LoadFailure,
     load_image,
+    open_regular_file,
     to_rgb,
     try_load_image,
 )
 
 __all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "ImageLoadError",
     "LoadFailure",
     "load_image",
+    "open_regular_file",
     "to_rgb",
     "try_load_image",
 ]

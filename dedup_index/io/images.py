@@ -25,6 +25,7 @@ import base64
 import binascii
 import math
 import os
+import stat
 import sys
 import warnings
 from collections.abc import Mapping
@@ -41,10 +42,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dedup_index.errors import DedupIndexError
 
 __all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "ImageLoadError",
     "LoadFailure",
     "load_image",
+    "open_regular_file",
     "to_rgb",
     "try_load_image",
 ]
@@ -67,8 +70,12 @@ _REASONS = frozenset(
         "invalid_data_uri",
         "unreadable",
         "empty",
+        "not_a_regular_file",
+        "file_too_large",
     }
 )
+#: Image files larger than this are refused (``file_too_large``) before a byte is read.
+DEFAULT_MAX_FILE_BYTES: int = 1 << 30
 
 _ACCEPTED = (
     "a local path (str or os.PathLike), a 'data:' URI, image file bytes "
@@ -322,7 +329,9 @@ def _load_path(
     if os.path.isdir(path):  # unlike Path.is_dir, never raises (long names, NUL bytes)
         raise _fail("unreadable", f"{shown} is a directory, not an image file{how}")
     try:
-        fp = open(path, "rb")  # closed by the ``with`` below
+        fp = open_regular_file(path, shown)  # closed by the ``with`` below
+    except ImageLoadError:
+        raise
     except (FileNotFoundError, NotADirectoryError):
         raise _fail(
             "missing_file", f"no such file: {shown}{how}; check the path and image_root"
@@ -338,6 +347,42 @@ def _load_path(
         raise _fail("unreadable", f"cannot read {shown}: {detail}") from None
     with fp:
         return _decode(fp, f"file {shown}", max_pixels)
+
+
+def open_regular_file(
+    path: str | os.PathLike, shown: str | None = None, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file of at most ``max_bytes``.
+
+    A FIFO, socket or device named ``x.jpg`` would block a plain ``open`` (a FIFO waits for a
+    writer for ever) or stream without end: the file is opened non-blocking, checked with
+    ``fstat`` before anything is read, and refused (``not_a_regular_file``,
+    ``file_too_large``) with an :class:`ImageLoadError`.  ``OSError`` from the open itself
+    (missing, permission) propagates for the caller to name.
+    """
+    shown = shown or _short_repr(os.fsdecode(os.fspath(path)), 500)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "is a directory", os.fspath(path))
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise _fail("not_a_regular_file", f"{shown} is {kind}, not an image file; skipped")
+        if st.st_size > max_bytes:
+            raise _fail(
+                "file_too_large",
+                f"{shown} is {st.st_size} bytes, over the {max_bytes}-byte limit for one image",
+            )
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _load_bytes(

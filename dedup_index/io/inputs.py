@@ -20,12 +20,15 @@ it into its exit code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DedupIndexError
+
+logger = logging.getLogger(__name__)
 
 #: Table formats read (and written by the CLI), by file extension.
 TABLE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -89,7 +92,9 @@ def read_input(path: str | os.PathLike, image_key: str, image_root: str | None =
                 f"no image files under {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                 "any case, recursively)"
             )
-        frame = pd.DataFrame({image_key: files})
+        # object dtype: a name that is not UTF-8 (kept as Python's surrogate-escaped str, so
+        # it still opens) cannot go into an Arrow string column.
+        frame = pd.DataFrame({image_key: pd.Series(files, dtype=object)})
         return Input(source, "folder", frame, image_key, "jsonl", source)
     suffix = source.suffix.lower()
     if suffix in TABLE_FORMATS:
@@ -123,14 +128,52 @@ def read_input(path: str | os.PathLike, image_key: str, image_root: str | None =
 
 
 def list_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively), as POSIX paths relative to it, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    """Image files under ``folder`` (recursively), as POSIX paths relative to it, sorted.
+
+    What is skipped, and how the user is told (a WARNING each, with counts and examples):
+    hidden files and folders (names starting with ``.``: silently, by convention); folders
+    that cannot be read (permission); symlinked folders (not followed: a link can loop or
+    leave the collection; link the files, or pass the target folder).  Symlinked *files* are
+    listed.  A top-level folder that cannot be read is an :class:`InputError`.
+    """
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise InputError(f"cannot read the folder {str(folder)!r} (permission denied)")
+    found: list[str] = []
+    unreadable: list[str] = []
+    linked: list[str] = []
+
+    def note(err: OSError) -> None:
+        unreadable.append(f"{err.filename} ({err.strerror})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=note, followlinks=False):
+        kept = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                linked.append(Path(dirpath, d).relative_to(folder).as_posix())
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
             found.append(Path(dirpath, name).relative_to(folder).as_posix())
+    if unreadable:
+        logger.warning(
+            "%d folder(s) under %s could not be read and were skipped: %s",
+            len(unreadable),
+            folder,
+            "; ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""),
+        )
+    if linked:
+        logger.warning(
+            "%d symlinked folder(s) under %s were not followed: %s (pass the target folder, "
+            "or link the files)",
+            len(linked),
+            folder,
+            ", ".join(linked[:5]) + (" ..." if len(linked) > 5 else ""),
+        )
     return sorted(found)
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["content_key", "image_key", "image_path"]
+__all__ = ["content_key", "image_key", "image_path", "printable"]
 
 
 def image_path(value: Any) -> str | None:
@@ -52,6 +52,16 @@ def image_path(value: Any) -> str | None:
     if value.lstrip()[:8].lower().startswith(("http://", "https://")):
         return value
     return PurePath(value).as_posix()
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name that is not (``caf\\xe9.jpg``, decoded by Python
+    with surrogate escapes) gets its undecodable bytes written as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def content_key(value: Any) -> str | None:
@@ -96,7 +106,7 @@ def image_key(value: Any, row: int | None = None) -> str:
     neither a path nor content when no ``row`` is given."""
     path = image_path(value)
     if path is not None:
-        return path
+        return printable(path)
     key = content_key(value)
     if key is not None:
         return key

@@ -64,6 +64,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
     if file_type not in TABLE_TYPES:
         raise ValueError(f"unsupported file type {file_type!r}; use one of {TABLE_TYPES}")
 
+    frame = _printable_frame(frame)
+
     def write(tmp: str) -> None:
         if file_type == "jsonl":
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False, default_handler=str)
@@ -79,4 +81,35 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike, file_type: str | N
     atomic_write_with(path, write, suffix="." + file_type)
 
 
-__all__ = ["TABLE_TYPES", "read_table", "type_from_extension", "write_table"]
+def _printable_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text that cannot be written as UTF-8 (file names that are not UTF-8, held as
+    surrogate-escaped ``str`` or ``Path``) with its bad bytes as ``\\xNN``; nothing else
+    changes (the frame is copied only when a value needs it)."""
+    from .keys import printable
+
+    def fix(value):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            return printable(value) if isinstance(value, str) else value
+        return printable(value) if isinstance(value, str) else value
+
+    out = frame
+    for column in frame.columns:
+        if frame[column].dtype != object:
+            continue
+        fixed = frame[column].map(fix)
+        if not fixed.equals(frame[column]):
+            out = out.copy() if out is frame else out
+            out[column] = fixed
+    return out
+
+
+def shown_similarity(scores):
+    """Similarities as written to files and shown: at most 1.0.  The canonical score of two
+    unit float32 rows can exceed 1 by ~1e-8; decisions keep that value, people see 1.0."""
+    import numpy as np
+
+    return np.minimum(np.asarray(scores, dtype=np.float64), 1.0)
+
+
+__all__ = ["TABLE_TYPES", "read_table", "shown_similarity", "type_from_extension", "write_table"]

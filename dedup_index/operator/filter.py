@@ -22,20 +22,22 @@ import numpy as np
 import pandas as pd
 
 from ..dedup import SCORES, DedupResult, dedup_embeddings
-from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, model_identity
+from ..encode.cache import ON_MODEL_CHANGE, EmbeddingCache, encoder_identity, model_identity
+from ..encode.models import recommended_threshold
 from ..encode.pipeline import EmbeddedImages, embed_images
 from ..errors import DedupIndexError, ImagesFailedError, NoValidImagesError
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
 from ..io.keys import image_key
-from ..io.tables import write_table
+from ..io.tables import shown_similarity, write_table
 from ..policy import POLICIES
-from ..search import check_backend, get_backend
+from ..search import check_backend, check_precision, get_backend
 from ..validation import (
     check_choice,
     check_non_negative_int,
     check_positive_int,
     check_threshold,
 )
+from ..verify import candidate_threshold, check_verify, verify_result
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,17 @@ class RunReport:
     embedded: int = 0
     #: Rows whose embedding came from the embedding cache (``cache_dir``), not the encoder.
     cached: int = 0
+    #: The threshold used, and where it came from ("given", or why the model's default).
+    threshold: float | None = None
+    threshold_source: str = "given"
+
+    def threshold_note(self) -> str:
+        """``"threshold 0.75 (recommended for efficientnet-lite0)"`` when no threshold was
+        given; empty when the caller chose it."""
+        if self.threshold is None or self.threshold_source == "given":
+            return ""
+        short = self.threshold_source.split(":")[0].split(";")[0]
+        return f"threshold {self.threshold:g} ({short})"
 
     def summary(self) -> str:
         text = (
@@ -73,6 +86,8 @@ class RunReport:
         )
         if self.cached:
             text += f"; {self.embedded} embedded, {self.cached} from the embedding cache"
+        if self.threshold_note():
+            text += f"; {self.threshold_note()}"
         return text
 
 
@@ -81,7 +96,11 @@ class ImageDeduplicateFilter:
 
     Args:
         model_name: CLIP checkpoint, hub id or local directory.
-        threshold: cosine similarity in [0, 1]; ``>=`` means near-duplicate.
+        threshold: cosine similarity in [0, 1]; ``>=`` means near-duplicate.  None (the
+            default): the model's recommended threshold
+            (:func:`dedup_index.encode.models.recommended_threshold`: 0.75 for
+            efficientnet-lite0; upstream's 0.90 for CLIP ViT-B/32 and any model without a
+            measured one); ``threshold_source`` says which.
         batch_size: images per model forward pass.
         device: ``"cuda"`` if available else ``"cpu"`` when left as None (upstream's
             default, resolved without importing torch at module import).
@@ -129,12 +148,19 @@ class ImageDeduplicateFilter:
             apply (the actors load ``model_name`` themselves).
         ray_work_dir: shared folder for the Ray run's embedding shards and search tiles;
             rerunning with the same folder resumes both (default: a temporary folder).
+        verify: ``"none"`` (default: decisions on embedding similarity alone) or
+            ``"geometric"``: the search's pairs are candidates, each confirmed by a
+            perceptual hash or by SIFT features and a RANSAC model
+            (:mod:`dedup_index.verify`); the policy runs on verified pairs only.  With
+            ``threshold=None`` the search then runs at the model's candidate threshold
+            (recall-oriented; 0.4 for efficientnet-lite0); a given threshold overrides it.
+            ``result.info["verification"]`` holds every candidate with its evidence.
     """
 
     def __init__(
         self,
         model_name: str = "openai/clip-vit-base-patch32",
-        threshold: float = 0.90,
+        threshold: float | None = None,
         batch_size: int = 32,
         device: str | None = None,
         *,
@@ -154,8 +180,10 @@ class ImageDeduplicateFilter:
         num_workers: int | None = None,
         ray: bool | str = False,
         ray_work_dir: str | os.PathLike | None = None,
+        verify: str = "none",
+        precision: str = "auto",
     ) -> None:
-        self.threshold = check_threshold(threshold)
+        self.threshold = None if threshold is None else check_threshold(threshold)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.image_root = image_root
         self.on_error = check_choice(on_error, ON_ERROR, "on_error")
@@ -163,6 +191,10 @@ class ImageDeduplicateFilter:
         self.score = check_choice(score, SCORES, "score")
         self.backend = check_backend(backend)
         self.policy = check_choice(policy, POLICIES, "policy")
+        self.verify = check_verify(verify)
+        self.precision = check_precision(precision)
+        if self.verify != "none" and index_path is not None:
+            raise ValueError(f"verify={verify!r} does not work with index_path yet")
         self.threads = check_positive_int(threads, "threads", allow_none=True)
         try_load_image(None, max_pixels=max_pixels)  # validates max_pixels
         self.max_pixels = max_pixels
@@ -190,9 +222,18 @@ class ImageDeduplicateFilter:
         # The model that really embeds, by one name for the cache, the index and Ray:
         # an encoder object's own name, a local checkpoint as its real path.
         self.model_name = model_identity(getattr(encoder, "model_name", None) or model_name)
+        self.threshold_source = "given"
+        if self.threshold is None:
+            self.threshold, self.threshold_source = recommended_threshold(self.model_name)
+            if self.verify != "none":  # candidates for verification: the model's own cut
+                self.threshold, self.threshold_source = candidate_threshold(
+                    self.model_name, self.threshold
+                )
+        # The cache also keys on the arithmetic (device, precision): see encoder_identity.
+        self.cache_identity = encoder_identity(self.model_name, encoder)
         if cache_dir is not None and self.on_model_change == "error":
             EmbeddingCache.check_model(
-                cache_dir, model_name=self.model_name, dim=_encoder_dim(encoder)
+                cache_dir, model_name=self.cache_identity, dim=_encoder_dim(encoder)
             )
         self._ray_tmp: tempfile.TemporaryDirectory | None = None
         self.last_report: RunReport | None = None
@@ -230,7 +271,7 @@ class ImageDeduplicateFilter:
         if self.on_error == "keep" and failures:
             keep_pos = np.sort(np.concatenate([keep_pos, [p for p, _ in failures]]))
         out = frame.iloc[keep_pos].reset_index(drop=True)
-        out[output_score_key] = scores.iloc[keep_pos].to_numpy()
+        out[output_score_key] = shown_similarity(scores.iloc[keep_pos].to_numpy())
 
         rejects = self._rejects(frame, input_image_key, outcome, valid_pos, failures)
         output_path = storage.write(out)
@@ -248,6 +289,8 @@ class ImageDeduplicateFilter:
             failures=failures,
             embedded=embedded.embedded,
             cached=embedded.cached,
+            threshold=self.threshold,
+            threshold_source=self.threshold_source,
         )
         self.last_report = report
         logger.info("ImageDeduplicateFilter: %s", report.summary())
@@ -270,7 +313,7 @@ class ImageDeduplicateFilter:
             return embed_images(values, self.encoder, **options)
         with EmbeddingCache(
             self.cache_dir,
-            model_name=self.model_name,
+            model_name=self.cache_identity,
             dim=_encoder_dim(self.encoder),
             on_model_change=self.on_model_change,
         ) as cache:
@@ -331,9 +374,20 @@ class ImageDeduplicateFilter:
             self.score,
             policy=self.policy,
             threads=self.threads,
+            device=None if self.device is None else str(self.device),
             backend_options=options,
             progress=self.progress,
+            precision=self.precision,
         )
+        if self.verify != "none":  # the candidates confirmed by hash or geometry, decided again
+            result = verify_result(
+                result,
+                [values[p] for p in valid_pos],
+                image_root=self.image_root,
+                max_pixels=self.max_pixels,
+                num_workers=self.num_workers,
+                cache_dir=self.cache_dir,
+            )
         return result, _Outcome.from_result(result, valid_pos, values)
 
     def _against_index(self, embeddings, valid_pos, values) -> _Outcome:
@@ -348,7 +402,12 @@ class ImageDeduplicateFilter:
             index = DedupIndex.open(path, mode="a", dim=dim, model_name=self.model_name)
         else:
             index = DedupIndex.create(
-                path, dim, self.threshold, policy=self.policy, model_name=self.model_name
+                path,
+                dim,
+                self.threshold,
+                policy=self.policy,
+                model_name=self.model_name,
+                precision=self.precision,
             )
         keys = [image_key(values[p], int(p)) for p in valid_pos]
         with index:
@@ -400,7 +459,7 @@ class ImageDeduplicateFilter:
                 "reject_reason": outcome.reason[removed],
                 "duplicate_of_row": outcome.dup_row[removed],
                 "duplicate_of": outcome.dup_label[removed],
-                "similarity": outcome.similarity[removed],
+                "similarity": shown_similarity(outcome.similarity[removed]),
                 "error": None,
             }
         )
@@ -421,10 +480,21 @@ class ImageDeduplicateFilter:
         table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
         table = table.sort_values("row", kind="stable").reset_index(drop=True)
         originals = frame.iloc[table["row"].to_numpy()].reset_index(drop=True)
+        # Each path's file size and mtime now, so `dedup-index apply` (io.moves) can refuse
+        # files changed since the run; Int64: nanoseconds do not survive a float64.
+        from ..io.moves import STAMP_COLUMNS, file_stamps
+
+        for name, column in zip(
+            STAMP_COLUMNS, file_stamps(originals[key], self.image_root), strict=True
+        ):
+            table[name] = pd.array(column, dtype="Int64")
         originals[key] = [_describe(v) for v in originals[key]]
-        originals = originals.drop(columns=[c for c in table.columns if c in originals.columns])
+        # The user's columns stay, verbatim; one named like ours is kept as "input:<name>".
+        originals = originals.rename(
+            columns={c: f"input:{c}" for c in originals.columns if c in table.columns}
+        )
         cols = ["row", "reject_reason", "duplicate_of_row", "duplicate_of", "similarity", "error"]
-        return pd.concat([table[cols], originals], axis=1)
+        return pd.concat([table[cols + list(STAMP_COLUMNS)], originals], axis=1)
 
     def _write_rejects(self, storage: Any, rejects: pd.DataFrame) -> str | None:
         path = self.rejects_path
@@ -536,15 +606,29 @@ def _first_reasons(failures: list[tuple[int, LoadFailure]]) -> str:
 
 
 def _describe(value: Any) -> Any:
-    """A JSON-friendly stand-in for an image value in the rejects table (paths stay, bytes
-    and in-memory images are summarised)."""
+    """An image value as the rejects table keeps it: JSON-friendly and lossless where it can
+    be (paths as given, bytes as ``base64:...``, lists and dicts as JSON); in-memory images
+    and arrays by their content key (``pil:``/``array:`` + SHA-256)."""
+    import base64
+    import json
+
     if isinstance(value, (str, int, float)) or value is None:
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"<{len(value)} bytes>"
-    if isinstance(value, dict) and value.get("path"):
-        return str(value["path"])
-    size = getattr(value, "size", None)
-    return f"<{type(value).__name__} {size}>" if size is not None else f"<{type(value).__name__}>"
+        return "base64:" + base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict) and value.get("path") and value.get("bytes") is None:
+        return str(value["path"])  # a datasets dict naming a file: its path, as given
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            return json.dumps(value, default=_describe, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return repr(value)
+    return image_key(value, row=None) if _has_key(value) else repr(value)
+
+
+def _has_key(value: Any) -> bool:
+    from ..io.keys import content_key
+
+    return content_key(value) is not None

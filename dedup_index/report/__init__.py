@@ -23,6 +23,7 @@ stop.  Importing this package does not import torch, and matplotlib is not used.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import numbers
 import os
@@ -31,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..files import atomic_write_bytes
 from .groups import MEMBERS_SHOWN, duplicate_groups, group_payload
@@ -42,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..dedup import DedupResult
 
 __all__ = ["DEFAULT_THRESHOLDS", "FAILURES_LISTED", "threshold_table", "write_report"]
+
+logger = logging.getLogger(__name__)
 
 #: Rows that failed to load listed one by one in the report (all are counted).
 FAILURES_LISTED = 500
@@ -153,20 +158,22 @@ def _histogram_note(result: DedupResult) -> str:
     return " ".join(parts)
 
 
-def _failures_section(failures: Sequence[tuple[str, str]]) -> str:
+def _failures_section(failures: Sequence[tuple[str, ...]]) -> str:
     if not failures:
         return "<p>Every image loaded.</p>"
-    counts = Counter(str(reason).split(":", 1)[0].strip() or "unknown" for _, reason in failures)
+    counts = Counter(str(f[1]).split(":", 1)[0].strip() or "unknown" for f in failures)
     by_reason = table(
         [[reason, n] for reason, n in counts.most_common()], ["reason", "rows"], cls="kv"
     )
-    listed = [[str(k), str(r)] for k, r in failures[:FAILURES_LISTED]]
+    with_rows = all(len(f) > 2 for f in failures)
+    listed = [[f[2], f[0], f[1]] if with_rows else [f[0], f[1]] for f in failures[:FAILURES_LISTED]]
     more = (
         f'<p class="note">The first {FAILURES_LISTED} of {len(failures)} are listed.</p>'
         if len(failures) > FAILURES_LISTED
         else ""
     )
-    return by_reason + "<h3>Rows</h3>" + table(listed, ["key", "reason"]) + more
+    head = ["row", "key", "reason"] if with_rows else ["key", "reason"]
+    return by_reason + "<h3>Rows</h3>" + table(listed, head) + more
 
 
 def write_report(
@@ -182,6 +189,7 @@ def write_report(
     thumb_px: int = 96,
     extra_summary: Mapping[str, Any] | None = None,
     max_thumbnails: int = 1000,
+    rows: Sequence[int] | None = None,
 ) -> Path:
     """Write the HTML report of ``result`` to ``path`` (atomically) and return the path.
 
@@ -200,6 +208,9 @@ def write_report(
         extra_summary: more ``name: value`` lines for the summary (model, input file...).
         max_thumbnails: images given thumbnails in all, in [0, 100000]: whole groups in
             display order (kept row + first shown duplicates) until the cap.
+        rows: the number to show for each row of ``result``: its input row, the one the
+            kept, removed and pairs files use (default: the result's own row numbers).
+            ``failures`` may then be ``(key, reason, row)``.
     """
     page_size = _check_range(page_size, "page_size", 1, 1000)
     thumb_px = _check_range(thumb_px, "thumb_px", 16, 512)
@@ -211,7 +222,9 @@ def write_report(
             f"values must hold one image value per row of result ({result.n}) or be None; "
             f"got {len(values)}"
         )
-    failures = [(str(k), str(r)) for k, r in failures]
+    if rows is not None and len(rows) != result.n:
+        raise ValueError(f"rows must hold one row number per row of result ({result.n})")
+    failures = [tuple(str(x) for x in f) for f in failures]
     path = Path(path)
 
     groups = duplicate_groups(result)
@@ -223,7 +236,9 @@ def write_report(
         thumb_px=thumb_px,
         max_thumbnails=max_thumbnails,
         decimals=_decimals(result.threshold),
+        row_numbers=rows,
     )
+    n_missing, first_missing = payload.pop("m")
     pages = max(1, math.ceil(len(groups) / page_size))
     payload.update(
         page_size=page_size,
@@ -236,15 +251,33 @@ def write_report(
         f'<tr id="sum-{rid}"><th>{escape(label)}</th><td>{escape(value)}</td></tr>'
         for rid, label, value in _summary_rows(result, len(failures), len(groups), extra_summary)
     )
+    if n_missing:
+        logger.warning(
+            "report: %d of %d images for thumbnails could not be loaded (first: %s); "
+            "check image_root",
+            n_missing,
+            n_missing + n_thumbs,
+            first_missing,
+        )
+    missing_note = (
+        f" {n_missing} of the {n_missing + n_thumbs} images meant for thumbnails could not be "
+        f"loaded (first: {first_missing}): is the image root right?"
+        if n_missing
+        else ""
+    )
     if values is None:
         thumb_note = "No image values were given, so there are no thumbnails."
+    elif n_thumbs == 0 and n_missing:
+        thumb_note = "No thumbnails." + missing_note
     elif covered >= len(groups):
-        thumb_note = f"Every group shown has thumbnails ({n_thumbs} images, {thumb_px} px)."
+        thumb_note = (
+            f"Every group shown has thumbnails ({n_thumbs} images, {thumb_px} px)." + missing_note
+        )
     else:
         thumb_note = (
             f"Thumbnails ({thumb_px} px) are embedded for the first {covered} of {len(groups)} "
             f"groups only ({n_thumbs} images; the cap is max_thumbnails={max_thumbnails}), "
-            "so the file stays small; later groups show keys and scores."
+            "so the file stays small; later groups show keys and scores." + missing_note
         )
     groups_note = (
         f"{len(groups)} groups: each kept row with the rows removed in its favour, sorted by "
@@ -265,7 +298,7 @@ def write_report(
 <p class="note">{escape(result.summary())}</p>
 <section id="summary"><h2>Summary</h2><table class="kv">{summary}</table></section>
 <section id="histogram"><h2>Nearest-neighbour similarity</h2>
-{histogram_svg(result.max_similarity, result.threshold)}
+{histogram_svg(np.minimum(result.max_similarity, 1.0), result.threshold)}
 <p class="note">{escape(_histogram_note(result))}</p></section>
 <section id="thresholds"><h2>Threshold table</h2>{_threshold_section(result)}</section>
 <section id="groups"><h2>Duplicate groups</h2>

@@ -92,6 +92,15 @@ def duplicate_groups(result: DedupResult) -> Groups:
     )
 
 
+def _thumbnail_or_reason(value: Any, image_root: Any, px: int) -> tuple[str | None, str | None]:
+    from ..io import try_load_image
+
+    img, failure = try_load_image(value, image_root=image_root)
+    if img is None:
+        return None, str(failure)
+    return make_thumbnail(img, px=px), None
+
+
 def make_thumbnail(value: Any, *, image_root=None, px: int = 96, quality: int = 70) -> str | None:
     """A JPEG of at most ``px`` x ``px``, base64-encoded; None when the image won't load."""
     from ..io import try_load_image
@@ -132,20 +141,24 @@ def group_payload(
     thumb_px: int = 96,
     max_thumbnails: int = 1000,
     decimals: int = 4,
+    row_numbers: Sequence[int] | None = None,
 ) -> tuple[dict, int, int]:
     """The JSON-able data the page's script renders, plus (thumbnails, groups with them).
 
     Layout (short names keep 100k groups compact): ``k`` keys and ``r`` row numbers of
     every row that appears, indexed by a local id; ``g`` one entry per group,
     ``[kept, best, [members], [similarities], [duplicate_of or -1 when it is the kept
-    row]]`` in local ids; ``t`` local id -> base64 JPEG.
+    row]]`` in local ids; ``t`` local id -> base64 JPEG; ``m`` ``[thumbnails that could not
+    be made, the first reason]``.  ``row_numbers`` maps a result row to the number shown
+    (the input row, the one the kept/removed/pairs files use); default the result row.
+    Similarities are shown at most 1.0 (a canonical score can exceed it by ~1e-8).
     """
     involved = np.unique(np.r_[groups.rep, groups.member, groups.duplicate_of])
     local = {int(row): k for k, row in enumerate(involved)}
     scale = 10**decimals
 
     def rnd(x: float):
-        return None if not np.isfinite(x) else round(float(x) * scale) / scale
+        return None if not np.isfinite(x) else round(min(float(x), 1.0) * scale) / scale
 
     entries = []
     for g in range(len(groups)):
@@ -163,22 +176,26 @@ def group_payload(
         )
     thumbs: dict[str, str] = {}
     covered = 0
+    missing: list = [0, None]
     if values is not None and max_thumbnails > 0 and len(groups):
         rows, covered = _thumbnail_rows(groups, max_thumbnails)
         workers = max(1, min(8, os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             made = pool.map(
-                lambda row: make_thumbnail(values[row], image_root=image_root, px=thumb_px),
-                rows,
+                lambda row: _thumbnail_or_reason(values[row], image_root, thumb_px), rows
             )
-            for row, data in zip(rows, made, strict=True):
+            for row, (data, reason) in zip(rows, made, strict=True):
                 if data is not None:
                     thumbs[str(local[row])] = data
+                else:
+                    missing[0] += 1
+                    missing[1] = missing[1] or reason
     payload = {
         "k": [str(keys[int(row)]) for row in involved],
-        "r": [int(row) for row in involved],
+        "r": [int(row if row_numbers is None else row_numbers[int(row)]) for row in involved],
         "g": entries,
         "t": thumbs,
         "d": decimals,
+        "m": missing,
     }
     return payload, len(thumbs), covered

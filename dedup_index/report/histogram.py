@@ -79,8 +79,7 @@ def histogram_svg(
         f'viewBox="0 0 {width} {height}" data-bins="{bins}" data-total="{finite.size}" '
         f'data-nonfinite="{raw.size - finite.size}" '
         f'aria-label="histogram of {escape(x_label)} with the threshold {threshold:g} marked">',
-        f'<rect x="{left}" y="{upper}" width="{pw}" height="{ph}" fill="#fafafa" '
-        'stroke="#ccc"/>',
+        f'<rect x="{left}" y="{upper}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>',
     ]
     # y grid, ticks and labels
     for c in range(0, y_max + 1, y_step):

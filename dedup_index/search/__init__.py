@@ -18,7 +18,9 @@ One module per backend, all registered by name in :mod:`.backends` (one signatur
 Exact backends return identical pairs, ``nearest`` and ``earlier`` bit for bit.  With an
 approximate backend every reported pair is exact (its canonical score is ``>=
 threshold``), some pairs may be missing, and ``nearest``/``earlier`` are lower bounds.
-The tile machinery the exact searches share lives in :mod:`.tiles`.
+The tile machinery the exact searches share lives in :mod:`.tiles`; the candidate
+arithmetic of its GEMM tiles (``precision``: fp32, bf16, fp16 or ``auto``, each gathered at
+the margin of its proven error bound, so the results never change) in :mod:`.precision`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .backends import (
 from .canonical import as_unit_float32, candidate_delta, canonical_scores
 from .dense import DENSE_MAX_ROWS
 from .pairs import PairSet, best_pair_score
+from .precision import PRECISIONS, check_precision
 
 __all__ = [
     "APPROXIMATE_BACKENDS",
@@ -50,6 +53,7 @@ __all__ = [
     "DISTRIBUTED_BACKENDS",
     "EXACT_BACKENDS",
     "INDEX_BACKENDS",
+    "PRECISIONS",
     "Backend",
     "PairSet",
     "SearchFunction",
@@ -59,6 +63,7 @@ __all__ = [
     "candidate_delta",
     "canonical_scores",
     "check_backend",
+    "check_precision",
     "choose_backend",
     "get_backend",
     "search",

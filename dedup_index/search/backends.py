@@ -51,6 +51,7 @@ __all__ = [
     "DISTRIBUTED_BACKENDS",
     "EXACT_BACKENDS",
     "INDEX_BACKENDS",
+    "PRECISION_BACKENDS",
     "Backend",
     "SearchFunction",
     "SearchResult",
@@ -231,14 +232,45 @@ def _dense(embeddings, threshold, *, nearest, threads, device, options, sink, pr
     return SearchResult(pairs, near, "dense", earlier)
 
 
+def _precision(options: dict[str, Any]) -> str:
+    """Pop and check the ``precision`` option (default ``auto``)."""
+    from .precision import check_precision
+
+    return check_precision(options.pop("precision", "auto"))
+
+
+def _log_precision(name: str, info: dict[str, Any]) -> None:
+    if info:
+        logger.info(
+            "%s: %s tiles (%s kernel; margin %.3g, window %.3g): %s",
+            name,
+            info.get("precision"),
+            info.get("kernel"),
+            info.get("margin", float("nan")),
+            info.get("window", float("nan")),
+            info.get("why"),
+        )
+
+
 def _blocked(embeddings, threshold, *, nearest, threads, device, options, sink, progress):
     from .blocked import blocked_search
 
+    precision = _precision(options)
+    ran: dict[str, Any] = {}
     pairs, near, earlier = blocked_search(
-        embeddings, threshold, threads=threads, device=device, sink=sink, **options
+        embeddings,
+        threshold,
+        threads=threads,
+        device=device,
+        sink=sink,
+        precision=precision,
+        report=ran,
+        **options,
     )
+    _log_precision("blocked", ran)
     _done(progress, embeddings.shape[0])
-    return SearchResult(pairs, near if nearest else None, "blocked", earlier)
+    info = {"precision": ran} if ran else {}
+    return SearchResult(pairs, near if nearest else None, "blocked", earlier, info=info)
 
 
 def _flat(embeddings, threshold, *, nearest, threads, device, options, sink, progress):
@@ -259,17 +291,25 @@ def _partitioned(embeddings, threshold, *, nearest, threads, device, options, si
     from .partitioned import default_params, partitioned_search
 
     n = embeddings.shape[0]
+    precision = _precision(options)
     params = options.pop("params", None) or default_params(n, **options)
     pairs, near, earlier, info = partitioned_search(
-        embeddings, threshold, params=params, threads=threads, sink=sink, progress=progress
+        embeddings,
+        threshold,
+        params=params,
+        threads=threads,
+        sink=sink,
+        progress=progress,
+        precision=precision,
     )
+    _log_precision("partitioned", info.precision)
     return SearchResult(
         pairs,
         near if nearest else None,
         "partitioned",
         earlier,
         exact=params.exhaustive,
-        info={"partitions": info, "summary": info.summary(n)},
+        info={"partitions": info, "summary": info.summary(n), "precision": info.precision},
     )
 
 
@@ -327,7 +367,7 @@ _REGISTRY: dict[str, Backend] = {
             _blocked,
             True,
             "upper-triangle GEMM tiles (numpy, or torch on a GPU), best-earlier scores too",
-            options=("tile", "engine"),
+            options=("tile", "engine", "precision"),
         ),
         Backend(
             "partitioned",
@@ -342,6 +382,7 @@ _REGISTRY: dict[str, Backend] = {
                 "max_partition",
                 "sample",
                 "seed",
+                "precision",
             ),
         ),
         Backend(
@@ -369,7 +410,14 @@ _REGISTRY: dict[str, Backend] = {
             _ray,
             True,
             "blocked's exact tiles as Ray tasks, resumable from a shared work_dir",
-            options=("address", "work_dir", "tile_rows", "threads_per_task", "max_retries"),
+            options=(
+                "address",
+                "work_dir",
+                "tile_rows",
+                "threads_per_task",
+                "max_retries",
+                "precision",
+            ),
             distributed=True,
             replaces=("auto", "blocked"),
         ),
@@ -387,6 +435,10 @@ EXACT_BACKENDS = tuple(
 APPROXIMATE_BACKENDS = tuple(name for name, b in _REGISTRY.items() if b.exact is False)
 #: Backends that run on a Ray cluster (exact: the same results as ``blocked``).
 DISTRIBUTED_BACKENDS = tuple(name for name, b in _REGISTRY.items() if b.distributed)
+#: Backends whose exact tiles take ``precision`` (the others search in float32 only).
+PRECISION_BACKENDS = tuple(
+    name for name, b in _REGISTRY.items() if b.options is None or "precision" in b.options
+)
 #: Backends the persistent :class:`~dedup_index.index.DedupIndex` adds and queries with,
 #: each meaning what it means here: ``blocked`` (numpy tiles) and ``flat`` (FAISS flat),
 #: exact; ``ivf`` and ``hnsw`` (a FAISS index kept with it), approximate.
@@ -423,7 +475,9 @@ def search(
     :func:`~dedup_index.search.canonical.as_unit_float32`).
 
     ``options`` are the backend's own parameters (:attr:`Backend.options`): ``tile``,
-    ``engine`` (blocked); ``query_block``, ``db_block``, ``k`` (flat); ``params`` or
+    ``engine`` (blocked); ``precision`` (blocked, partitioned, ray: the tile arithmetic,
+    :data:`~dedup_index.search.precision.PRECISIONS`, the same results whichever);
+    ``query_block``, ``db_block``, ``k`` (flat); ``params`` or
     ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``
     (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
     ``ef_construction``, ``ef_search`` (hnsw); ``address``, ``work_dir``, ``tile_rows``,

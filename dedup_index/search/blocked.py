@@ -22,6 +22,11 @@ own single-threaded GEMMs (:func:`_blas_one_thread`) and scanning its own tiles 
 that stay in cache (:class:`_Worker`): the scan then costs about a tenth of the GEMM
 instead of a third of it, which is what makes the search run near the machine's GEMM
 rate (``bench/bench_exact.py``).
+
+``precision`` picks the tile arithmetic (:mod:`.precision`): float32, or bf16/fp16 inputs
+with float32 sums (oneDNN's bf16 kernel on AVX512-BF16 CPUs, tensor cores on a GPU),
+gathered at the wider margin that precision's proven error bound requires.  The
+rescoring is canonical whatever ran, so every result is the same bits.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from functools import partial
 
 import numpy as np
 
-from .canonical import candidate_delta, canonical_scores
+from .canonical import canonical_scores
 from .pairs import PairSet, rescore_candidates
+from .precision import Arithmetic, arithmetic, is_tensor
 from .tiles import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
@@ -44,6 +50,7 @@ from .tiles import (
     NumpyTiles,
     canonical_maxima,
     nonzero2d,
+    tighten,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +92,18 @@ def choose_tile(
     return rows, cols
 
 
+#: GPU tile: large enough that each tile's GEMM (8192 x 65536 x D) outweighs the per-tile
+#: Python and synchronisation costs of the scan; the float32 buffer is 2 GiB.
+GPU_ROWS = 8192
+GPU_COLS = 65536
+
+
+def gpu_tile(n: int) -> tuple[int, int]:
+    """``(rows, cols)`` of a GPU tile for ``n`` rows (see :data:`GPU_ROWS`)."""
+    rows = min(GPU_ROWS, _round64(n))
+    return rows, max(rows, min(GPU_COLS, _round64(n)))
+
+
 def _round64(x: float) -> int:
     return max(64, int(-(-x // 64)) * 64)
 
@@ -109,6 +128,8 @@ def blocked_search(
     device: str | None = None,
     sink=None,
     engine: str | None = None,
+    precision: str | Arithmetic = "auto",
+    report: dict | None = None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Exact pairs, nearest-neighbour and best-earlier similarity per row.
 
@@ -123,33 +144,47 @@ def blocked_search(
     hold it).  ``sink`` (a :class:`~dedup_index.store.PairSink`) receives each tile's
     pairs as they are found and its ``finish()`` is returned as the pairs: a Parquet file
     once over its budget (its row groups then come in the order the workers finish).
+    ``precision``: the tile arithmetic, a name of
+    :data:`~dedup_index.search.precision.PRECISIONS` or an
+    :class:`~dedup_index.search.precision.Arithmetic` (the same results whichever);
+    ``report``, a dict, receives what ran (:meth:`~.precision.Arithmetic.info`).
     """
     n, d = embeddings.shape
     if n < 2:
         return PairSet.empty(), np.zeros(n), np.full(n, -np.inf)
     on_cpu = device in (None, "cpu")
     use_torch = engine == "torch" or not on_cpu
+    arith = resolve_arithmetic(precision, n, d, device=device, engine=engine)
     if n <= SINGLE_TILE_ROWS and tile is None and not use_torch:
-        pairs, nearest, earlier = _single_tile(np.ascontiguousarray(embeddings[:]), threshold)
+        x = np.ascontiguousarray(embeddings[:])
+        pairs, nearest, earlier = _single_tile(x, threshold, arith, report)
         if sink is not None:
             sink.add(pairs)
             pairs = sink.finish()
         return pairs, nearest, earlier
     workers = 1 if use_torch else _worker_count(threads)
-    if tile is None:
+    if tile is None and not on_cpu:
+        tile = gpu_tile(n)
+    elif tile is None:
         tile = choose_tile(n, d, workers=workers)
     rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
-    delta = candidate_delta(d)
-    radius = np.float32(threshold - delta)
+    # The rows the GEMMs see (rounded when low precision), and the margins for them.
+    source, arith = arith.prepare(embeddings)
+    if report is not None:
+        report.update(arith.info())
+    radius = np.float32(threshold - arith.margin)
+    window = arith.window
     workers = min(workers, -(-n // rows_per))  # no idle worker: one block each at least
     logger.debug(
-        "blocked: N=%d D=%d tile=%dx%d on %s, %d worker(s)",
+        "blocked: N=%d D=%d tile=%dx%d on %s, %d worker(s), %s tiles (%s)",
         n,
         d,
         rows_per,
         cols_per,
         device or "cpu",
         workers,
+        arith.name,
+        arith.kernel,
     )
     candidates: list[tuple[np.ndarray, np.ndarray]] = []
     lock = threading.Lock()
@@ -163,23 +198,36 @@ def blocked_search(
             sink.add(rescored)
 
     if use_torch:
-        later, earlier = _search_torch(
-            embeddings, rows_per, cols_per, radius, delta, device or "cpu", threads, emit
-        )
+        with arith.session():
+            later, earlier = _search_torch(
+                source, rows_per, cols_per, radius, window, device or "cpu", threads, emit, arith
+            )
     else:
-        later, earlier = _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit)
+        with arith.session(one_thread=True):
+            later, earlier = _search_numpy(
+                source, rows_per, cols_per, radius, window, workers, emit, arith
+            )
+    del source
     pairs = rescore_candidates(embeddings, candidates, threshold) if sink is None else sink.finish()
     best_later, best_earlier = canonical_maxima(embeddings, later, earlier, workers=workers)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
 
 
-def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads, emit):
+def resolve_arithmetic(precision, n: int, d: int, *, device=None, engine=None) -> Arithmetic:
+    """``precision`` as an :class:`~.precision.Arithmetic` for an ``n``-row search
+    (``auto`` weighs the search's ``n (n - 1) / 2 * d`` multiply-adds)."""
+    if isinstance(precision, Arithmetic):
+        return precision
+    return arithmetic(precision, d, device=device, engine=engine, work=n * (n - 1) / 2 * d)
+
+
+def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads, emit, arith):
     """The tile loop through :class:`_TorchTiles` (a GPU does whole-tile reductions
     well); ``(later, earlier)`` near-best entries."""
     n = embeddings.shape[0]
     cols_per = max(cols_per, rows_per)  # the diagonal square fits in the first tile
-    ops = _TorchTiles(embeddings, rows_per, cols_per, device, threads)
+    ops = _TorchTiles(embeddings, rows_per, cols_per, device, threads, arith)
     later = NearBest(n, delta)  # row direction: best later row
     earlier = NearBest(n, delta)  # column direction: best earlier row
     for a in range(0, n, rows_per):
@@ -200,7 +248,7 @@ def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads
     return later, earlier
 
 
-def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit):
+def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, arith):
     """The CPU tile loop: row blocks handed out in order to ``workers`` threads (the
     caller's among them), each a :class:`_Worker`; ``(later, earlier)`` near-best entries,
     merged in block order so the lists do not depend on the scheduling."""
@@ -210,7 +258,8 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit):
     starts = list(range(0, n, rows_per))
     done: dict[int, tuple[list, list]] = {}
     crew = [
-        _Worker(embeddings, rows_per, cols_per, radius, delta, later.best) for _ in range(workers)
+        _Worker(embeddings, rows_per, cols_per, radius, delta, later.best, arith)
+        for _ in range(workers)
     ]
     counter = iter(range(len(starts)))
     lock = threading.Lock()
@@ -275,8 +324,8 @@ class _Worker:
     bits.  Rows of a block belong to one worker, so ``later_best`` is written race-free.
     """
 
-    def __init__(self, embeddings, rows_per, cols_per, radius, delta, later_best) -> None:
-        self.tiles = NumpyTiles(embeddings, rows_per, cols_per)
+    def __init__(self, embeddings, rows_per, cols_per, radius, delta, later_best, arith) -> None:
+        self.tiles = NumpyTiles(embeddings, rows_per, cols_per, arith)
         self.n = embeddings.shape[0]
         self.cols_per = cols_per
         self.radius = np.float32(radius)
@@ -395,23 +444,24 @@ def _blas_one_thread():
 class _TorchTiles:
     """The same operations in torch on a CUDA device (also usable on the CPU)."""
 
-    def __init__(self, embeddings, rows_per: int, cols_per: int, device, threads) -> None:
+    def __init__(self, embeddings, rows_per: int, cols_per: int, device, threads, arith) -> None:
         import torch
 
         self.torch = torch
         if threads is not None:
             torch.set_num_threads(threads)
         self.dev = torch.device(device)
+        self.arith = arith
         self.buf = torch.empty(rows_per * cols_per, dtype=torch.float32, device=self.dev)
         self.lower = torch.ones(rows_per, rows_per, dtype=torch.bool, device=self.dev).tril_()
-        self.resident = _Resident(embeddings, self.dev)
+        self.resident = _Resident(embeddings, self.dev, arith.torch_dtype())
 
     def block(self, a: int, b: int, second: bool):
         return self.resident.block(a, b, second=second)
 
     def product(self, rows_a, rows_c):
         out = self.buf[: rows_a.shape[0] * rows_c.shape[0]].view(rows_a.shape[0], -1)
-        return self.torch.mm(rows_a, rows_c.T, out=out)
+        return self.arith.torch_product(rows_a, rows_c, out)
 
     def mask_diagonal(self, s, ra: int) -> None:
         s[:, :ra].masked_fill_(self.lower[:ra, :ra], float("-inf"))
@@ -434,20 +484,31 @@ class _TorchTiles:
         return sel[li.cpu().numpy()], lj.cpu().numpy().astype(np.int64) + offset, vals
 
 
-def _single_tile(x: np.ndarray, threshold: float) -> tuple[PairSet, np.ndarray, np.ndarray]:
+def _single_tile(
+    x: np.ndarray, threshold: float, arith: Arithmetic, report: dict | None = None
+) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """The whole search in one ``n x n`` float32 tile (small ``n``), same decisions."""
     n, d = x.shape
-    delta = np.float32(candidate_delta(d))
-    sim = x @ x.T
+    rounded, arith = arith.prepare(x)
+    if report is not None:
+        report.update(arith.info())
+    delta = np.float32(arith.window)
+    with arith.session():
+        sim = arith.product(rounded, rounded, np.empty((n, n), dtype=np.float32))
+    del rounded
     sim[np.tril_indices(n)] = -np.inf  # strict upper triangle: i < j
-    ci, cj = nonzero2d(sim > threshold - delta)
+    ci, cj = nonzero2d(sim > np.float32(threshold - arith.margin))
     pairs = rescore_candidates(x, [(ci, cj)], threshold)
     later = sim.max(axis=1)
     earlier = sim.max(axis=0)
     li, lj = nonzero2d((sim >= (later - delta)[:, None]) & np.isfinite(later)[:, None])
     ei, ej = nonzero2d((sim >= (earlier - delta)[None, :]) & np.isfinite(earlier)[None, :])
-    lo = np.concatenate([li, ei]).astype(np.int64)
-    hi = np.concatenate([lj, ej]).astype(np.int64)
+    del sim
+    # A low-precision window keeps many entries: cut them to the float32 window first.
+    li, lj = tighten(x, li.astype(np.int64), lj.astype(np.int64), window=delta)
+    ej, ei = tighten(x, ej.astype(np.int64), ei.astype(np.int64), window=delta)
+    lo = np.concatenate([li, ei])
+    hi = np.concatenate([lj, ej])
     key = np.unique(lo * n + hi)
     scores = canonical_scores(x, key // n, key % n)
     best_later = np.full(n, -np.inf)
@@ -462,21 +523,27 @@ class _Resident:
     """Row blocks as torch tensors: zero-copy views of an in-memory array on the CPU,
     read per use from a store, or copied once to the device when it fits there."""
 
-    def __init__(self, embeddings, dev) -> None:
+    def __init__(self, embeddings, dev, dtype=None) -> None:
         import torch
 
         self.torch = torch
         self.embeddings = embeddings
         self.dev = dev
+        self.dtype = dtype or torch.float32
         self.whole = None
-        if isinstance(embeddings, np.ndarray) and dev.type == "cpu":
-            self.whole = torch.from_numpy(np.ascontiguousarray(embeddings))
+        if is_tensor(embeddings):  # rows prepared in torch already (bf16 on the CPU)
+            self.whole = embeddings.to(dev, self.dtype)
+        elif isinstance(embeddings, np.ndarray) and dev.type == "cpu":
+            self.whole = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.dtype)
         elif dev.type != "cpu":
             free, _ = torch.cuda.mem_get_info(dev)
-            need = embeddings.shape[0] * embeddings.shape[1] * 4
+            need = embeddings.shape[0] * embeddings.shape[1] * self.dtype.itemsize
             if need < free // 2:
-                host = embeddings if isinstance(embeddings, np.ndarray) else embeddings[:]
-                self.whole = torch.from_numpy(np.ascontiguousarray(host)).to(dev)
+                self.whole = torch.empty(embeddings.shape, dtype=self.dtype, device=dev)
+                step = max(1, (256 << 20) // (4 * max(1, embeddings.shape[1])))
+                for a in range(0, embeddings.shape[0], step):  # bounded host memory
+                    rows = np.ascontiguousarray(embeddings[a : a + step], dtype=np.float32)
+                    self.whole[a : a + rows.shape[0]] = torch.from_numpy(rows).to(dev, self.dtype)
         self.cache: dict[bool, tuple[tuple[int, int], object]] = {}
 
     def block(self, a: int, b: int, second: bool = False):
@@ -485,6 +552,9 @@ class _Resident:
             return self.whole[a:b]
         key, t = self.cache.get(second, (None, None))
         if key != (a, b):
-            t = self.torch.from_numpy(np.ascontiguousarray(self.embeddings[a:b])).to(self.dev)
+            rows = self.embeddings[a:b]
+            if not is_tensor(rows):
+                rows = self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+            t = rows.to(self.dev, self.dtype)
             self.cache[second] = ((a, b), t)
         return t

@@ -101,7 +101,9 @@ def canonical_scores(
 ) -> np.ndarray:
     """Canonical float64 similarity of the row pairs ``(i[k], j[k])`` of unit float32 rows
     (``j`` indexing ``other`` when given: queries against a base).  Symmetric and the
-    same bits whichever matrix a vector is read from."""
+    same bits whichever matrix a vector is read from.  Never above 1.0, and exactly 1.0
+    for two equal rows (the product of a unit float32 row with itself can round either
+    side of 1); below 1 it is the exact float64 dot product, summed in a fixed tree."""
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     second = embeddings if other is None else other
@@ -110,7 +112,11 @@ def canonical_scores(
         stop = start + RESCORE_CHUNK
         a = embeddings[i[start:stop]].astype(np.float64)
         b = second[j[start:stop]].astype(np.float64)
-        out[start:stop] = _tree_sum(a * b)
+        scores = np.minimum(_tree_sum(a * b), 1.0)
+        # Equal rows are the same image: exactly 1.0, so threshold 1.0 removes every exact
+        # copy (their float64 sum can round to 1 - 1e-8, a coin flip at t = 1).
+        scores[(a == b).all(axis=1)] = 1.0
+        out[start:stop] = scores
     return out
 
 

@@ -6,7 +6,8 @@ candidates at ``threshold - delta``) and returns, in one pass, the pairs at or a
 threshold, each query's best base row and each base row's best query.  With the queries'
 own ``blocked`` search this gives exactly what a one-shot search of ``base + queries``
 gives for every pair involving a query, and the update every old row's nearest neighbour
-needs."""
+needs.  ``precision`` picks the tile arithmetic (:mod:`.precision`); the results are the
+same bits whichever runs."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from functools import partial
 
 import numpy as np
 
-from .canonical import candidate_delta, canonical_scores
+from .canonical import canonical_scores
+from .precision import Arithmetic, arithmetic
 from .tiles import DEFAULT_COLS, DEFAULT_ROWS, NearBest, NumpyTiles, canonical_best
 
 
@@ -41,25 +43,85 @@ def cross_search(
     cols: int = DEFAULT_COLS,
     base_live: np.ndarray | None = None,
     base_best: bool = True,
+    precision: str | Arithmetic = "auto",
 ) -> CrossResult:
     """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact).
 
     ``base_live`` (bool per base row) leaves out the base rows marked False, as if they
     were not there: the index's removed keys.  ``base_best=False`` skips the base rows'
-    best scores (a read-only query needs only the pairs)."""
+    best scores (a read-only query needs only the pairs).  ``precision``: the tile
+    arithmetic (:data:`~.precision.PRECISIONS`; ``auto`` weighs the ``m n D``
+    multiply-adds)."""
     m, d = queries.shape
     n = base.shape[0]
     empty = np.zeros(0, np.int64)
     if m == 0 or n == 0:
         return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
-    delta = candidate_delta(d)
-    radius = np.float32(threshold - delta)
+    arith = (
+        precision
+        if isinstance(precision, Arithmetic)
+        else arithmetic(precision, d, work=float(m) * n * d)
+    )
+    # The rows the GEMMs see: queries rounded once, base rows rounded as each column
+    # block is read (a large base is not copied for a few queries).
+    q_rows, arith = arith.prepare(queries)
+    b_rows, arith = arith.prepare(_Unmeasured(base) if arith.rounds else base)
+    delta = arith.window
+    radius = np.float32(threshold - arith.margin)
     rows, cols = min(rows, m), min(cols, n)  # a single query needs a 1 x n tile, not more
-    q_tiles = NumpyTiles(queries, rows, cols)
-    b_tiles = NumpyTiles(base, rows, cols)
+    q_tiles = NumpyTiles(q_rows, rows, cols, arith)
+    b_tiles = NumpyTiles(b_rows, rows, cols, arith)
     q_near = NearBest(m, delta)
     b_near = NearBest(n, delta)
     found_q, found_b = [], []
+    with arith.session():
+        _cross_tiles(
+            q_tiles,
+            b_tiles,
+            m,
+            n,
+            rows,
+            cols,
+            radius,
+            base_live,
+            base_best,
+            q_near,
+            b_near,
+            found_q,
+            found_b,
+        )
+    q = np.concatenate(found_q) if found_q else empty
+    b = np.concatenate(found_b) if found_b else empty
+    return cross_result(queries, base, threshold, q, b, q_near, b_near)
+
+
+class _Unmeasured:
+    """A base read block by block (rounded as read): no whole rounded copy of it."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self.shape = rows.shape
+
+    def __getitem__(self, key):
+        return self.rows[key]
+
+
+def _cross_tiles(
+    q_tiles,
+    b_tiles,
+    m,
+    n,
+    rows,
+    cols,
+    radius,
+    base_live,
+    base_best,
+    q_near,
+    b_near,
+    found_q,
+    found_b,
+):
+    """The tile loop of :func:`cross_search`."""
     for a in range(0, m, rows):
         e_a = min(m, a + rows)
         qa = q_tiles.block(a, e_a, second=False)
@@ -77,9 +139,6 @@ def cross_search(
             q_near.update(np.arange(a, e_a), row_max, partial(q_tiles.gather, s, c, False))
             if base_best:
                 b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
-    q = np.concatenate(found_q) if found_q else empty
-    b = np.concatenate(found_b) if found_b else empty
-    return cross_result(queries, base, threshold, q, b, q_near, b_near)
 
 
 def cross_result(

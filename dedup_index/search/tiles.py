@@ -1,8 +1,9 @@
 """The tile machinery the exact searches share: ``blocked``, ``cross`` and the Ray tiles.
 
-Every exact search cuts the similarity matrix into float32 GEMM tiles, gathers pair
-candidates above ``threshold - delta`` and keeps, per row, every entry within ``delta`` of
-its running float32 maximum (:class:`NearBest`); the survivors are rescored canonically
+Every exact search cuts the similarity matrix into GEMM tiles (float32 values from
+float32, bf16 or fp16 arithmetic: :mod:`.precision`), gathers pair candidates above
+``threshold - margin`` and keeps, per row, every entry within ``window`` of its running
+tile maximum (:class:`NearBest`); the survivors are rescored canonically
 (:func:`canonical_maxima`, :func:`rescore_keys`).  The ``blocked`` backend, the persistent
 index's cross search (:mod:`.cross`) and the Ray tile tasks
 (:mod:`dedup_index.distributed.tiles`) all run *this* code, which is why their pairs,
@@ -17,7 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .canonical import canonical_scores
+from .canonical import candidate_delta, canonical_scores
+from .precision import is_tensor
 
 __all__ = [
     "DEFAULT_COLS",
@@ -30,6 +32,7 @@ __all__ = [
     "canonical_maxima",
     "nonzero2d",
     "rescore_keys",
+    "tighten",
 ]
 
 #: Rows per row block, and columns per GEMM tile (a row block meets the later rows in
@@ -94,11 +97,14 @@ class NumpyTiles:
     both spin against each other (the same search ran 25% slower than torch alone), and
     OpenBLAS's SGEMM is 1.4-1.6x torch's MKL on the AMD CPUs measured here.  ``embeddings``
     is an array or anything indexable like one (a store: the last row block and the last
-    column block are kept)."""
+    column block are kept).  ``arith`` (an :class:`~.precision.Arithmetic`) computes the
+    products (default: numpy's float32 GEMM); ``embeddings`` are then the rows it
+    prepared (:meth:`~.precision.Arithmetic.prepare`)."""
 
-    def __init__(self, embeddings, rows_per: int, cols_per: int) -> None:
+    def __init__(self, embeddings, rows_per: int, cols_per: int, arith=None) -> None:
         self.embeddings = embeddings
-        self.in_memory = isinstance(embeddings, np.ndarray)
+        self.arith = arith
+        self.in_memory = isinstance(embeddings, np.ndarray) or is_tensor(embeddings)
         self.buf = np.empty(rows_per * cols_per, dtype=np.float32)
         self.rows_per = rows_per
         self._lower: np.ndarray | None = None  # c <= r: the row itself and earlier rows
@@ -110,13 +116,17 @@ class NumpyTiles:
             return self.embeddings[a:b]
         key, rows = self.cache.get(second, (None, None))
         if key != (a, b):  # a store: keep the last row block and the last column block
-            rows = np.ascontiguousarray(self.embeddings[a:b], dtype=np.float32)
+            rows = self.embeddings[a:b]
+            if not is_tensor(rows):  # rows prepared as torch tensors stay so
+                rows = np.ascontiguousarray(rows, dtype=np.float32)
             self.cache[second] = ((a, b), rows)
         return rows
 
     def product(self, rows_a: np.ndarray, rows_c: np.ndarray) -> np.ndarray:
         """``rows_a @ rows_c.T`` into the preallocated buffer (overwritten by the next)."""
         out = self.buf[: rows_a.shape[0] * rows_c.shape[0]].reshape(rows_a.shape[0], -1)
+        if self.arith is not None:
+            return self.arith.product(rows_a, rows_c, out)
         return np.matmul(rows_a, rows_c.T, out=out)
 
     def mask_diagonal(self, s: np.ndarray, ra: int) -> None:
@@ -169,11 +179,11 @@ def canonical_maxima(embeddings, later: NearBest, earlier: NearBest, *, workers:
     ``workers`` threads (:func:`rescore_keys`).  Returns float64 arrays, ``-inf`` for a
     row with no later (earlier) row."""
     n = later.best.shape[0]
-    li, lj = later.survivors()
-    ej, ei = earlier.survivors()  # row j, its earlier partner i
+    li, lj = tighten(embeddings, *later.survivors(), window=later.delta, workers=workers)
+    ej, ei = tighten(embeddings, *earlier.survivors(), window=earlier.delta, workers=workers)
     lo = np.concatenate([li, ei])
     hi = np.concatenate([lj, ej])
-    key = np.unique(lo * n + hi)
+    key = _unique(lo * n + hi)
     scores = rescore_keys(embeddings, key // n, key % n, workers)
     best_later = np.full(n, -np.inf)
     best_earlier = np.full(n, -np.inf)
@@ -188,11 +198,75 @@ def canonical_best(own, other, near: NearBest) -> np.ndarray:
 
     The cross searches' maxima (queries against a base, each side in turn): a canonical
     score is the same bits whichever matrix is ``own``, so both sides agree."""
-    rows, partners = near.survivors()
+    rows, partners = tighten(own, *near.survivors(), window=near.delta, other=other)
     out = np.full(near.best.shape[0], -np.inf)
     if rows.size:
         np.maximum.at(out, rows, canonical_scores(own, rows, partners, other=other))
     return out
+
+
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a sort and a compare: numpy's hash-based ``unique`` took
+    ~1 s for 1.5M keys here)."""
+    keys = np.sort(keys)
+    if keys.size > 1:
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    return keys
+
+
+#: Pairs per float32 dot-product call of :func:`tighten` (the gathered rows stay in cache).
+TIGHTEN_PAIRS = 2048
+
+
+def tighten(
+    embeddings,
+    rows: np.ndarray,
+    partners: np.ndarray,
+    *,
+    window: float,
+    other=None,
+    workers: int = 1,
+):
+    """Near-best survivors ``(rows, partners)`` gathered with a low-precision ``window``,
+    cut down to those within the float32 window of their row's best float32 score.
+
+    Each survivor's float32 dot product (any summation order: error ``<= gamma_D R^2``,
+    the float32 bound) is computed, and per row only the entries within
+    :func:`~.canonical.candidate_delta` (over twice that bound) of the row's best float32
+    value among its survivors stay.  The entry holding the row's canonical maximum is
+    among the survivors (:mod:`.precision`), so it stays too: the canonical maxima are
+    unchanged, from far fewer float64 rescorings.  With a float32 ``window`` already
+    (float32 tiles) the survivors come back as they are.  ``workers`` threads share the
+    dot products (in-memory rows; the same values either way)."""
+    second = embeddings if other is None else other
+    w32 = candidate_delta(embeddings.shape[1])
+    if window <= w32 or rows.size == 0:
+        return rows, partners
+    scores = np.empty(rows.size, dtype=np.float32)
+
+    def part(lo: int, hi: int) -> None:
+        for k in range(lo, hi, TIGHTEN_PAIRS):
+            stop = min(hi, k + TIGHTEN_PAIRS)
+            a = np.asarray(embeddings[rows[k:stop]], dtype=np.float32)
+            b = np.asarray(second[partners[k:stop]], dtype=np.float32)
+            scores[k:stop] = np.einsum("ij,ij->i", a, b)
+
+    in_memory = isinstance(embeddings, np.ndarray) and isinstance(second, np.ndarray)
+    if workers > 1 and in_memory and rows.size > 8 * TIGHTEN_PAIRS * workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cuts = np.linspace(0, rows.size, workers + 1).astype(np.int64)
+        with ThreadPoolExecutor(workers) as pool:
+            spans = zip(cuts[:-1], cuts[1:], strict=True)
+            for job in [pool.submit(part, int(lo), int(hi)) for lo, hi in spans]:
+                job.result()
+    else:
+        part(0, rows.size)
+    top = int(rows.max()) + 1
+    best = np.full(top, -np.inf, dtype=np.float32)
+    np.maximum.at(best, rows, scores)
+    keep = scores >= best[rows] - np.float32(w32)
+    return rows[keep], partners[keep]
 
 
 def rescore_keys(embeddings, i: np.ndarray, j: np.ndarray, workers: int = 1) -> np.ndarray:

@@ -8,6 +8,8 @@
 - :class:`PairSink` / :class:`PairFile`: pairs buffered in memory and spilled to Parquet
   beyond a budget, read back in chunks; :func:`write_pair_file` writes one atomically
   (returning its checksum, which ``PairFile(path, sha256=...)`` verifies).
+- :class:`SegmentedRows` / :func:`write_rows_file`: immutable ``.npy`` row segments (one
+  per index ``add``) read as one array-like; the persistent index's append-only rows.
 
 numpy and pyarrow only: no torch, transformers or faiss here.
 """
@@ -22,14 +24,18 @@ from .embeddings import (
     open_or_array,
 )
 from .pairs_file import PairFile, PairSink, write_pair_file
+from .segments import SegmentedRows, open_rows_file, write_rows_file
 
 __all__ = [
     "EmbeddingStore",
     "PairFile",
     "PairSink",
+    "SegmentedRows",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
     "open_or_array",
+    "open_rows_file",
     "write_pair_file",
+    "write_rows_file",
 ]

@@ -1,0 +1,375 @@
+"""The persistent index's append-only layout: adds write new files only, ``compact``
+merges them in one commit, kills at any point lose nothing committed, readers see one
+committed generation at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dedup_index import dedup_embeddings
+from dedup_index.index import DedupIndex, IndexCorruptError
+
+IVF = {"nlist": 4, "nprobe": 64, "tail_rows": 8}  # exhaustive: every list probed
+
+
+def files_of(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file but the manifest and the lock: (inode, SHA-256)."""
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and p.name not in ("manifest.json", ".lock"):
+            out[str(p.relative_to(root))] = (
+                p.stat().st_ino,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
+    return out
+
+
+def data(n=300, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, d))
+    copies = base[rng.choice(n, n // 5)] + 0.002 * rng.standard_normal((n // 5, d))
+    E = np.concatenate([base, copies])[rng.permutation(n + n // 5)]
+    return (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "backend, options", [("blocked", {}), ("ivf", IVF), ("hnsw", {"tail_rows": 8})]
+)
+def test_add_writes_new_files_only_and_compact_merges(tmp_path, backend, options):
+    E = data()
+    keys = [f"k{r}" for r in range(len(E))]
+    cuts = [0, 100, 105, 200, 290, len(E)]
+    index = DedupIndex.create(tmp_path / "i", 16, 0.99, backend=backend, backend_options=options)
+    before = {}
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        index.add(E[a:b], keys=keys[a:b])
+        after = files_of(tmp_path / "i")
+        assert all(after[name] == v for name, v in before.items())  # untouched
+        before = after
+    stats = index.stats()
+    assert stats["row_files"] == 5 and stats["state_files"] >= 2
+    if backend != "blocked":
+        assert stats["ann_segments"] >= 2 and stats["ann_tail_rows"] <= 8
+    expected = dedup_embeddings(E, 0.99, backend="dense")
+    decisions = index.decisions()
+    hits = index.query(E[:20])
+    assert np.array_equal(decisions["keep"], expected.keep)
+    if backend != "hnsw":
+        assert index.pairs().equals(expected.pairs)
+
+    old_files = set(files_of(tmp_path / "i"))
+    stats = index.compact()
+    assert (stats["row_files"], stats["state_files"]) == (1, 1)
+    if backend == "ivf":
+        assert stats["ann_segments"] == 1 and stats["ann_tail_rows"] == 0
+        assert stats["nlist"] == 4  # backend_options fix it; by default it grows
+    after = index.decisions()
+    for name in decisions:
+        assert np.array_equal(after[name], decisions[name], equal_nan=True)
+    assert index.query(E[:20]) == hits
+    assert old_files <= set(files_of(tmp_path / "i"))  # retired, kept for readers
+    index.close()
+    with DedupIndex.open(tmp_path / "i") as reader:
+        assert reader.query(E[:20]) == hits and len(reader) == len(E)
+        assert reader.keys() == keys
+    # Files retired with retain_seconds=0 go at the next commit; the others stay.
+    compacted = set(files_of(tmp_path / "i")) - old_files
+    with DedupIndex.open(tmp_path / "i", mode="a") as index:
+        index.compact(retain_seconds=0)
+        index.add(E[:1] * -1, keys=["flip"])
+        left = set(files_of(tmp_path / "i"))
+        assert not (compacted & left) and old_files <= left
+        assert index.verify()["files"] >= 5
+
+
+def test_compact_grows_nlist_and_keeps_answers(tmp_path):
+    rng = np.random.default_rng(3)
+    E = rng.standard_normal((3000, 16)).astype(np.float32)
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    with DedupIndex.create(
+        tmp_path / "i", 16, 0.98, backend="ivf", backend_options={"tail_rows": 100}
+    ) as index:
+        index.add(E[:200])
+        first = index.stats()["nlist"]
+        for a in range(200, 3000, 400):
+            index.add(E[a : a + 400])
+        stats = index.compact()
+        assert stats["nlist"] > first and stats["ann_segments"] == 1
+        assert index.query(E[5])[0][0][0] == "5"
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from dedup_index.index import DedupIndex
+    E = np.load(sys.argv[2])
+    with DedupIndex.open(sys.argv[1], mode="a") as index:
+        if sys.argv[3] == "add":
+            index.add(E[150:], keys=[f"k{r}" for r in range(150, len(E))])
+        else:
+            index.compact()
+    """
+)
+ADD_POINTS = ["rows_appended", "pairs_written", "ann_written", "state_written", "manifest_written"]
+COMPACT_POINTS = [
+    "compact_rows_written",
+    "compact_pairs_written",
+    "compact_ann_written",
+    "state_written",
+    "manifest_written",
+]
+
+
+@pytest.mark.parametrize(
+    "action, point", [("add", p) for p in ADD_POINTS] + [("compact", p) for p in COMPACT_POINTS]
+)
+def test_killed_mid_add_or_compact_leaves_the_previous_version(tmp_path, action, point):
+    E = data(200)
+    np.save(tmp_path / "E.npy", E)
+    keys = [f"k{r}" for r in range(len(E))]
+    with DedupIndex.create(
+        tmp_path / "i", 16, 0.99, backend="ivf", backend_options=dict(IVF, tail_rows=0)
+    ) as index:
+        index.add(E[:100], keys=keys[:100])
+        index.add(E[100:150], keys=keys[100:150])
+        before = index.decisions()
+    env = dict(os.environ, DEDUP_INDEX_CRASH_AT=point)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "i"), str(tmp_path / "E.npy"), action],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 77, done.stderr
+    committed = point == "manifest_written"
+    with DedupIndex.open(tmp_path / "i") as reader:
+        n = len(E) if committed and action == "add" else 150
+        assert len(reader) == n
+        state = reader.decisions()
+        expected = dedup_embeddings(E[:n], 0.99, backend="dense")
+        assert np.array_equal(state["keep"], expected.keep)
+        assert reader.pairs().equals(expected.pairs)
+        if n == 150:
+            for name in before:
+                assert np.array_equal(state[name], before[name], equal_nan=True)
+        assert reader.verify()["files"] > 0
+    with DedupIndex.open(tmp_path / "i", mode="a") as index:  # the next writer goes on
+        if len(index) == 150:
+            index.add(E[150:], keys=keys[150:])
+        index.compact()
+        expected = dedup_embeddings(E, 0.99, backend="dense")
+        assert np.array_equal(index.decisions()["keep"], expected.keep)
+        assert index.pairs().equals(expected.pairs)
+    manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    listed = {e["file"] for e in manifest["rows"]} | {e["keys"] for e in manifest["rows"]}
+    on_disk = {f"rows/{p.name}" for p in (tmp_path / "i" / "rows").iterdir()}
+    retired = {f for r in manifest["retired"] for f in r["files"]}
+    assert on_disk <= listed | retired  # what the killed writer left was cleaned up
+
+
+def test_verify_names_a_damaged_rows_file(tmp_path):
+    with DedupIndex.create(tmp_path / "i", 16, 0.99) as index:
+        index.add(data(50))
+        index.add(data(50, seed=1))
+    rows = sorted((tmp_path / "i" / "rows").glob("rows-*.npy"))[0]
+    payload = bytearray(rows.read_bytes())
+    payload[-5] ^= 0xFF  # same size and header: only the checksum can tell
+    rows.write_bytes(bytes(payload))
+    with DedupIndex.open(tmp_path / "i") as reader:
+        with pytest.raises(IndexCorruptError, match=rows.name):
+            reader.verify()
+    rows.write_bytes(bytes(payload[:200]))
+    with pytest.raises(IndexCorruptError, match=rows.name):
+        DedupIndex.open(tmp_path / "i")
+
+
+READER = textwrap.dedent(
+    """
+    import json, sys, time, numpy as np
+    from dedup_index.index import DedupIndex
+    E = np.load(sys.argv[2])
+    probe = E[[0, 1, 2, 160, 170, 190]]
+    out = []
+    deadline = time.time() + float(sys.argv[3])
+    reader = DedupIndex.open(sys.argv[1])
+    while time.time() < deadline and len(out) < 2000:
+        reader.refresh()
+        hits = reader.query(probe)
+        out.append([len(reader), reader.generation, [[k for k, _ in h] for h in hits]])
+        time.sleep(0.002)
+    print(json.dumps(out))
+    """
+)
+WRITER = textwrap.dedent(
+    """
+    import sys, time, numpy as np
+    from dedup_index.index import DedupIndex
+    E = np.load(sys.argv[2])
+    with DedupIndex.open(sys.argv[1], mode="a") as index:
+        for a in range(100, len(E), 20):
+            index.add(E[a : a + 20], keys=[f"k{r}" for r in range(a, a + 20)])
+            time.sleep(0.05)
+        index.compact(retain_seconds=0)  # killed at its commit point (crash hook)
+    """
+)
+
+
+def test_readers_see_one_committed_version_while_a_writer_adds_and_is_killed(tmp_path):
+    """A reader refreshing and querying in a loop while another process adds batches,
+    compacts and is killed: every answer is the answer of one committed generation."""
+    E = data(200)[:200]
+    E[160:] = E[:40] + 0.001  # later rows copy early ones: answers change with each add
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    np.save(tmp_path / "E.npy", E)
+    with DedupIndex.create(tmp_path / "i", 16, 0.99, backend="ivf", backend_options=IVF) as index:
+        index.add(E[:100], keys=[f"k{r}" for r in range(100)])
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(tmp_path / "i"), str(tmp_path / "E.npy"), "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    env = dict(os.environ, DEDUP_INDEX_CRASH_AT="compact_ann_written")
+    writer = subprocess.run(
+        [sys.executable, "-c", WRITER, str(tmp_path / "i"), str(tmp_path / "E.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert writer.returncode == 77, writer.stderr
+    out, _ = reader.communicate(timeout=60)
+    answers = json.loads(out)
+    probe = E[[0, 1, 2, 160, 170, 190]]
+    seen = set()
+    for n, generation, hits in answers:
+        assert n in range(100, 201, 20)
+        scores = E[:n].astype(np.float64) @ probe.astype(np.float64).T  # far from 0.99
+        want = [sorted(f"k{r}" for r in np.flatnonzero(col >= 0.99)) for col in scores.T]
+        assert [sorted(h) for h in hits] == want, (n, generation)
+        seen.add(n)
+    assert len(seen) >= 2  # the reader saw the writer's commits as they came
+
+
+def test_cli_compact_and_verify(tmp_path):
+    cli = str(Path(sys.executable).with_name("dedup-index"))
+
+    def run(*argv):
+        return subprocess.run([cli, *map(str, argv)], capture_output=True, text=True)
+
+    np.save(tmp_path / "a.npy", data(40))
+    np.save(tmp_path / "b.npy", data(40, seed=1))
+    assert run("index", "create", tmp_path / "i", "--dim", 16, "--threshold", 0.99).returncode == 0
+    assert run("index", "add", tmp_path / "i", tmp_path / "a.npy").returncode == 0
+    assert run("index", "add", tmp_path / "i", tmp_path / "b.npy").returncode == 0
+    done = run("index", "compact", tmp_path / "i")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["row_files"] == 1
+    done = run("index", "verify", tmp_path / "i")
+    assert done.returncode == 0 and json.loads(done.stdout)["files"] >= 4
+    state = sorted((tmp_path / "i").glob("state-*.npz"))[-1]
+    state.write_bytes(state.read_bytes()[:-3] + b"xyz")
+    done = run("index", "verify", tmp_path / "i")
+    assert done.returncode == 1 and state.name in done.stderr
+    assert run("index", "compact", tmp_path / "i", "--nlist", 0).returncode == 2
+
+
+def test_ivf_batch_gemm_path_finds_what_faiss_finds(tmp_path):
+    """Batches on IVF segments run as GEMM tiles per list: the same lists probed, so the
+    same pairs as FAISS's own scan (one query at a time), and nearest scores at least as
+    high."""
+    from dedup_index.index import ann as ann_module
+
+    E = data(3000, d=32, seed=5)
+    probe = E[:200] + 0.01 * np.random.default_rng(1).standard_normal((200, 32))
+    probe = (probe / np.linalg.norm(probe, axis=1, keepdims=True)).astype(np.float32)
+    options = {"nlist": 30, "nprobe": 3, "tail_rows": 0}
+    with DedupIndex.create(tmp_path / "i", 32, 0.95, backend="ivf", backend_options=options) as ix:
+        ix.add(E[:2000])
+        ix.add(E[2000:])  # two segments sharing the quantizer
+        view = ix._view
+        batch = view.ann.search(probe, view.rows, 0.95, None, nearest=True)
+        ann_module.GEMM_QUERIES, saved = 10**9, ann_module.GEMM_QUERIES
+        try:
+            one = view.ann.search(probe, view.rows, 0.95, None, nearest=True)
+        finally:
+            ann_module.GEMM_QUERIES = saved
+    assert len(view.ann.segments) == 2 and len(batch.q) > 100
+    assert set(zip(batch.q, batch.b, strict=True)) == set(zip(one.q, one.b, strict=True))
+    assert np.all(batch.query_best >= one.query_best)
+
+
+def test_a_version_1_index_is_read_and_upgraded_by_its_next_commit(tmp_path):
+    """Format 1 (one embeddings/ store, one state file, FAISS file per generation) is
+    read as it is; the next add writes version 2 files next to it."""
+    import io
+
+    from dedup_index.files import write_json_atomic
+    from dedup_index.store import EmbeddingStore, write_pair_file
+
+    E = data(100)
+    keys = [f"k{r}" for r in range(len(E))]
+    root = tmp_path / "i"
+    (root / "pairs").mkdir(parents=True)
+    with EmbeddingStore.create(root / "embeddings", 16, meta={"model_name": None}) as store:
+        store.append(E[:100], keys=keys[:100])
+    first = dedup_embeddings(E[:100], 0.99, backend="dense")
+    sums = {
+        "pairs/part-000001.parquet": write_pair_file(
+            root / "pairs/part-000001.parquet", first.pairs
+        )
+    }
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        keep=first.keep,
+        duplicate_of=first.duplicate_of,
+        duplicate_similarity=first.duplicate_similarity,
+        group=first.group,
+        nearest=first.max_similarity,
+        earlier=first.max_earlier_similarity,
+    )
+    (root / "state-000001.npz").write_bytes(buf.getvalue())
+    sums["state-000001.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    write_json_atomic(
+        root / "manifest.json",
+        {
+            "format": "dedup-index",
+            "version": 1,
+            "dim": 16,
+            "threshold": 0.99,
+            "policy": "reference",
+            "backend": "blocked",
+            "model_name": None,
+            "count": 100,
+            "generation": 1,
+            "backend_options": {},
+            "ann": None,
+            "pairs": ["pairs/part-000001.parquet"],
+            "state": "state-000001.npz",
+            "checksums": sums,
+            "n_pairs": len(first.pairs),
+        },
+    )
+    with DedupIndex.open(root) as reader:
+        assert reader.keys() == keys[:100] and reader.query(E[3])[0][0][0] == "k3"
+    with DedupIndex.open(root, mode="a") as index:
+        index.add(E[100:], keys=keys[100:])
+        expected = dedup_embeddings(E, 0.99, backend="dense")
+        assert np.array_equal(index.decisions()["keep"], expected.keep)
+        assert index.pairs().equals(expected.pairs)
+        index.compact(retain_seconds=0)
+        index.add(E[:1] * -1, keys=["flip"])  # the commit after: the old store goes
+    assert json.loads((root / "manifest.json").read_text())["version"] == 2
+    assert not (root / "embeddings").exists()
+    with DedupIndex.open(root) as reader:
+        assert reader.keys()[:-1] == keys
