@@ -257,36 +257,7 @@ def add(args: argparse.Namespace) -> int:
                     f"none of the {len(values)} images of {args.input} could be loaded"
                 )
         total = index.stats()
-    rows = [
-        {
-            "key": k,
-            "kept": bool(kept),
-            "duplicate_of": dup,
-            "similarity": None if dup is None else float(min(s, 1.0)),
-            "max_similarity": float(min(m, 1.0)),
-        }
-        for k, kept, dup, s, m in zip(
-            result.keys,
-            result.kept,
-            result.duplicate_of,
-            result.similarity,
-            result.max_similarity,
-            strict=True,
-        )
-    ]
-    # Every image that did not load is a row too (kept: null, with its error), so nothing
-    # leaves without a record in the output.
-    rows += [
-        {
-            "key": k,
-            "kept": None,
-            "duplicate_of": None,
-            "similarity": None,
-            "max_similarity": None,
-            "error": str(f),
-        }
-        for k, f in result.failures
-    ]
+    rows = result.rows()  # decisions, then every image that did not load (with its error)
     for row in rows:  # the decisions, one JSON line per added row
         print(json.dumps(row))
     if args.out:

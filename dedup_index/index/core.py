@@ -151,6 +151,30 @@ class AddResult:
     def n_removed(self) -> int:
         return int((~self.kept).sum())
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One JSON-able decision per added row, then one per image that failed to load
+        (``kept`` None, with its ``error``); similarities shown at most 1.0."""
+        out: list[dict[str, Any]] = [
+            {
+                "key": k,
+                "kept": bool(kept),
+                "duplicate_of": dup,
+                "similarity": None if dup is None else min(float(s), 1.0),
+                "max_similarity": min(float(m), 1.0),
+            }
+            for k, kept, dup, s, m in zip(
+                self.keys,
+                self.kept,
+                self.duplicate_of,
+                self.similarity,
+                self.max_similarity,
+                strict=True,
+            )
+        ]
+        none = {"kept": None, "duplicate_of": None, "similarity": None, "max_similarity": None}
+        out += [{"key": k, **none, "error": str(f)} for k, f in self.failures]
+        return out
+
 
 @dataclass
 class _View:

@@ -284,23 +284,7 @@ def create_app(config: ServiceConfig):
                 except ValueError as err:
                     raise HTTPException(422, str(err)) from None
                 generation, total = index.generation, len(index)
-            results = [
-                {
-                    "key": k,
-                    "kept": bool(kept),
-                    "duplicate_of": dup,
-                    "similarity": None if dup is None else float(s),
-                    "max_similarity": float(m),
-                }
-                for k, kept, dup, s, m in zip(
-                    result.keys,
-                    result.kept,
-                    result.duplicate_of,
-                    result.similarity,
-                    result.max_similarity,
-                    strict=True,
-                )
-            ]
+            results = result.rows()
             return {
                 "results": results,
                 "skipped": result.skipped,
