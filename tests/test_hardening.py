@@ -211,3 +211,45 @@ def test_threshold_one_removes_every_exact_copy(backend):
     result = dedup_embeddings(E, 1.0, backend=backend)
     assert result.n_removed == 200 and result.removed.min() == 200
     assert result.max_similarity.max() == 1.0 and (result.pairs.to_frame()["similarity"] == 1).all()
+
+
+GLOBAL_SETTINGS_CHILD = """
+import sys
+import numpy as np
+import torch
+from dedup_index import dedup_embeddings
+from dedup_index.testing import mixed_adversarial
+
+E = mixed_adversarial(3, 300, 64, 0.9)
+oracle = dedup_embeddings(E, 0.9, backend="dense")
+if sys.argv[1] == "medium":
+    torch.set_float32_matmul_precision("medium")
+else:
+    torch.backends.cuda.matmul.allow_tf32 = True
+torch.set_num_threads(2)
+for options in ({"engine": "torch"}, {"engine": "torch", "precision": "fp32"}):
+    got = dedup_embeddings(E, 0.9, backend="blocked", backend_options=options, threads=1)
+    assert np.array_equal(got.keep, oracle.keep)
+    assert np.array_equal(got.max_similarity, oracle.max_similarity)
+    assert got.pairs.equals(oracle.pairs)
+    if sys.argv[1] == "medium":
+        assert torch.get_float32_matmul_precision() == "medium"
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("setting", ["medium", "tf32"])
+def test_global_torch_settings_neither_change_decisions_nor_are_left_changed(setting):
+    """Issue 16: a caller's "medium" float32 matmul precision (oneDNN may then run float32
+    products in bf16) or TF32 switch must not reach the candidate search, and the search
+    gives the caller's settings back.  A child process: these settings are process-wide."""
+    pytest.importorskip("torch")
+    done = subprocess.run(
+        [sys.executable, "-c", GLOBAL_SETTINGS_CHILD, setting],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

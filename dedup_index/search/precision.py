@@ -319,7 +319,10 @@ class Arithmetic:
     def session(self, *, one_thread: bool = False):
         """Process settings the kernel needs for the duration of a search:
         ``one_thread``: torch single-threaded (one worker per core); on CUDA no TF32 and
-        no reduced-precision reductions (the bound assumes float32 sums)."""
+        no reduced-precision reductions (the bound assumes float32 sums); everywhere, torch's
+        float32 matmul precision "highest" (``set_float32_matmul_precision("medium")``
+        lets oneDNN run float32 products in bf16 on CPUs that have it, outside the fp32
+        bound).  The caller's settings are restored when the last session ends."""
         if self.kernel == "numpy":
             yield self
             return
@@ -329,6 +332,7 @@ class Arithmetic:
         with _SESSION_LOCK:
             if _ACTIVE["count"] == 0:  # the first session saves what the last restores
                 _ACTIVE["threads"] = torch.get_num_threads()
+                _ACTIVE["matmul"] = _matmul_precision(torch, "highest")
                 m = torch.backends.cuda.matmul
                 _ACTIVE["cuda"] = (m.allow_tf32, _reduced(m, "fp16"), _reduced(m, "bf16"))
             _ACTIVE["count"] += 1
@@ -346,6 +350,7 @@ class Arithmetic:
                 _ACTIVE["count"] -= 1
                 if _ACTIVE["count"] == 0:
                     torch.set_num_threads(_ACTIVE["threads"])
+                    _matmul_precision(torch, _ACTIVE["matmul"])
                     m = torch.backends.cuda.matmul
                     tf32, fp16, bf16 = _ACTIVE["cuda"]
                     if m.allow_tf32 != tf32:
@@ -651,3 +656,16 @@ def _write_cache(path: Path, data: dict) -> None:
         write_json_atomic(path, data)
     except OSError as err:
         logger.debug("precision: could not write %s: %s", path, err)
+
+
+def _matmul_precision(torch: Any, value: str | None) -> str | None:
+    """Set torch's float32 matmul precision to ``value`` (None: leave it); return what it
+    was.  Torch refuses to answer once a caller mixed its legacy and new TF32 switches: then
+    nothing is read or changed here (the CUDA switches are handled on their own)."""
+    try:
+        before = torch.get_float32_matmul_precision()
+        if value is not None and value != before:
+            torch.set_float32_matmul_precision(value)
+        return before
+    except RuntimeError:
+        return None
