@@ -253,3 +253,19 @@ def test_global_torch_settings_neither_change_decisions_nor_are_left_changed(set
         timeout=300,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_cuda_asked_for_without_cuda_warns_and_searches_on_the_cpu(caplog):
+    """Issue 16, item 1: it raised AssertionError("Torch not compiled with CUDA enabled")."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from dedup_index import dedup_embeddings
+    from dedup_index.testing import mixed_adversarial
+
+    E = mixed_adversarial(5, 120, 16, 0.9)
+    oracle = dedup_embeddings(E, 0.9, backend="dense")
+    for backend in ("blocked", "auto"):
+        got = dedup_embeddings(E, 0.9, backend=backend, device="cuda")
+        assert np.array_equal(got.keep, oracle.keep) and got.pairs.equals(oracle.pairs)
+    assert "CUDA is not available: searching on the CPU" in caplog.text

@@ -175,6 +175,29 @@ class Backend:
         )
 
 
+def search_device(device: Any) -> str | None:
+    """The device a search runs on: ``"cuda"``/``"cuda:N"``/a ``torch.device`` as asked when
+    CUDA is there; CUDA asked for on a machine without it warns and runs on the CPU (as the
+    encoders do); an ordinal beyond the GPUs present is a ``ValueError`` naming them."""
+    if device is None:
+        return None
+    name = str(device)
+    if not name.startswith("cuda"):
+        return name
+    import torch
+
+    if not torch.cuda.is_available():
+        logger.warning("device=%r asked for, but CUDA is not available: searching on the CPU", name)
+        return "cpu"
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return name
+
+
 def _done(progress: Callable[[int], Any] | None, n: int) -> None:
     """Report all ``n`` rows at once (backends that do not report as they go)."""
     if progress is not None:
@@ -493,7 +516,7 @@ def search(
         threshold,
         nearest=nearest,
         threads=threads,
-        device=device,
+        device=search_device(device),
         options=options,
         sink=sink,
         progress=progress,
