@@ -152,10 +152,20 @@ def temp_prefix() -> str:
     return f".tmp-{host}-{os.getpid()}-"
 
 
+#: Folders this process has already swept: one listing per folder, not one per write (a Ray
+#: job writes thousands of tiles into one folder).
+_SWEPT: set[str] = set()
+
+
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:
     """Remove temp files left in ``folder`` by writers of this host that are no longer
     running (a ``kill -9`` between write and rename); returns how many.  Files of other
-    hosts (shared storage) and of live processes are left alone."""
+    hosts (shared storage) and of live processes are left alone.  Each folder is swept
+    once per process: a writer that dies later is found by the next process."""
+    key = os.path.abspath(os.fspath(folder))
+    if key in _SWEPT:
+        return 0
+    _SWEPT.add(key)
     host = temp_prefix().split("-")[1]
     removed = 0
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def check_threshold(threshold: Any, name: str = "threshold") -> float:
@@ -43,3 +46,37 @@ def check_non_negative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
+
+
+def resolve_device(device: Any, *, what: str = "running") -> str | None:
+    """The one rule for ``device=`` (encoders and search alike): None stays None (the
+    caller's default), ``"auto"`` is ``"cuda"`` when available else ``"cpu"``; CUDA asked for
+    where there is none warns and gives ``"cpu"`` (upstream pipelines hard-code
+    ``device="cuda"``: run them anyway, and say so); an unknown device, or a ``cuda:N``
+    beyond the GPUs present, is a ``ValueError``.  ``what`` names the work in the warning.
+    ``"cpu"`` imports nothing; anything else imports torch."""
+    if device is None or str(device) == "cpu":
+        return None if device is None else "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}"
+        ) from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            logger.warning(
+                "device=%r asked for but CUDA is not available: %s on the CPU", str(device), what
+            )
+            return "cpu"
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device={str(device)!r}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    return str(parsed)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..validation import check_choice, check_positive_int
+from ..validation import resolve_device as check_device
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +33,9 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; checks the rest."""
-    import torch
-
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}"
-        ) from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        # Upstream pipelines hard-code device="cuda"; run them anyway, and say so.
-        logger.warning("device=%r asked for but CUDA is not available: using the CPU", device)
-        return "cpu"
-    return str(parsed)
+    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; checks the rest
+    (:func:`dedup_index.validation.resolve_device`, the rule the search follows too)."""
+    return check_device("auto" if device is None else device, what="embedding")
 
 
 def available_cpus() -> int:

@@ -27,7 +27,7 @@ from ..encode.models import recommended_threshold
 from ..encode.pipeline import EmbeddedImages, embed_images
 from ..errors import DedupIndexError, ImagesFailedError, NoValidImagesError
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure, try_load_image
-from ..io.keys import image_key
+from ..io.keys import content_key, image_key
 from ..io.tables import shown_similarity, write_table
 from ..policy import POLICIES
 from ..search import check_backend, check_precision, get_backend
@@ -625,10 +625,5 @@ def _describe(value: Any) -> Any:
             return json.dumps(value, default=_describe, ensure_ascii=False)
         except (TypeError, ValueError):
             return repr(value)
-    return image_key(value, row=None) if _has_key(value) else repr(value)
-
-
-def _has_key(value: Any) -> bool:
-    from ..io.keys import content_key
-
-    return content_key(value) is not None
+    key = content_key(value)
+    return key if key is not None else repr(value)

@@ -92,27 +92,28 @@ def duplicate_groups(result: DedupResult) -> Groups:
     )
 
 
-def _thumbnail_or_reason(value: Any, image_root: Any, px: int) -> tuple[str | None, str | None]:
+def thumbnail(
+    value: Any, *, image_root=None, px: int = 96, quality: int = 70
+) -> tuple[str | None, str | None]:
+    """``(base64 JPEG of at most px x px, None)``, or ``(None, why)`` when the image won't
+    load."""
     from ..io import try_load_image
 
     img, failure = try_load_image(value, image_root=image_root)
     if img is None:
         return None, str(failure)
-    return make_thumbnail(img, px=px), None
+    img.thumbnail((px, px))
+    buf = BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality, optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
 def make_thumbnail(value: Any, *, image_root=None, px: int = 96, quality: int = 70) -> str | None:
     """A JPEG of at most ``px`` x ``px``, base64-encoded; None when the image won't load."""
-    from ..io import try_load_image
-
-    img, failure = try_load_image(value, image_root=image_root)
-    if img is None:
-        logger.debug("no thumbnail for %r: %s", value, failure)
-        return None
-    img.thumbnail((px, px))
-    buf = BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=quality, optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    data, why = thumbnail(value, image_root=image_root, px=px, quality=quality)
+    if data is None:
+        logger.debug("no thumbnail for %r: %s", value, why)
+    return data
 
 
 def _thumbnail_rows(groups: Groups, max_thumbnails: int) -> tuple[list[int], int]:
@@ -182,7 +183,7 @@ def group_payload(
         workers = max(1, min(8, os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             made = pool.map(
-                lambda row: _thumbnail_or_reason(values[row], image_root, thumb_px), rows
+                lambda row: thumbnail(values[row], image_root=image_root, px=thumb_px), rows
             )
             for row, (data, reason) in zip(rows, made, strict=True):
                 if data is not None:

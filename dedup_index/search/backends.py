@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..validation import resolve_device
 from .pairs import PairSet
 
 __all__ = [
@@ -173,29 +174,6 @@ class Backend:
             sink=sink,
             progress=progress,
         )
-
-
-def search_device(device: Any) -> str | None:
-    """The device a search runs on: ``"cuda"``/``"cuda:N"``/a ``torch.device`` as asked when
-    CUDA is there; CUDA asked for on a machine without it warns and runs on the CPU (as the
-    encoders do); an ordinal beyond the GPUs present is a ``ValueError`` naming them."""
-    if device is None:
-        return None
-    name = str(device)
-    if not name.startswith("cuda"):
-        return name
-    import torch
-
-    if not torch.cuda.is_available():
-        logger.warning("device=%r asked for, but CUDA is not available: searching on the CPU", name)
-        return "cpu"
-    index = torch.device(name).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-        )
-    return name
 
 
 def _done(progress: Callable[[int], Any] | None, n: int) -> None:
@@ -516,7 +494,7 @@ def search(
         threshold,
         nearest=nearest,
         threads=threads,
-        device=search_device(device),
+        device=resolve_device(device, what="searching"),
         options=options,
         sink=sink,
         progress=progress,
