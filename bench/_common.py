@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from dedup_index.files import atomic_write_with, write_json_atomic
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 OUT = BENCH / "_out"
@@ -227,9 +229,8 @@ def ensure_data(n: int, dim: int = 512, seed: int = 0) -> Path:
         from synthetic import clustered_unit_vectors
 
         OUT.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, clustered_unit_vectors(n, dim, seed=seed))
-        os.replace(tmp, path)
+        rows = clustered_unit_vectors(n, dim, seed=seed)
+        atomic_write_with(path, lambda tmp: np.save(tmp, rows), suffix=".npy")
     return path
 
 
@@ -360,7 +361,7 @@ def _build_store(spec: dict[str, Any]) -> dict[str, Any]:
         "builder_peak_rss": peak_rss_bytes(),
     }
     # How it was built, next to the store (the store's own manifest is left alone).
-    Path(spec["path"] + ".build.json").write_text(json.dumps(rec, indent=1) + "\n")
+    write_json_atomic(spec["path"] + ".build.json", rec)
     return rec
 
 

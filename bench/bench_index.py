@@ -2,6 +2,8 @@
 
 Usage: python bench/bench_index.py [--base 200000] [--add 20000] [--backends ivf,hnsw,blocked]
                                    [--queries 1000] [--store bench/_out/store_1m] [--no-rebuild]
+       python bench/bench_index.py --latency-only 1000000 [--nprobe 12] [--rounds 3]
+                                   [--cache /tmp/bench1m]  (build the 1M index once, reuse it)
 
 For each backend, in the same run on the same rows (``bench/synthetic.py``, D = 512,
 threshold 0.9; or ``--store``: base rows from an EmbeddingStore, new rows 30% near-copies
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="ivf,hnsw,blocked")
     ap.add_argument("--store", default=None, help="base rows from an EmbeddingStore")
     ap.add_argument("--no-rebuild", action="store_true", help="skip the one-shot rebuild")
-    ap.add_argument("--nprobe", type=int, default=None, help="ivf lists probed (default 16)")
+    ap.add_argument("--nprobe", type=int, default=None, help="ivf lists probed (default 12)")
     ap.add_argument(
         "--no-compact", action="store_true", help="no compactions (hnsw: each is a rebuild)"
     )
@@ -94,6 +96,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--niter", type=int, default=None, help="--latency-only: k-means iterations (default 20)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="--latency-only: rounds of splitting over-full IVF lists (default "
+        "dedup_index.index.ann.BALANCE_ROUNDS)",
+    )
+    ap.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="--latency-only: keep the rows and each FAISS index built in DIR and reuse "
+        "them on later runs with the same N, backend, nlist and niter (a 1M build takes "
+        "minutes)",
     )
     args = ap.parse_args(argv)
     print("\n".join(machine_lines()))
@@ -269,8 +286,17 @@ def latency_only(args) -> None:
     from dedup_index.store import SegmentedRows
 
     n = args.latency_only
+    cache = Path(args.cache) if args.cache else None
     t0 = time.perf_counter()
-    E = clustered_unit_vectors(n, 512, seed=0)
+    if cache is not None and (cache / f"rows-{n}.npy").exists():
+        E = np.load(cache / f"rows-{n}.npy", mmap_mode="r")
+        E = np.ascontiguousarray(E)
+        print(f"data: clustered_unit_vectors({n}, 512) from {cache}", flush=True)
+    else:
+        E = clustered_unit_vectors(n, 512, seed=0)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(cache / f"rows-{n}.npy", E)
     print(f"data: clustered_unit_vectors({n}, 512) in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = SegmentedRows([E], 512)
     rng = np.random.default_rng(1)
@@ -284,13 +310,24 @@ def latency_only(args) -> None:
         options = {} if args.nprobe is None else {"nprobe": args.nprobe}
         if args.niter:
             options["niter"] = args.niter  # k-means iterations of the balanced quantizer
+        if args.rounds is not None:
+            options["balance_rounds"] = args.rounds
         empty = AnnIndex(name, options)
+        saved = None
+        if cache is not None:
+            rounds = "default" if args.rounds is None else args.rounds
+            saved = cache / f"{name}-{n}-niter{args.niter or 'default'}-rounds{rounds}.faiss"
         t0 = time.perf_counter()
-        if name == "ivf":
+        if saved is not None and saved.exists():
+            index = faiss.read_index(str(saved))
+            print(f"{name}: index read from {saved}", flush=True)
+        elif name == "ivf":
             index = empty.build_segment(rows, nlist=default_nlist(n), fresh=True)
         else:
             index = empty.build_segment(rows)
         build_s = time.perf_counter() - t0
+        if saved is not None and not saved.exists():
+            faiss.write_index(index, str(saved))
         ann = empty.with_segment(0, n, index)
         print(f"{name}: built over {n} rows in {build_s:.0f} s", flush=True)
         lat, faiss_lat, got = [], [], set()

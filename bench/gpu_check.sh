@@ -17,7 +17,7 @@ export OUT DEDUP_INDEX_PROGRESS=0
 {
   echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   echo "== CUDA tests"
-  timeout 240 "$PY" -m pytest -q -x tests/test_precision.py -k cuda -p no:cacheprovider
+  timeout 240 "$PY" -m pytest -q -x tests/test_precision.py tests/test_gpu_path.py tests/test_gpu_encode.py -k cuda -p no:cacheprovider
   tests=$?
   echo "== GPU benchmark"
   timeout 540 "$PY" bench/gpu_check.py "$@"

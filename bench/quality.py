@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dedup_index.files import atomic_write_with, write_json_atomic
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -148,10 +150,8 @@ def embed(
     seconds = time.perf_counter() - t0
     if use_cache:
         CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, emb)
-        os.replace(tmp, path)
-        timing.write_text(json.dumps({"model": model, "n": qs.n, "seconds": seconds}) + "\n")
+        atomic_write_with(path, lambda tmp: np.save(tmp, emb), suffix=".npy")
+        write_json_atomic(timing, {"model": model, "n": qs.n, "seconds": seconds})
     return emb, seconds, False
 
 

@@ -96,3 +96,23 @@ def test_calibrate_labelled_pairs_and_bad_tables(groups, tmp_path, capsys):
     pd.DataFrame({"a": [1], "b": [2]}).to_csv(bad, index=False)
     assert main(["calibrate", str(bad), "--model", "efficientnet-lite0"]) == 2
     assert "lacks column(s)" in capsys.readouterr().err
+
+
+def test_calibrate_jsonl_labels_with_a_precision_target(groups, tmp_path, capsys):
+    labels = tmp_path / "pairs.jsonl"
+    pd.DataFrame(
+        {
+            "key_i": ["a/0.png", "b/0.png", "a/0.png", "b/1.png"],
+            "key_j": ["a/1.png", "b/1.png", "c/0.png", "c/0.png"],
+            "is_duplicate": [True, True, False, False],
+        }
+    ).to_json(labels, orient="records", lines=True)
+    argv = ["calibrate", str(labels), "--image-root", str(groups), "--workers", "0"]
+    code = main([*argv, "--precision-target", "0.5", "--thresholds", "0.1,0.5,0.9"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "precision target 0.5" in out and "4 duplicate pairs" not in out
+    assert "5 images, 2 duplicate pairs" in out
+    assert "with --verify geometric: recommended --threshold 0.10" in out  # verified: P 1
+    assert main([*argv, "--precision-target", "1.5"]) == 2
+    assert "--precision-target must be in (0, 1]" in capsys.readouterr().err

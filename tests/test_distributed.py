@@ -463,7 +463,6 @@ def test_every_entry_point_embeds_the_same_bits_and_ray_writes_the_same_files(
     assert set(outputs["run"]) == {"kept.jsonl", "removed.jsonl", "pairs.parquet"}
 
 
-
 def test_gpu_actors_on_a_cluster_without_gpus_fail_at_once(cluster, tmp_path, tiny_clip):
     """Ray would wait for ever for the GPU; we say so instead (issue 16, item 4)."""
     import time
@@ -474,3 +473,112 @@ def test_gpu_actors_on_a_cluster_without_gpus_fail_at_once(cluster, tmp_path, ti
     with pytest.raises(ValueError, match="has 0 GPU"):
         embed_table(["a.jpg"], tmp_path / "e", model_name=tiny_clip, num_gpus_per_actor=1)
     assert time.perf_counter() - start < 30
+
+
+# ------------------------------------------------------------------ devices of the actors
+
+
+def test_actor_device_follows_rays_assignment():
+    """Plain function, given the GPU ids Ray would give (issue 16, defect 5)."""
+    from dedup_index.distributed.embed import actor_device
+
+    # Ray set CUDA_VISIBLE_DEVICES to the assigned GPU: it is cuda:0 inside the actor.
+    for asked in (None, "auto", "cuda", "cuda:0"):
+        assert actor_device(asked, [3], "3") == "cuda:0"
+    assert actor_device("cuda:1", [2, 5], "2,5") == "cuda:1"
+    assert actor_device(None, ["5"], "0,5") == "cuda:1"  # numbered as the process sees it
+    assert actor_device(None, [5], None) == "cuda:5"  # Ray left CUDA_VISIBLE_DEVICES alone
+    assert actor_device("cpu", [3], "3") == "cpu"
+    # No GPU from Ray: the CPU, never GPU 0 of the node behind Ray's back.
+    assert actor_device(None, [], None) == actor_device("auto", [], "0,1") == "cpu"
+    for asked in ("cuda", "cuda:0", "cuda:1"):
+        with pytest.raises(ValueError, match="no GPU: pass num_gpus_per_actor=1"):
+            actor_device(asked, [], "0,1")
+    with pytest.raises(ValueError, match="gave this encoder actor 1 GPU"):
+        actor_device("cuda:1", [3], "3")
+    with pytest.raises(ValueError, match="device must be"):
+        actor_device("tpu", [3], "3")
+
+
+def test_actor_cpus_and_loader_processes():
+    from dedup_index.distributed.embed import actor_cpus
+
+    # CPU actors: the model runs on the actor's CPUs; no loader processes unless asked.
+    assert actor_cpus(0, None, None, 16, 4) == (1, 0)
+    assert actor_cpus(0, 3, 2, 16, 4) == (3, 2)
+    # GPU actors: the cluster's CPUs (one kept for Ray) decode for the GPUs.
+    assert actor_cpus(1, None, None, 33, 4) == (8, 7)
+    assert actor_cpus(1, None, None, 2, 1) == (1, 0)
+    assert actor_cpus(1, None, None, 200, 1) == (17, 16)
+    assert actor_cpus(1, 4, 2, 200, 1) == (4, 2)
+
+
+def test_device_and_gpu_options_are_refused_before_ray_starts(tiny_clip, tmp_path):
+    from dedup_index import ImageDeduplicateFilter
+    from dedup_index.distributed import embed_table
+
+    def embed(**kw):
+        return embed_table(["a.jpg"], tmp_path / "e", model_name=tiny_clip, **kw)
+
+    with pytest.raises(ValueError, match="needs GPUs for the actors"):
+        embed(device="cuda", num_gpus_per_actor=0)
+    with pytest.raises(ValueError, match=r"each actor has 1 GPU\(s\)"):
+        embed(device="cuda:1", num_gpus_per_actor=1)
+    with pytest.raises(ValueError, match="device must be"):
+        embed(device="quantum")
+    with pytest.raises(ValueError, match="num_gpus_per_actor must be"):
+        embed(num_gpus_per_actor=-1)
+    with pytest.raises(ValueError, match="num_workers must be"):
+        embed(num_workers=-1)
+    with pytest.raises(ValueError, match="needs GPUs for the actors"):
+        ImageDeduplicateFilter(tiny_clip, ray=True, device="cuda", ray_gpus_per_actor=0)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_actors_with_loader_processes_embed_the_bits_of_embed_images(
+    cluster, tmp_path, tiny_clip, photo_values
+):
+    """Encoder actors decode with the shared pipeline's worker processes: the same bits
+    as :func:`embed_images` in one process; the operator's Ray path loads no model on the
+    driver and passes ``device``/``ray_gpus_per_actor`` through (a GPU asked of a cluster
+    without one is an error at once, not a hang)."""
+    from dedup_index import ImageDeduplicateFilter
+    from dedup_index.distributed import embed_table
+    from dedup_index.encode import load_encoder
+    from dedup_index.encode.pipeline import embed_images
+
+    folder, values = photo_values
+    ref = embed_images(
+        values,
+        load_encoder(tiny_clip, device="cpu", batch_size=4),
+        image_root=folder,
+        num_workers=0,
+    )
+    summary = embed_table(
+        values,
+        tmp_path / "embed",
+        model_name=tiny_clip,
+        batch_size=4,
+        image_root=folder,
+        shard_rows=10,
+        concurrency=1,
+        num_workers=2,
+        num_gpus_per_actor=None,
+    )
+    assert summary.rows.tolist() == ref.positions
+    assert [r for r, _ in summary.failures] == [r for r, _ in ref.failures]
+    with EmbeddingStore.open(summary.store_path) as store:
+        assert np.array_equal(store[:], as_unit_float32(ref.embeddings))
+
+    filt = ImageDeduplicateFilter(
+        tiny_clip,
+        COPY_THRESHOLD,
+        image_root=folder,
+        ray=True,
+        device="cuda",
+        ray_gpus_per_actor=1,
+    )
+    assert filt.encoder is None  # nothing loaded on the driver
+    with pytest.raises(ValueError, match="has 0 GPU"):
+        filt.run(MemoryStorage(pd.DataFrame({"image": values})))

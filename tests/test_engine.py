@@ -76,6 +76,7 @@ def check_all(E: np.ndarray, threshold: float) -> None:
         ((3, 64), None),
         (64, None),
         ((3, 7), "torch"),
+        ((8, 16), "torch"),
         (64, "torch"),
     ):
         pairs, near, earlier = blocked_search(unit, threshold, tile=tile, engine=engine)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dedup_index import dedup_embeddings
 from dedup_index.index import DedupIndex, IndexCorruptError
@@ -171,7 +173,7 @@ def test_killed_mid_add_or_compact_leaves_the_previous_version(tmp_path, action,
         assert np.array_equal(index.decisions()["keep"], expected.keep)
         assert index.pairs().equals(expected.pairs)
     manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
-    listed = {e["file"] for e in manifest["rows"]} | {e["keys"] for e in manifest["rows"]}
+    listed = {e[f] for e in manifest["rows"] for f in ("file", "keys", "blocks") if e.get(f)}
     on_disk = {f"rows/{p.name}" for p in (tmp_path / "i" / "rows").iterdir()}
     retired = {f for r in manifest["retired"] for f in r["files"]}
     assert on_disk <= listed | retired  # what the killed writer left was cleaned up
@@ -373,3 +375,99 @@ def test_a_version_1_index_is_read_and_upgraded_by_its_next_commit(tmp_path):
     assert not (root / "embeddings").exists()
     with DedupIndex.open(root) as reader:
         assert reader.keys()[:-1] == keys
+
+
+def _batches(draw_seed: int, n: int, d: int):
+    """Rows with planted near-copies (some across the base/batch boundary)."""
+    rng = np.random.default_rng(draw_seed)
+    base = rng.standard_normal((n, d))
+    k = n // 4
+    copies = base[rng.choice(n, k)] + rng.uniform(0.001, 0.3) * rng.standard_normal((k, d))
+    E = np.concatenate([base, copies])[rng.permutation(n + k)]
+    return (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bulk_ivf_add_finds_the_batch_pairs_in_the_list_products(tmp_path, monkeypatch, seed):
+    """A bulk add on an IVF index finds the batch's own pairs through the per-list
+    products of its cross search (``AnnIndex.search_batch``), not a separate clustering.
+    With every list probed that is exhaustive: decisions, pairs (same bits) and the new
+    rows' max_similarity equal one-shot exact dedup of everything; and the FAISS segment
+    the add writes is the one the search built (it holds exactly the batch)."""
+    from dedup_index.index import core
+    from dedup_index.index.ann import AnnIndex
+
+    monkeypatch.setattr(core, "ANN_BULK_ROWS", 100)  # a bulk add at test size
+    calls = []
+    real = AnnIndex.search_batch
+
+    def counted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(AnnIndex, "search_batch", counted)
+    E = _batches(seed, 500, 16)
+    threshold = 0.9
+    options = {"nlist": 6, "nprobe": 64, "tail_rows": 16, "balance": False}
+    path = tmp_path / "i"
+    with DedupIndex.create(path, 16, threshold, backend="ivf", backend_options=options) as ix:
+        ix.add(E[:90])  # below ANN_BULK_ROWS: exact (blocked); becomes the first segment
+        ix.add(E[90:])  # 535 rows: through search_batch
+        assert calls == [True]
+        stats = ix.stats()
+        assert stats["ann_segments"] == 2 and stats["ann_tail_rows"] == 0
+        assert ix._view.ann.segments[1].index.ntotal == len(E) - 90
+        got, keep, near = ix.pairs(), ix.decisions()["keep"], ix.max_similarity(ix.keys())
+    ref = dedup_embeddings(E, threshold, backend="dense", normalize=False)
+    assert got.equals(ref.pairs)
+    assert np.array_equal(keep, ref.keep)
+    # The new rows' nearest is exact (each one's near-best entries in every list); an old
+    # row's is credited from the new rows' candidates only, a lower bound as before.
+    assert np.array_equal(near[90:], ref.max_similarity[90:])
+    assert np.all(near <= ref.max_similarity)
+
+
+def test_bulk_ivf_add_recall_when_not_exhaustive(tmp_path, monkeypatch):
+    """With a few lists probed of many, the batch's own pairs are found about as well as
+    its pairs with the old rows (both sides of a pair probe), every score exact."""
+    from dedup_index.index import core
+
+    monkeypatch.setattr(core, "ANN_BULK_ROWS", 100)
+    E = _batches(7, 4000, 32)
+    threshold = 0.9
+    options = {"nlist": 40, "nprobe": 4, "tail_rows": 16}
+    path = tmp_path / "i"
+    with DedupIndex.create(path, 32, threshold, backend="ivf", backend_options=options) as ix:
+        ix.add(E[:3000])
+        ix.add(E[3000:])
+        got = ix.pairs()
+    ref = dedup_embeddings(E, threshold, backend="dense", normalize=False).pairs
+    want = set(zip(ref.i.tolist(), ref.j.tolist(), strict=True))
+    found = dict(zip(zip(got.i.tolist(), got.j.tolist(), strict=True), got.s.tolist(), strict=True))
+    assert set(found) <= want  # precision 1 ...
+    exact = dict(zip(zip(ref.i.tolist(), ref.j.tolist(), strict=True), ref.s.tolist(), strict=True))
+    assert all(found[p] == exact[p] for p in found)  # ... and canonical scores
+    batch = {p for p in want if p[0] >= 3000}
+    assert len(batch) > 50
+    assert len(batch & set(found)) / len(batch) >= 0.95
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(1, 40), n=st.integers(1, 300))
+def test_cross_search_base_floor_skips_only_what_cannot_rise(seed, m, n):
+    """``cross_search(base_floor=f)``: a base row's best is the exact one wherever that
+    beats its floor, and otherwise at most its floor (-inf: nothing gathered)."""
+    from dedup_index.search.cross import cross_search
+
+    E = _batches(seed, m + n, 8)[: m + n]
+    q, base = E[:m], E[m:]
+    rng = np.random.default_rng(seed)
+    floor = rng.uniform(0.0, 1.0, base.shape[0])
+    full = cross_search(q, base, 0.9)
+    cut = cross_search(q, base, 0.9, base_floor=floor)
+    rises = full.base_best > floor
+    assert np.array_equal(cut.base_best[rises], full.base_best[rises])
+    assert np.all(cut.base_best[~rises] <= floor[~rises])
+    assert np.array_equal(cut.query_best, full.query_best)
+    assert set(zip(cut.q, cut.b, strict=True)) == set(zip(full.q, full.b, strict=True))

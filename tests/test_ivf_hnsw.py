@@ -202,3 +202,43 @@ def test_safe_range_block_follows_efsearch():
     index.hnsw.efSearch = 640
     assert wide // 11 <= safe_range_block(index) <= wide // 9
     assert safe_range_block(index) >= 1
+
+
+_QUIET_CODE = """
+import numpy as np
+from dedup_index import dedup_embeddings
+from dedup_index.index import DedupIndex
+from dedup_index.search import as_unit_float32
+from dedup_index.search.partitioned import partitioned_search
+
+rng = np.random.default_rng(0)
+centres = rng.standard_normal((400, {d}))
+rows = centres[rng.integers(0, 400, {n})] + 0.6 * rng.standard_normal(({n}, {d}))
+unit = as_unit_float32(rows)
+path = {path!r}
+if path == "partitioned":
+    partitioned_search(unit, 0.9, threads=1)
+elif path in ("ivf", "hnsw"):
+    dedup_embeddings(unit, 0.9, backend=path, normalize=False, score="pairs", threads=1)
+else:  # the persistent index: a bulk add, a small add, a compaction
+    index = DedupIndex.create(path, {d}, 0.9, backend="ivf")
+    index.add(unit[:-300])
+    index.add(unit[-300:])
+    index.compact(retain_seconds=0)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("path", ["partitioned", "ivf", "hnsw", "index"])
+def test_no_faiss_warning_reaches_stderr(path, tmp_path):
+    """FAISS prints from C++ straight to file descriptor 2 ("WARNING clustering N points
+    to K centroids: please provide at least M training points"): a child process's whole
+    stderr must hold none of it, at a size where the partitioned k-means used to sample
+    only 20 rows a centroid (above ~16k rows)."""
+    where = str(tmp_path / "idx") if path == "index" else path
+    n, d = (20_500, 16) if path != "hnsw" else (4000, 16)
+    code = _QUIET_CODE.format(n=n, d=d, path=where)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+    assert "WARNING" not in done.stderr and "please provide" not in done.stderr, done.stderr

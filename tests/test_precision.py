@@ -202,12 +202,15 @@ def test_blocked_is_bit_identical_in_every_precision(seed, d):
     oracle = dense_search_all(E, THRESHOLD, nearest=True)
     ref = blocked_search(E, THRESHOLD, precision="fp32", tile=(64, 192), threads=2)
     _same(ref, oracle)
+    if HAS_TORCH:
+        _same(blocked_search(E, THRESHOLD, precision="fp32", engine="torch", tile=(32, 40)), ref)
     for name in LOW:
         _same(blocked_search(E, THRESHOLD, precision=name, tile=(64, 192), threads=2), ref)
         _same(blocked_search(E, THRESHOLD, precision=name, threads=1), ref)  # one tile
-        if HAS_TORCH:
-            got = blocked_search(E, THRESHOLD, precision=name, engine="torch", tile=96)
-            _same(got, ref)
+        if HAS_TORCH:  # the GPU tile loop, on the CPU: three tilings
+            for tile in (96, (64, 192), (32, 40)):
+                got = blocked_search(E, THRESHOLD, precision=name, engine="torch", tile=tile)
+                _same(got, ref)
 
 
 @SETTINGS
@@ -316,3 +319,41 @@ def test_cuda_tiles_are_bit_identical_to_the_cpu(name):
     res = dedup_embeddings(E, THRESHOLD, backend="blocked", device="cuda", precision=name)
     assert res.pairs.equals(ref[0]) and np.array_equal(res.max_similarity, ref[1])
     assert res.info["precision"]["device"].startswith("cuda")
+
+
+@SETTINGS
+@given(seed=SEEDS)
+def test_tighten_first_cut_keeps_every_canonical_maximum(seed):
+    """The first cut of ``tiles.tighten`` (values known to be within ``B`` of the
+    canonical score): any low-precision values within the bound, adversarially placed
+    (the true maximum pushed down by ``B``, its rivals pushed up), leave each row's
+    canonical maximum among the entries kept."""
+    from dedup_index.search.canonical import canonical_scores
+    from dedup_index.search.tiles import tighten
+
+    rng = np.random.default_rng(seed)
+    d = 48
+    arith = prec.Arithmetic("bf16", "onednn", "cpu", d, output_unit=2.0**-8)
+    window = np.float32(arith.window)
+    bound = arith.bound
+    rows_e, partners = [], []
+    base = _unit64(rng.standard_normal((40, d)))
+    others = []
+    for r, b in enumerate(base):  # each row: 30 partners crowding within the window
+        for cos in 0.9 + rng.uniform(-window, window, 30):
+            others.append(_at_cosine(rng, b, min(1.0, cos)))
+            rows_e.append(r)
+    E = as_unit_float32(np.concatenate([base, np.array(others)]))
+    rows = np.array(rows_e, dtype=np.int64)
+    partners = np.arange(40, E.shape[0], dtype=np.int64)
+    exact = canonical_scores(E, rows, partners)
+    best = np.full(40, -np.inf)
+    np.maximum.at(best, rows, exact)
+    is_max = exact == best[rows]
+    push = np.where(is_max, -bound, bound) * rng.uniform(0.5, 1.0, rows.size)
+    values = (exact + push).astype(np.float32)
+    got_r, got_p = tighten(E, rows, partners, values, window=window)
+    kept = np.full(40, -np.inf)
+    np.maximum.at(kept, got_r, canonical_scores(E, got_r, got_p))
+    assert np.array_equal(kept, best)
+    assert got_r.size < rows.size  # and the cut did cut

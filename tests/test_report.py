@@ -467,8 +467,13 @@ def test_thumbnails_are_capped_and_the_page_says_so(photo_rows, photo_result, tm
     result = photo_result
     n_groups = len(duplicate_groups(result))
     out = write_report(
-        tmp_path / "r.html", result=result, keys=keys, values=values, image_root=folder,
-        max_thumbnails=1, thumb_px=32,
+        tmp_path / "r.html",
+        result=result,
+        keys=keys,
+        values=values,
+        image_root=folder,
+        max_thumbnails=1,
+        thumb_px=32,
     )
     html = out.read_text(encoding="utf-8")
     data = embedded_data(html)
@@ -500,3 +505,90 @@ def test_import_report_does_not_import_torch():
     )
     done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
+
+
+# ---------------------------------------------------------------------------------------
+# verification: the candidates it rejected and the pairs it confirmed, with the evidence
+
+
+def test_report_shows_rejected_and_verified_candidates(encoder, tmp_path):
+    """Real tiles and edited copies, the tiny real CLIP at threshold 0 (every pair is a
+    candidate), real verification; one file is gone before verification (not verifiable)
+    and one has markup in its name (escaped, never a tag)."""
+    pytest.importorskip("cv2")
+    from test_verify import EDITS
+
+    from dedup_index.report.verification import verification_section
+    from dedup_index.verify import verify_result
+
+    img = photo("astronaut", max_side=512)
+    h, w = img.height // 2, img.width // 2
+    a, b = img.crop((0, 0, w, h)), img.crop((w, h, 2 * w, 2 * h))
+    evil = "b <img src=x onerror=alert(1)>.png"
+    files = {
+        "a.png": a,
+        "b.png": b,
+        "a_hflip.png": EDITS["hflip"](a),
+        evil: EDITS["caption"](b),
+        "gone.png": EDITS["blur"](a),
+    }
+    for name, im in files.items():
+        im.save(tmp_path / name)
+    keys = list(files)
+    result = dedup_embeddings(encoder.encode(list(files.values())), 0.0, backend="blocked")
+    (tmp_path / "gone.png").unlink()
+    result = verify_result(result, keys, image_root=tmp_path, num_workers=0)
+    v = result.info["verification"]
+    assert v.counts["candidates"] == 10 and v.counts["verified"] == 2
+    assert v.counts["unverifiable"] == 4 and v.counts["rejected"] == 4
+
+    out = write_report(
+        tmp_path / "report.html",
+        result=result,
+        keys=keys,
+        values=keys,
+        image_root=tmp_path,
+        rows=[10, 11, 12, 13, 14],
+    )
+    html = out.read_text(encoding="utf-8")
+    assert_offline(html)
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    part = section(html, "verification")
+    text = text_of(part)
+    assert "Candidates verification did not confirm (8)" in text
+    assert "Verified pairs (2)" in text
+    rows = re.findall(r"<tr>(<td.*?)</tr>", part, re.S)
+    assert len(rows) == 10  # every candidate listed: under the cap
+    rejected = [r for r in rows if "<td>rejected</td>" in r]
+    assert len(rejected) == 4 and all("RANSAC inliers" in r for r in rejected)
+    gone = [r for r in rows if "gone.png" in r]
+    assert len(gone) == 4 and all("not verifiable: load_error" in r for r in gone)
+    verified = [r for r in rows if "a_hflip.png" in r and "a.png" in r]
+    assert len(verified) == 1 and "(mirrored)" in verified[0]
+    assert "row 12" in verified[0]  # input row numbers, not result rows
+    # similarity, hash distance, inliers and matches of each listed pair are shown
+    frame = v.to_frame()
+    k = int(np.flatnonzero((frame.i == 0) & (frame.j == 2))[0])  # a, a_hflip
+    cells = re.findall(r'<td class="num[^"]*">([^<]*)</td>', verified[0])
+    assert cells[1:] == [
+        str(frame.hash_distance[k]) if frame.hash_distance[k] >= 0 else "—",
+        str(frame.inliers[k]) if frame.inliers[k] >= 0 else "—",
+        str(frame.matches[k]) if frame.matches[k] >= 0 else "—",
+    ]
+    assert float(cells[0]) == pytest.approx(min(frame.similarity[k], 1.0), abs=1e-4)
+    # both images of a pair have a thumbnail, except the file that is gone
+    thumbs = re.findall(r'<img src="data:image/jpeg;base64,', part)
+    assert len(thumbs) == 2 * 10 - 4 and part.count("no thumbnail") == 4
+
+    # capped, with a count of the rest; no thumbnails without image values
+    capped = verification_section(v, keys, listed=3)
+    assert "The first 3 are listed; 5 more are not." in capped
+    assert "data:image" not in capped and "no thumbnail" not in capped
+
+
+def test_report_without_verification_has_no_verification_section(
+    photo_result, photo_rows, tmp_path
+):
+    _, keys, _, _, _ = photo_rows
+    html = write_report(tmp_path / "r.html", result=photo_result, keys=keys).read_text()
+    assert '<section id="verification">' not in html

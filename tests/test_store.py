@@ -82,7 +82,7 @@ def test_appends_across_shards_reopen_and_read(tmp_path):
     assert store.dim == DIM and store.dtype == np.float32
     assert store.storage_dtype == np.float32 and store.meta == {"model": "m"}
     assert store.keys() is None and store.key_index() == {} and store.has_keys is False
-    assert sorted(p.name for p in path.glob("shard-*.npy")) == [shard_name(k) for k in range(4)]
+    assert sorted(p.name for p in path.glob("shard-*")) == [shard_name(k) for k in range(4)]
     arr = store.to_array()
     assert arr.dtype == np.float32 and arr.flags.c_contiguous
     assert np.array_equal(arr, expected)
@@ -93,8 +93,10 @@ def test_appends_across_shards_reopen_and_read(tmp_path):
     assert [b for b, _ in blocks] == list(range(3, 26, 4))
     assert np.array_equal(np.concatenate([x for _, x in blocks]), expected[3:26])
     assert store.nbytes_on_disk > 0
-    # Each shard file is an ordinary .npy of fixed capacity.
-    assert np.load(path / shard_name(0)).shape == (7, DIM)
+    # Each shard file holds exactly its rows, raw: full shards 7 rows, the last one 7 too.
+    raw = np.fromfile(path / shard_name(0), dtype=np.float32).reshape(-1, DIM)
+    assert raw.shape == (7, DIM) and np.array_equal(raw, expected[:7])
+    assert [(path / shard_name(k)).stat().st_size for k in range(4)] == [7 * DIM * 4] * 4
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store[0]
@@ -267,11 +269,11 @@ def test_damaged_store_errors(tmp_path):
     for p in (a, b, c, d):
         _store_with_shards(p)
     (a / shard_name(1)).unlink()
-    with pytest.raises(StoreError, match=r"shard-00001\.npy is missing"):
+    with pytest.raises(StoreError, match=r"shard-00001\.bin is missing"):
         EmbeddingStore.open(a)
     with open(b / shard_name(2), "r+b") as f:
-        f.truncate(200)
-    with pytest.raises(StoreError, match=r"shard-00002\.npy is truncated"):
+        f.truncate(20)
+    with pytest.raises(StoreError, match=r"shard-00002\.bin is truncated"):
         EmbeddingStore.open(b)
     (c / MANIFEST).write_text('{"format": "dedup_index.Embed')
     with pytest.raises(StoreError, match=r"manifest .*manifest\.json is corrupt"):
@@ -281,7 +283,7 @@ def test_damaged_store_errors(tmp_path):
     (d / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(StoreError, match="version 99"):
         EmbeddingStore.open(d)
-    m["version"], m["count"] = 1, 30
+    m["version"], m["count"] = 2, 30
     (d / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(StoreError, match="corrupt"):
         EmbeddingStore.open(d)

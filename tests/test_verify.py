@@ -115,6 +115,40 @@ def test_other_tiles_of_one_photo_are_rejected(tiles):
     assert len(v.pairs) == 0
 
 
+def test_tiles_of_four_photos_are_all_rejected():
+    """The hard negatives of the issue: the four quarters of each of four photos, every
+    one of the 120 pairs a candidate, none verified (same concept, different pixels)."""
+    quarters = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = photo(name, max_side=512)
+        h, w = img.height // 2, img.width // 2
+        quarters += [
+            img.crop((x * w, y * h, (x + 1) * w, (y + 1) * h)) for y in (0, 1) for x in (0, 1)
+        ]
+    v = verify_pairs(_all_pairs(len(quarters)), quarters, num_workers=2)
+    frame = v.to_frame()
+    assert len(v) == 120 and not v.verified.any(), frame[frame.verified].to_string()
+    assert set(v.how) == {"rejected"}
+
+
+def test_small_images_are_upscaled_and_large_ones_downscaled(tiles):
+    """A 48 px thumbnail of a crop, a 2000 px enlargement and a 60 px mirrored thumbnail
+    of one tile: features come from images of the same working size, and all three pairs
+    verify by geometry (the hash is turned off)."""
+    opts = GeometricOptions()
+    tile = tiles[0]
+    values = [
+        EDITS["crop30"](tile).resize((48, 48), Image.LANCZOS),
+        tile.resize((2000, 2000), Image.BICUBIC),
+        ImageOps.mirror(tile.resize((60, 60), Image.LANCZOS)),
+    ]
+    for im in values:
+        assert extract_features(im, opts).width == opts.side  # square: the longer side
+    v = verify_pairs(_all_pairs(3), values, num_workers=0, hash_max_distance=-1)
+    assert v.verified.all() and set(v.how) == {"geometry"}, v.to_frame().to_string()
+    assert v.mirrored[1] and v.mirrored[2] and not v.mirrored[0]
+
+
 def test_the_hash_settles_exact_copies_without_features(tiles):
     values = [tiles[0], tiles[0].copy(), _jpeg(tiles[0], 90)]
     v = verify_pairs(_all_pairs(3), values, num_workers=0)
@@ -206,6 +240,31 @@ def test_operator_decides_on_verified_pairs(encoder, tiles):
     assert evidence.counts["candidates"] == 10 and evidence.counts["verified"] == 4
 
 
+def test_verify_none_is_todays_behaviour(encoder, tiles):
+    from dedup_index.operator.filter import ImageDeduplicateFilter
+
+    rows = [tiles[0], EDITS["hflip"](tiles[0]), tiles[1], EDITS["blur"](tiles[1])]
+    frame = pd.DataFrame({"image": rows})
+
+    class Storage:
+        def read(self, output_type="dataframe"):
+            return frame
+
+        def write(self, data):
+            self.out = data
+
+    runs = []
+    for extra in ({}, {"verify": "none"}):
+        storage = Storage()
+        filt = ImageDeduplicateFilter(threshold=0.97, encoder=encoder, **extra)
+        filt.run(storage)
+        runs.append((storage.out, filt.last_report))
+    pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
+    assert runs[0][1].result.pairs.equals(runs[1][1].result.pairs)
+    assert "verification" not in runs[1][1].result.info
+    assert runs[1][1].threshold == 0.97
+
+
 def test_operator_refuses_unknown_verify(encoder):
     from dedup_index.operator.filter import ImageDeduplicateFilter
 
@@ -214,14 +273,16 @@ def test_operator_refuses_unknown_verify(encoder):
 
 
 def test_candidate_threshold_is_the_models_unless_given(encoder):
+    from dedup_index.encode.models import MODELS
     from dedup_index.operator.filter import ImageDeduplicateFilter
-    from dedup_index.verify import CANDIDATE_THRESHOLDS, candidate_threshold
+    from dedup_index.verify import candidate_threshold
 
-    assert (
-        candidate_threshold("efficientnet-lite0", 0.75)[0]
-        == CANDIDATE_THRESHOLDS["efficientnet-lite0"]
-    )
+    recorded = MODELS["efficientnet-lite0"].candidate_threshold
+    assert recorded == 0.4 < MODELS["efficientnet-lite0"].threshold
+    assert candidate_threshold("efficientnet-lite0", 0.75)[0] == recorded
+    assert candidate_threshold("/models/efficientnet-lite0/", 0.75)[0] == recorded  # a folder
     assert candidate_threshold("some/other-model", 0.9)[0] == 0.9
+    assert candidate_threshold("openai/clip-vit-base-patch32", 0.9)[0] == 0.9  # not measured
     given = ImageDeduplicateFilter(threshold=0.8, encoder=encoder, verify="geometric")
     assert given.threshold == 0.8 and given.threshold_source == "given"
 
@@ -236,10 +297,17 @@ def test_cli_run_verify_writes_the_evidence(tiny_clip, tiles, tmp_path, capsys):
     tiles[1].save(folder / "b.png")
     pairs = tmp_path / "pairs.parquet"
     argv = ["run", str(folder), "--model", tiny_clip, "--threshold", "0", "--workers", "0"]
-    code = main([*argv, "--verify", "geometric", "--pairs", str(pairs), "--no-progress"])
+    report = tmp_path / "report.html"
+    code = main(
+        [*argv, "--verify", "geometric", "--pairs", str(pairs), "--no-progress"]
+        + ["--report", str(report)]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "3 rows in, 2 kept, 1 removed" in out
+    html = report.read_text(encoding="utf-8")  # what verification removed, with evidence
+    assert "Candidates verification did not confirm (2)" in html
+    assert "Verified pairs (1)" in html and html.count("data:image/jpeg;base64,") >= 6
     verified = pd.read_parquet(pairs)
     assert verified[["key_i", "key_j"]].values.tolist() == [["a.png", "a_mirror.png"]]
     assert {"similarity", "hash_distance", "inliers", "how", "mirrored"} <= set(verified)
@@ -282,3 +350,81 @@ def test_hashes_and_features_are_cached_with_the_embeddings(encoder, tiles, tmp_
     assert len(list((cache / "verify").rglob("*.sift.npz"))) == 3
     first, second = (r.result.info["verification"].to_frame() for _, r in runs)
     pd.testing.assert_frame_equal(first, second)
+
+
+@pytest.mark.slow
+def test_ray_path_verifies_like_one_machine(tiny_clip, encoder, tiles, tmp_path):
+    """``ImageDeduplicateFilter(ray=True, verify="geometric")`` and ``dedup-index run --ray
+    ADDRESS --verify geometric`` (a child process joining the cluster) keep, remove and
+    give the evidence one machine does.  Slow: a local Ray cluster and its actors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray")
+    from dedup_index.operator.filter import ImageDeduplicateFilter
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    a, b = tiles
+    images = {
+        "a.png": a,
+        "b.png": b,
+        "a_hflip.png": EDITS["hflip"](a),
+        "b_caption.png": EDITS["caption"](b),
+        "a_crop.png": EDITS["crop30"](a),
+    }
+    for name, im in images.items():
+        im.save(folder / name)
+    values = [*images, "missing.png"]
+
+    class Table:
+        def read(self, output_type="dataframe"):
+            return pd.DataFrame({"image": values, "n": range(len(values))})
+
+        def write(self, frame):
+            self.out = frame
+
+    options = {"threshold": 0.0, "image_root": folder, "verify": "geometric", "num_workers": 0}
+    local, on_ray = Table(), Table()
+    one = ImageDeduplicateFilter(tiny_clip, encoder=encoder, **options)
+    one.run(local)
+    assert local.out["image"].tolist() == ["a.png", "b.png"]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        filt = ImageDeduplicateFilter(tiny_clip, batch_size=4, ray=True, **options)
+        filt.run(on_ray)
+        assert filt.last_report.result.backend == "ray"
+        assert on_ray.out["image"].tolist() == local.out["image"].tolist()
+        got, want = filt.last_report.rejects, one.last_report.rejects
+        for column in ("n", "reject_reason", "duplicate_of_row"):
+            assert got[column].tolist() == want[column].tolist()
+        evidence = [
+            r.result.info["verification"].to_frame() for r in (one.last_report, filt.last_report)
+        ]
+        columns = ["i", "j", "hash_distance", "inliers", "matches", "verified", "how"]
+        pd.testing.assert_frame_equal(evidence[0][columns], evidence[1][columns])
+
+        listing = tmp_path / "list.txt"
+        listing.write_text("\n".join(values) + "\n")
+        address = ray.get_runtime_context().gcs_address
+        script = str(Path(sys.executable).with_name("dedup-index"))
+        cmd = [script, "run", str(listing), "--image-root", str(folder), "--model", tiny_clip]
+        cmd += ["--threshold", "0", "--ray", address, "--no-progress", "--verify", "geometric"]
+        cmd += ["--out", str(tmp_path / "kept.jsonl"), "--pairs", str(tmp_path / "p.parquet")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        kept = pd.read_json(tmp_path / "kept.jsonl", lines=True)
+        assert kept["image"].tolist() == local.out["image"].tolist()
+        pairs = pd.read_parquet(tmp_path / "p.parquet")
+        assert sorted(map(tuple, pairs[["key_i", "key_j"]].values.tolist())) == [
+            ("a.png", "a_crop.png"),
+            ("a.png", "a_hflip.png"),
+            ("a_hflip.png", "a_crop.png"),
+            ("b.png", "b_caption.png"),
+        ]
+    finally:
+        if started:
+            ray.shutdown()

@@ -69,7 +69,9 @@ def add_parser(sub: Any, parents: list) -> None:
     )
     p.add_argument("--report", default=None, help="HTML report: the table and the P/R curves")
     p.add_argument("--device", default=None, help="cpu, cuda... (default: cuda if any)")
-    p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on the CPU"
+    )
     p.add_argument("--workers", type=int, default=None, help="decode/verify processes")
     p.set_defaults(func=command)
 

@@ -112,6 +112,15 @@ def add_parser(sub: Any, parents: list) -> None:
         "(default: blocked)",
     )
     p.add_argument("--device", default=None, help="device to load --model on (default: auto)")
+    p.add_argument(
+        "--verify",
+        choices=("none", "geometric"),
+        default="none",
+        help="geometric: a verifying index, storing only pairs confirmed as copies "
+        "(perceptual hash, else SIFT + RANSAC, against the indexed images loaded again "
+        "from their paths); --threshold then defaults to the model's candidate threshold "
+        f"({_candidate_help()}) (default: none)",
+    )
     p.set_defaults(func=create)
 
     for name, helptext, example, func in (
@@ -143,7 +152,9 @@ def add_parser(sub: Any, parents: list) -> None:
             "--model", default=None, help="image model (default: the one the index records)"
         )
         p.add_argument("--device", default=None, help="cpu, cuda... (default: auto)")
-        p.add_argument("--batch-size", type=int, default=32, help="default: 32")
+        p.add_argument(
+            "--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on the CPU"
+        )
         p.add_argument(
             "--out",
             default=None,
@@ -155,11 +166,29 @@ def add_parser(sub: Any, parents: list) -> None:
                 action="store_true",
                 help="leave out keys already in the index (default: refuse them)",
             )
+            p.add_argument(
+                "--verify",
+                choices=("none", "geometric"),
+                default=None,
+                help="geometric: keep only candidate pairs confirmed as copies; indexed "
+                "images are loaded again from their keys under --image-root (or this "
+                "folder), and pairs with one that is gone count as not verified (default: "
+                "what the index records; an empty index takes this add's)",
+            )
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=None,
+                help="with --verify: processes that decode and extract features "
+                "(default: min(CPUs - 1, 4); 0: in this process)",
+            )
         p.set_defaults(func=func)
 
     p = action(
         "stats",
-        "print the index's counts and settings as JSON",
+        "print the index's counts and settings as JSON, after checking its keys, pairs "
+        "and state files against their SHA-256 (rows are checked when read, and by "
+        "'index verify')",
         "  dedup-index index stats my.index\n",
     )
     p.set_defaults(func=stats)
@@ -178,6 +207,12 @@ def add_parser(sub: Any, parents: list) -> None:
         "  dedup-index index verify my.index\n",
     )
     p.set_defaults(func=verify_files)
+
+
+def _candidate_help() -> str:
+    from .run import candidate_help
+
+    return candidate_help()
 
 
 def compact(args: argparse.Namespace) -> int:
@@ -209,9 +244,11 @@ def create(args: argparse.Namespace) -> int:
     dim = args.dim
     threshold = args.threshold
     if threshold is None:
-        from ..encode.models import recommended_threshold
+        from ..encode.models import candidate_threshold, recommended_threshold
 
         threshold = recommended_threshold(args.model)[0]
+        if args.verify != "none":  # candidates for verification: the model's own cut
+            threshold = candidate_threshold(args.model, threshold)[0]
     if dim is None:  # the model says (loading it also proves it can be loaded)
         dim = _encoder(args.model, args.device, 1).dim
     with usage_errors():
@@ -223,6 +260,7 @@ def create(args: argparse.Namespace) -> int:
             backend=args.backend,
             model_name=None if args.model is None else model_identity(args.model),
             precision=args.precision,
+            verify=args.verify,
         )
     with index:
         print(json.dumps(index.stats()))
@@ -233,12 +271,23 @@ def add(args: argparse.Namespace) -> int:
     from ..index import IndexError_
 
     check_outputs([args.input, args.path], {"--out": args.out})
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be an integer >= 0, got {args.workers}")
     on_duplicate_key = "skip" if args.skip_existing else "error"
     index = _open(args.path, "a")
     with index, usage_errors(IndexError_):
         if _is_npy(args.input):
+            if "geometric" in (args.verify, index.verify_mode):
+                why = (
+                    f"the index at {args.path} verifies its pairs"
+                    if index.verify_mode != "none"
+                    else "--verify geometric"
+                )
+                raise UsageError(f"verification needs images, not a .npy of embeddings ({why})")
             keys, embeddings = _read_npy(args, index)
-            result = index.add(embeddings, keys, on_duplicate_key=on_duplicate_key)
+            result = index.add(
+                embeddings, keys, on_duplicate_key=on_duplicate_key, verify=args.verify
+            )
         else:
             values, root, keys = _read_images(args)
             encoder = _encoder(_model_of(args, index), args.device, args.batch_size)
@@ -250,6 +299,8 @@ def add(args: argparse.Namespace) -> int:
                 on_duplicate_key=on_duplicate_key,
                 on_error="skip",
                 batch_size=args.batch_size,
+                verify=args.verify,
+                verify_options={"num_workers": args.workers},
             )
             _report_failures(result.failures, len(values))
             if result.failures and not result.keys:
@@ -263,6 +314,8 @@ def add(args: argparse.Namespace) -> int:
     if args.out:
         _write_rows(rows, args.out)
         print(f"wrote {len(rows)} rows: {args.out}")
+    if result.verification is not None:
+        print(f"verification: {result.verification.summary()}")
     skipped = f", {len(result.skipped)} already indexed (skipped)" if result.skipped else ""
     failed = f", {len(result.failures)} failed to load" if result.failures else ""
     print(
@@ -311,8 +364,19 @@ def query(args: argparse.Namespace) -> int:
 
 
 def stats(args: argparse.Namespace) -> int:
+    """Counts and settings as JSON, after checking the small files against their SHA-256
+    (a damaged keys file, pair part or state exits 1 naming it); rows files are checked
+    block by block when read, and every file by ``index verify``."""
     with _open(args.path, "r") as index:
-        print(json.dumps(index.stats(), indent=2))
+        checked = index.verify(full=False)
+        out = index.stats()
+        out["checked"] = {
+            **checked,
+            "what": "keys, pairs, state and block-checksum files: SHA-256 verified now",
+            "rows": "row blocks are verified when read (by a query or add), and every "
+            "file by 'dedup-index index verify'",
+        }
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -331,7 +395,7 @@ def _open(path: str, mode: str):
         raise UsageError(str(exc)) from None
 
 
-def _encoder(model: str, device: str | None, batch_size: int):
+def _encoder(model: str, device: str | None, batch_size: int | None):
     from ..encode import load_encoder
 
     with usage_errors():

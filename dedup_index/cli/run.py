@@ -73,6 +73,14 @@ def _threshold_help() -> str:
     return f"{known}, else upstream's {DEFAULT_THRESHOLD:g}"
 
 
+def candidate_help() -> str:
+    """The candidate thresholds recorded beside the models, for ``--verify``'s help."""
+    from ..encode.models import MODELS
+
+    known = [m for m in MODELS.values() if m.candidate_threshold is not None]
+    return ", ".join(f"{m.name}: {m.candidate_threshold:g}" for m in known) or "none recorded"
+
+
 def add_parser(sub: Any, parents: list) -> None:
     p = sub.add_parser(
         "run",
@@ -115,7 +123,10 @@ def add_parser(sub: Any, parents: list) -> None:
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if any)")
     g.add_argument(
-        "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: 256 on CUDA, 32 on the CPU)",
     )
     g.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="search backend (default: auto)"
@@ -176,7 +187,7 @@ def add_parser(sub: Any, parents: list) -> None:
         default="none",
         help="geometric: keep only pairs confirmed as copies (perceptual hash, else SIFT + "
         "RANSAC); the search then gathers candidates at the model's candidate threshold "
-        "(efficientnet-lite0: 0.4) unless --threshold is given (default: none)",
+        f"({candidate_help()}) unless --threshold is given (default: none)",
     )
     g = p.add_argument_group("outputs (nothing is written unless asked)")
     g.add_argument(

@@ -16,6 +16,15 @@ the shard's first line (found by one scan on the driver); a folder is listed on 
 (relative paths, images loaded relative to it).  Every node must see the manifest, the
 images and ``out_dir`` at the same paths (shared storage: NFS, a mounted bucket).
 
+Inside an actor a shard goes through the one embedding path,
+:func:`~dedup_index.encode.pipeline.embed_images`, with ``num_workers`` loader processes
+decoding and preprocessing the next batches (into pinned memory on a GPU) while the
+model runs, so a GPU actor is not starved by one CPU decoding image after image.  Its
+device is the one Ray assigned (:func:`actor_device`: the first of ``ray.get_gpu_ids()``,
+as the actor's ``CUDA_VISIBLE_DEVICES`` numbers it).  An actor without a GPU never
+touches CUDA: ``device="cuda"`` with ``num_gpus_per_actor=0`` is refused up front, since
+every such actor would land on GPU 0 of its node, outside Ray's accounting.
+
 At the end the driver appends the parts in row order to an
 :class:`~dedup_index.store.EmbeddingStore` at ``out_dir/store`` (keys: the input row
 positions, as decimal strings), so row ``k`` of the store is the ``k``-th valid row and
@@ -38,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ..encode.runtime import cuda_index, is_cuda
 from ..files import atomic_write_bytes
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure
 from ..progress import progress as progress_bar
@@ -293,26 +303,78 @@ def _read_part(path: Path, job: str, start: int, stop: int) -> dict:
     return part
 
 
+def actor_device(requested: str | None, gpu_ids: Sequence[Any], visible: str | None = None) -> str:
+    """The device an encoder actor runs on: what was asked for, on what Ray assigned.
+
+    Args:
+        requested: the ``device`` given to :func:`embed_table` (None, ``"auto"``,
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"``).
+        gpu_ids: ``ray.get_gpu_ids()`` inside the actor (physical ids, ints or strings).
+        visible: the actor's ``CUDA_VISIBLE_DEVICES`` (None: not set).
+
+    With GPUs assigned: ``"cpu"`` stays ``"cpu"``; None, ``"auto"`` and ``"cuda"`` are
+    the first assigned GPU, ``"cuda:N"`` the ``N``-th assigned one, numbered as this
+    process sees them (Ray sets ``CUDA_VISIBLE_DEVICES`` to the assigned ids, so the
+    first is ``cuda:0``; where it does not, the physical id).  Without GPUs: None,
+    ``"auto"`` and ``"cpu"`` are ``"cpu"``; a CUDA device is a ``ValueError`` (the actor
+    would use GPU 0 of its node, shared with every other such actor, unseen by Ray).
+    """
+    want = "auto" if requested is None else str(requested)
+    if want not in ("auto", "cpu") and not is_cuda(want):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {requested!r}")
+    if want == "cpu":
+        return "cpu"
+    ids = [str(g).strip() for g in gpu_ids]
+    if not ids:
+        if want == "auto":
+            return "cpu"
+        raise ValueError(
+            f"device={requested!r} but Ray gave this encoder actor no GPU: pass "
+            "num_gpus_per_actor=1 (one actor per GPU) to embed on GPUs, or device='cpu'"
+        )
+    shown = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else None
+    local = []
+    for k, gid in enumerate(ids):
+        if shown is None:
+            local.append(int(gid) if gid.isdigit() else k)
+        else:
+            local.append(shown.index(gid) if gid in shown else k)
+    index = cuda_index(want) or 0
+    if index >= len(local):
+        raise ValueError(
+            f"device={requested!r} but Ray gave this encoder actor {len(local)} GPU(s): "
+            f"cuda:0 to cuda:{len(local) - 1} are its own"
+        )
+    return f"cuda:{local[index]}"
+
+
 class _EncoderActor:
-    """A Ray Data actor: loads the encoder once, then embeds whole shards to part files."""
+    """A Ray Data actor: loads the encoder once, on the device Ray assigned it, then
+    embeds whole shards to part files."""
 
     def __init__(
         self,
         *,
         model_name: str,
-        batch_size: int,
+        batch_size: int | None,
         device: str | None,
         threads: int | None,
+        num_workers: int,
         max_pixels: int | None,
         out_dir: str,
         job: str,
         source: _Source,
     ) -> None:
+        import ray
+
         from ..encode import load_encoder
 
+        device = actor_device(device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         options = {} if threads is None else {"threads": threads}
         self.encoder = load_encoder(model_name, device=device, batch_size=batch_size, **options)
-        self.batch_size = batch_size
+        # Batches are cut where one machine cuts them: at the encoder's batch size.
+        self.batch_size = self.encoder.batch_size
+        self.num_workers = num_workers
         self.max_pixels = max_pixels
         self.out_dir = Path(out_dir)
         self.job = job
@@ -353,7 +415,7 @@ class _EncoderActor:
                 piece,
                 self.encoder,
                 batch_size=self.batch_size,
-                num_workers=0,
+                num_workers=self.num_workers,
                 image_root=self.source.image_root,
                 max_pixels=self.max_pixels,
                 progress=False,
@@ -374,14 +436,15 @@ def embed_table(
     out_dir: str | os.PathLike,
     *,
     model_name: str,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     column: str = "image",
     image_root: str | os.PathLike | None = None,
     shard_rows: int = DEFAULT_SHARD_ROWS,
-    num_gpus_per_actor: float = 0,
-    cpus_per_actor: int = 1,
+    num_gpus_per_actor: float | None = 0,
+    cpus_per_actor: int | None = None,
     concurrency: int | None = None,
     device: str | None = None,
+    num_workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     address: str | None = None,
     progress: bool | None = None,
@@ -398,25 +461,42 @@ def embed_table(
         model_name: what :func:`~dedup_index.encode.load_encoder` loads on every actor (a
             CLIP directory every node sees, a hub id cached on every node, or
             ``"efficientnet-lite0"``).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: the encoder's default for the actor's
+            device (256 on a GPU, 32 on a CPU; see
+            :func:`~dedup_index.encode.runtime.default_batch_size`).
         image_root: relative image paths resolve against it (default: the folder, or the
             manifest's folder).
         shard_rows: rows per shard (unit of resumption and of work).
-        num_gpus_per_actor: GPUs per encoder actor (1: one actor per GPU, device cuda).
-        cpus_per_actor: CPUs per actor (and torch threads on a CPU actor).
+        num_gpus_per_actor: GPUs per encoder actor (1: one actor per GPU, device cuda);
+            None: 1 when the cluster has GPUs and ``device`` is not ``"cpu"``, else 0.
+            More than the cluster has is an error at once.
+        cpus_per_actor: CPUs per actor: torch threads on a CPU actor, the actor plus its
+            loader processes on a GPU actor.  None: 1 on a CPU actor; on a GPU actor the
+            cluster's CPUs shared among the actors (one kept for Ray), at most 1 + 16.
         concurrency: number of actors (default: GPUs / num_gpus_per_actor, else CPUs /
             cpus_per_actor, at most the number of shards to do).
-        device: the encoder's device (default: cuda with GPUs, else cpu).
+        device: the encoder's device: None (a GPU actor's assigned GPU, else the CPU),
+            ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (the N-th of the actor's own GPUs; see
+            :func:`actor_device`).  A CUDA device without ``num_gpus_per_actor`` is
+            refused: actors without GPUs would all share GPU 0.
+        num_workers: loader processes per actor
+            (:func:`~dedup_index.encode.pipeline.embed_images`); None: ``cpus_per_actor
+            - 1`` on a GPU actor, 0 on a CPU actor (its CPUs run the model).  Results do
+            not depend on it.
         address: the Ray cluster (see :func:`~dedup_index.distributed.connect`).
         progress: an images/s progress bar (None: when stderr is a terminal).
     """
     start_time = time.perf_counter()
     shard_rows = check_positive_int(shard_rows, "shard_rows")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    cpus_per_actor = check_positive_int(cpus_per_actor, "cpus_per_actor")
+    batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+    cpus_per_actor = check_positive_int(cpus_per_actor, "cpus_per_actor", allow_none=True)
     concurrency = check_positive_int(concurrency, "concurrency", allow_none=True)
-    if not isinstance(num_gpus_per_actor, (int, float)) or num_gpus_per_actor < 0:
-        raise ValueError(f"num_gpus_per_actor must be >= 0; got {num_gpus_per_actor!r}")
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    ):
+        raise ValueError(f"num_workers must be an int >= 0 or None; got {num_workers!r}")
+    num_gpus_per_actor = check_gpus_per_actor(num_gpus_per_actor)
+    device = check_actor_device(device, num_gpus_per_actor)
     out = Path(out_dir).resolve()
     source = _resolve_source(values_or_manifest, column, image_root, shard_rows)
     n = source.n
@@ -465,6 +545,7 @@ def embed_table(
             cpus=cpus_per_actor,
             concurrency=concurrency,
             device=device,
+            num_workers=num_workers,
             max_pixels=max_pixels,
             address=address,
             progress=progress,
@@ -497,6 +578,7 @@ def _run_actors(
     cpus,
     concurrency,
     device,
+    num_workers,
     max_pixels,
     address,
     progress,
@@ -507,6 +589,9 @@ def _run_actors(
     import ray.data
 
     gpus_here = float(ray.cluster_resources().get("GPU", 0))
+    if num_gpus is None:  # auto: a GPU per actor where there are GPUs, unless told "cpu"
+        num_gpus = 1 if gpus_here >= 1 and device != "cpu" else 0
+        check_actor_device(device, num_gpus)
     if num_gpus > 0 and gpus_here < num_gpus:
         # Ray would wait for ever for a GPU that never comes ("job may hang forever").
         raise ValueError(
@@ -518,10 +603,9 @@ def _run_actors(
             gpus = int(gpus_here)
             concurrency = max(1, int(gpus / num_gpus))
         else:
-            concurrency = max(1, cluster_cpus(ray) // cpus)
+            concurrency = max(1, cluster_cpus(ray) // (cpus or 1))
         concurrency = min(concurrency, len(todo))
-    if device is None:
-        device = "cuda" if num_gpus > 0 else "cpu"
+    cpus, num_workers = actor_cpus(num_gpus, cpus, num_workers, cluster_cpus(ray), concurrency)
     items = [
         {
             "shard": k,
@@ -556,6 +640,7 @@ def _run_actors(
             "batch_size": batch_size,
             "device": device,
             "threads": None if num_gpus > 0 else cpus,
+            "num_workers": num_workers,
             "max_pixels": max_pixels,
             "out_dir": str(out),
             "job": job,
@@ -565,11 +650,14 @@ def _run_actors(
     total = sum(b - a for _, a, b in todo)
     embedded = 0
     logger.info(
-        "embed: %d shards (%d rows) on %d actor(s), device %s",
+        "embed: %d shards (%d rows) on %d actor(s) with %g GPU(s), %d CPU(s) and %d loader "
+        "process(es) each",
         len(todo),
         total,
         concurrency,
-        device,
+        num_gpus,
+        cpus,
+        num_workers,
     )
     try:
         with progress_bar(total, "embedding", unit="img", enabled=progress) as bar:
@@ -583,6 +671,71 @@ def _run_actors(
     finally:
         ctx.enable_progress_bars = ray_bars
     return embedded
+
+
+def check_gpus_per_actor(num_gpus: Any) -> float | None:
+    """``num_gpus_per_actor`` checked: a number >= 0, or None (auto)."""
+    if num_gpus is not None and (
+        isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or not num_gpus >= 0
+    ):
+        raise ValueError(f"num_gpus_per_actor must be a number >= 0 or None; got {num_gpus!r}")
+    return num_gpus
+
+
+def check_actor_device(device: Any, num_gpus: float | None) -> str | None:
+    """``device`` for the actors, checked on the driver before anything starts (the
+    actors resolve it against Ray's assignment with :func:`actor_device`)."""
+    if device is None:
+        return None
+    text = str(device)
+    if text not in ("auto", "cpu") and not is_cuda(text):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {device!r}")
+    index = cuda_index(text)  # validates the ordinal's form
+    if is_cuda(text) and num_gpus is not None:
+        if num_gpus == 0:
+            raise ValueError(
+                f"device={text!r} needs GPUs for the actors: pass num_gpus_per_actor=1 (one "
+                "actor per GPU), or None to use the cluster's GPUs; actors without a GPU "
+                "would all run on GPU 0"
+            )
+        own = max(1, int(np.ceil(num_gpus)))
+        if index is not None and index >= own:
+            raise ValueError(
+                f"device={text!r}: each actor has {own} GPU(s) (num_gpus_per_actor="
+                f"{num_gpus:g}), cuda:0 to cuda:{own - 1} as it numbers them"
+            )
+    return text
+
+
+#: Loader processes per GPU actor at most (the encoders' CUDA default,
+#: :data:`~dedup_index.encode.pipeline.MAX_DEFAULT_WORKERS_CUDA`).
+MAX_GPU_ACTOR_WORKERS = 16
+
+
+def actor_cpus(
+    num_gpus: float,
+    cpus: int | None,
+    num_workers: int | None,
+    total_cpus: int,
+    actors: int,
+) -> tuple[int, int]:
+    """``(CPUs per actor, loader processes per actor)`` with the defaults filled in.
+
+    A CPU actor runs the model on its CPUs: 1 CPU unless told, no loader processes unless
+    told.  A GPU actor's CPUs decode for the GPU: by default the cluster's CPUs less one
+    (for Ray's own tasks) shared among the ``actors``, at most ``1 + 16``, and every CPU
+    but the actor's own runs a loader process.
+    """
+    if num_gpus > 0:
+        if cpus is None:
+            share = max(1, (total_cpus - 1) // max(1, actors))
+            cpus = min(share, 1 + MAX_GPU_ACTOR_WORKERS)
+        if num_workers is None:
+            num_workers = cpus - 1
+    else:
+        cpus = 1 if cpus is None else cpus
+        num_workers = 0 if num_workers is None else num_workers
+    return cpus, num_workers
 
 
 def _assemble(out: Path, job: str, shards, model_name: str, fingerprint: dict):

@@ -26,7 +26,7 @@ def dedup_images(
     threshold: float = 0.9,
     policy: str = "reference",
     score: str = "nearest",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     column: str = "image",
     image_root: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,

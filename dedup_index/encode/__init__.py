@@ -33,7 +33,7 @@ def load_encoder(
     model_name: str = "openai/clip-vit-base-patch32",
     *,
     device: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     **options: Any,
 ):
     """Build the encoder for ``model_name``.
@@ -43,6 +43,8 @@ def load_encoder(
     Anything else is a hub id or a local checkpoint directory of a model with
     ``get_image_features`` (CLIP, SigLIP, ...).
 
+    ``batch_size``: images per forward pass; None: 256 on CUDA, 32 on the CPU
+    (:func:`dedup_index.encode.runtime.default_batch_size`).
     ``options``: ``threads`` (torch CPU threads; default every CPU available),
     ``precision`` (``"auto"``: fp32 on the CPU, fp16 autocast on CUDA; or ``"fp32"``,
     ``"fp16"``, ``"bf16"``), ``draft_factor`` (JPEG reduced-scale decoding keeps this many

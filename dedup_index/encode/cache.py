@@ -27,6 +27,12 @@ model are meaningless here, so opening the cache with another model raises
 ``on_model_change="reset"``, moves the old cache aside to ``<path>.stale-<timestamp>``
 (nothing is deleted) with a loud WARNING and starts an empty one.
 
+Integrity comes from the store too: its shards and keys carry SHA-256 checksums per block,
+checked when first read, so a flipped byte in the cache raises :class:`CacheCorruptError`
+(naming the file, saying to delete the cache folder) instead of serving a wrong
+embedding.  A cache written before checksums existed (store format 1) gets them on the
+first run that opens it for writing (logged); its older rows are taken as they are.
+
 Durability comes from the store: every :meth:`EmbeddingCache.add` is committed (fsync,
 atomic manifest) before it returns, so a process killed mid-run keeps every batch it
 finished.  One process writes at a time: the writer holds the exclusive writer lock
@@ -52,7 +58,7 @@ from ..errors import DedupIndexError
 from ..files import WriterLock
 from ..io import DEFAULT_MAX_PIXELS
 from ..io.keys import content_key, image_path
-from ..store.embeddings import MANIFEST, EmbeddingStore
+from ..store.embeddings import MANIFEST, EmbeddingStore, StoreCorruptError
 from ..validation import check_choice
 
 logger = logging.getLogger(__name__)
@@ -60,6 +66,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CACHE_FORMAT",
     "ON_MODEL_CHANGE",
+    "CacheCorruptError",
     "CacheError",
     "CacheModelMismatchError",
     "EmbeddingCache",
@@ -82,6 +89,11 @@ class CacheError(DedupIndexError, OSError):
 
 class CacheModelMismatchError(CacheError, ValueError):
     """The cache holds embeddings of another model (or dimension) than the one in use."""
+
+
+class CacheCorruptError(CacheError, StoreCorruptError):
+    """Bytes of the cache's files changed on disk after they were written (their SHA-256
+    no longer matches): no cached embedding is served from them."""
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -275,7 +287,10 @@ class EmbeddingCache:
             rows[k] = row
         if self._store is None or not found.any():
             return found, np.zeros((0, self._dim or 0), dtype=np.float32)
-        return found, self._store[rows[found]]
+        try:
+            return found, self._store[rows[found]]
+        except StoreCorruptError as err:
+            raise self._damaged(err) from err
 
     # --------------------------------------------------------------------------- writing
 
@@ -327,7 +342,10 @@ class EmbeddingCache:
         unit = bool(np.all(np.abs(norms - 1.0) <= 1e-3))
         px = [-1 if pixels is None else int(pixels[k]) for k in take]
         keys = [f"{fingerprints[k]}{_SEP}{p}" for k, p in zip(take, px, strict=True)]
-        ids = store.append(rows, keys, normalize=not unit)
+        try:
+            ids = store.append(rows, keys, normalize=not unit)
+        except StoreCorruptError as err:
+            raise self._damaged(err) from err
         for k, row, p in zip(take, ids, px, strict=True):
             self._index[fingerprints[k]] = (int(row), p)
         return len(take)
@@ -351,6 +369,13 @@ class EmbeddingCache:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"the embedding cache at {self._path} is closed")
+
+    def _damaged(self, err: StoreCorruptError) -> CacheCorruptError:
+        return CacheCorruptError(
+            f"the embedding cache at {self._path} is damaged, so none of it is used: {err}. "
+            f"Delete the folder {self._path} and run again: nothing else is lost, the "
+            "embeddings it held are computed again and cached afresh"
+        )
 
     def _meta(self, dim: int) -> dict[str, Any]:
         return {
@@ -388,7 +413,14 @@ class EmbeddingCache:
                 self._path,
             )
         self._index = {}
-        for row, key in enumerate(store.keys() or []):
+        try:
+            keys = store.keys() or []
+        except StoreCorruptError as err:
+            store.close()
+            self._store = None
+            self._unlock()
+            raise self._damaged(err) from err
+        for row, key in enumerate(keys):
             fp, _, px = key.rpartition(_SEP)
             self._index.setdefault(fp, (row, int(px)))
 

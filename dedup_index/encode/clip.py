@@ -41,7 +41,8 @@ class CLIPEncoder(TorchImageEncoder):
     Args:
         model_name: hub id or ``save_pretrained`` directory (model + preprocessor config).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; None picks CUDA when available.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: 256 on CUDA, 32 on the CPU
+            (:func:`~dedup_index.encode.runtime.default_batch_size`).
         threads: torch intra-op threads (CPU); None: every CPU this process may use
             (or ``OMP_NUM_THREADS`` when set).
         precision: ``"auto"`` (float32 on the CPU, float16 autocast on CUDA), ``"fp32"``,
@@ -55,7 +56,7 @@ class CLIPEncoder(TorchImageEncoder):
         model_name: str = DEFAULT_MODEL,
         *,
         device: str | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         threads: int | None = None,
         precision: str = "auto",
         draft_factor: float | None = None,

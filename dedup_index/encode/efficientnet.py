@@ -74,7 +74,7 @@ class EfficientNetLiteEncoder(TorchImageEncoder):
         self,
         *,
         device: str | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         threads: int | None = None,
         precision: str = "auto",
         draft_factor: float | None = None,

@@ -34,6 +34,10 @@ class KnownModel:
     threshold: float
     evidence: str
     offline: bool = False
+    #: The embedding similarity at or above which pairs become candidates for
+    #: ``verify="geometric"`` (recall-oriented: verification removes the look-alikes);
+    #: None where not measured (the decision threshold is then used).
+    candidate_threshold: float | None = None
 
 
 MODELS = {
@@ -46,6 +50,10 @@ MODELS = {
             "recall 0.85; its false positives are other tiles of the same photo, distinct "
             "photos stay below 0.65)",
             offline=True,
+            # bench/quality.py (bench/RESULTS.md, "Copy detection: verified pairs"): cosine
+            # >= 0.4 keeps 1.000 of the true pairs of the standard set and 0.977 of the hard
+            # set; verified F1 0.974 / 0.906 at precision 0.999 / 0.996 from there.
+            candidate_threshold=0.4,
         ),
         KnownModel(
             "openai/clip-vit-base-patch32",
@@ -67,6 +75,22 @@ def recommended_threshold(model_name: str | None) -> tuple[float, str]:
     )
 
 
+def candidate_threshold(model_name: str | None, default: float) -> tuple[float, str]:
+    """``(threshold, why)``: the candidate threshold recorded for ``model_name`` (by its
+    name, or its folder's name for a local checkpoint), else ``default`` (the decision
+    threshold).  Used by ``verify="geometric"`` when no threshold is given."""
+    if model_name:
+        name = str(model_name).rstrip("/\\")
+        for key in (name, name.replace("\\", "/").rsplit("/", 1)[-1]):
+            known = MODELS.get(key)
+            if known is not None and known.candidate_threshold is not None:
+                return known.candidate_threshold, (
+                    f"candidate threshold for {key} with verify='geometric'; "
+                    "recall-oriented, measured by bench/quality.py"
+                )
+    return default, "no candidate threshold recorded for this model; the decision threshold"
+
+
 def suggest_model(name: str) -> str | None:
     """The known model name closest to a mistyped ``name``, if one is close."""
     close = difflib.get_close_matches(str(name), list(MODELS), n=1, cutoff=0.8)
@@ -78,6 +102,7 @@ __all__ = [
     "MODELS",
     "OFFLINE_MODEL",
     "KnownModel",
+    "candidate_threshold",
     "recommended_threshold",
     "suggest_model",
 ]

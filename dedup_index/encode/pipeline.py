@@ -38,7 +38,7 @@ import numpy as np
 
 from ..io import DEFAULT_MAX_PIXELS, LoadFailure, open_regular_file, try_load_image
 from ..validation import check_positive_int
-from .runtime import available_cpus
+from .runtime import available_cpus, current_device, default_batch_size, is_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class EmbeddedBatch(NamedTuple):
 
 def default_num_workers(device: str | None = "cpu") -> int:
     """``min(CPUs - 1, 4)`` (``16`` on CUDA): one CPU is left to the main process."""
-    cap = MAX_DEFAULT_WORKERS_CUDA if str(device).startswith("cuda") else MAX_DEFAULT_WORKERS
+    cap = MAX_DEFAULT_WORKERS_CUDA if is_cuda(device) else MAX_DEFAULT_WORKERS
     return max(0, min(available_cpus() - 1, cap))
 
 
@@ -72,7 +72,7 @@ def iter_embedded_batches(
     values: Sequence[Any],
     encoder: Any,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     image_root: str | os.PathLike | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -85,6 +85,8 @@ def iter_embedded_batches(
         encoder: a built-in encoder (``preprocessor`` + ``encode_pixels``) or any object
             with ``encode(list of PIL images) -> (N, D)``.
         batch_size: values per batch (and per model call); a throughput knob only.
+            None: the encoder's ``batch_size`` (else
+            :func:`~dedup_index.encode.runtime.default_batch_size` for its device).
         num_workers: loader processes; None = :func:`default_num_workers` for the
             encoder's device, 0 = in this process. No more workers start than there are
             batches after the first (one batch loads in this process).
@@ -94,7 +96,7 @@ def iter_embedded_batches(
 
     Yields one :class:`EmbeddedBatch` per range of ``batch_size`` values.
     """
-    batch_size = check_positive_int(batch_size, "batch_size")
+    batch_size = pipeline_batch_size(batch_size, encoder)
     if num_workers is None:
         num_workers = default_num_workers(getattr(encoder, "device", "cpu"))
     elif isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -242,6 +244,17 @@ def embed_images(
 # --------------------------------------------------------------------------------------------
 
 
+def pipeline_batch_size(batch_size: int | None, encoder: Any) -> int:
+    """``batch_size`` checked, or when None the encoder's own (its ``batch_size``
+    attribute), else :func:`~dedup_index.encode.runtime.default_batch_size` for its device."""
+    if batch_size is not None:
+        return check_positive_int(batch_size, "batch_size")
+    own = getattr(encoder, "batch_size", None)
+    if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+        return own
+    return default_batch_size(getattr(encoder, "device", "cpu"))
+
+
 def _pixel_preprocessor(encoder: Any) -> Any:
     """The encoder's preprocessor if it takes uint8 batches of one fixed size, else None."""
     pre = getattr(encoder, "preprocessor", None)
@@ -276,13 +289,17 @@ def _iterate(source: _Ranges, num_workers: int, encoder: Any) -> Iterator[tuple]
         batch_size=None,  # each item already is a batch
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.startswith("cuda") and source.as_pixels,
+        pin_memory=is_cuda(device) and source.as_pixels,
         prefetch_factor=2,
         worker_init_fn=partial(_die_with_parent, os.getpid()),
         collate_fn=_as_is,  # items are batches already; keep their types
     )
     logger.debug("loading %d batches with %d worker processes", len(source), num_workers)
-    for start, positions, batch, failures, pixels in loader:
+    # The pin-memory thread pins for torch's current device as the iterator starts it:
+    # make that the encoder's (cuda:1 pins for cuda:1, not device 0).
+    with current_device(device):
+        batches = iter(loader)
+    for start, positions, batch, failures, pixels in batches:
         # Pinning rebuilds containers as lists: restore the (index, failure) pairs.
         yield start, list(positions), batch, [(int(p), f) for p, f in failures], list(pixels)
 
@@ -457,4 +474,5 @@ __all__ = [
     "default_num_workers",
     "embed_images",
     "iter_embedded_batches",
+    "pipeline_batch_size",
 ]

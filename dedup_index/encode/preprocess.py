@@ -224,15 +224,27 @@ class Preprocessor:
             arr = _center_crop(arr, self.crop)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
-    def normalize(self, pixels: Any, dtype: Any = None) -> Any:
-        """``(B, 3, H, W)`` uint8 torch tensor -> normalised float tensor, on its device."""
+    def normalize(self, pixels: Any, dtype: Any = None, *, affine: Any = None) -> Any:
+        """``(B, 3, H, W)`` uint8 torch tensor -> normalised float tensor, on its device.
+
+        ``affine``: :meth:`affine_tensors` for the tensor's device, built once by the
+        caller; None builds them here (a host-to-device copy each call).
+        """
+        import torch
+
+        scale, shift = self.affine_tensors(pixels.device) if affine is None else affine
+        out = pixels.to(torch.float32) * scale - shift
+        return out if dtype is None else out.to(dtype)
+
+    def affine_tensors(self, device: Any = "cpu") -> tuple[Any, Any]:
+        """:meth:`affine` as two float32 ``(1, 3, 1, 1)`` torch tensors on ``device``."""
         import torch
 
         scale, shift = self.affine()
-        scale = torch.tensor(scale, device=pixels.device)
-        shift = torch.tensor(shift, device=pixels.device)
-        out = pixels.to(torch.float32) * scale.view(1, 3, 1, 1) - shift.view(1, 3, 1, 1)
-        return out if dtype is None else out.to(dtype)
+        return (
+            torch.tensor(scale, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            torch.tensor(shift, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+        )
 
     def normalize_numpy(self, pixels: np.ndarray) -> np.ndarray:
         """Numpy twin of :meth:`normalize` for ``(..., 3, H, W)`` uint8 arrays (float32 out)."""

@@ -36,6 +36,7 @@ import numpy as np
 from ..search.canonical import candidate_delta, canonical_scores
 from ..search.cross import CrossResult, cross_search
 from ..search.flat import faiss_module
+from ..search.pairs import PairSet
 
 ANN_BACKENDS = ("ivf", "hnsw")
 NEAREST_K = 16
@@ -44,6 +45,16 @@ NEAREST_K = 16
 TAIL_ROWS = 4096
 #: Queries per FAISS call (bounds the result buffers); HNSW takes fewer (see hnsw.py).
 QUERY_BLOCK = 4096
+#: Rounds of splitting the coarse lists that the sample shows over-full
+#: (:func:`balanced_centroids`).  One round left the lists at 1M clustered rows so uneven
+#: that a single-row query scanned 10x the mean list share (the "hub" lists near the
+#: data's common direction are probed by a third of all queries); three rounds at 200k:
+#: 2.3x fewer rows scanned at the same recall (bench/RESULTS.md, issue 15).
+BALANCE_ROUNDS = 3
+#: IVF lists probed per query unless ``backend_options["nprobe"]`` says otherwise.  At
+#: 1M clustered rows (three balancing rounds) 12 lists found the same query pairs as 16
+#: (recall 0.9991 of 1161) for three quarters of the scanning; 8 found 0.9974.
+NPROBE = 12
 #: From this many queries an IVF search runs as GEMM tiles: the queries assigned to a
 #: list times the list's vectors, one BLAS product per list, instead of FAISS scanning
 #: list by list for each query (the same rows compared, 10-20x faster on a batch).
@@ -116,6 +127,7 @@ class AnnIndex:
                 lists or default_nlist(n),
                 seed=self.params.get("seed", 0),
                 niter=int(self.params.get("niter", 20)),
+                rounds=int(self.params.get("balance_rounds", BALANCE_ROUNDS)),
             )
             quantizer = faiss.IndexFlatIP(centroids.shape[1])
             quantizer.add(centroids)
@@ -147,7 +159,7 @@ class AnnIndex:
 
     def _configure(self, index: Any) -> None:
         if self.kind == "ivf":
-            index.nprobe = min(int(self.params.get("nprobe", 16)), index.nlist)
+            index.nprobe = min(int(self.params.get("nprobe", NPROBE)), index.nlist)
         else:
             index.hnsw.efSearch = int(self.params.get("ef_search", 64))
 
@@ -168,18 +180,30 @@ class AnnIndex:
         ``nearest=False`` skips the search for best scores below the threshold and the
         base rows' best scores (``base_best`` is then empty): a read-only ``query`` needs
         only the pairs."""
-        m, d = queries.shape
+        m = queries.shape[0]
         n = base.shape[0]
         covered = self.covered
         if covered > n:
             raise ValueError(f"the FAISS segments cover {covered} rows; the base has {n}")
+        q = b = None
+        if m and covered:
+            q, b = self._candidates(queries, threshold, live, nearest)
+        return self._assemble(queries, base, threshold, live, q, b, nearest=nearest)
+
+    def _assemble(
+        self, queries, base, threshold: float, live, q, b, *, nearest: bool
+    ) -> CrossResult:
+        """The result of :meth:`search` from the segments' candidates ``(q, b)`` (None:
+        none searched): rescored canonically, plus the exact tail."""
+        m = queries.shape[0]
+        n = base.shape[0]
+        covered = self.covered
         query_best = np.full(m, -np.inf)
         # Base rows' best scores only when asked: an N-long array per single-row query
         # costs more than the FAISS search itself at 1M rows (1 ms measured).
         base_best = np.full(n if nearest else 0, -np.inf)
         parts_q, parts_b, parts_s = [], [], []
-        if m and covered:
-            q, b = self._candidates(queries, threshold, live, nearest)
+        if q is not None:
             s = canonical_scores(queries, q, b, other=base)
             np.maximum.at(query_best, q, s)
             if nearest:
@@ -209,6 +233,79 @@ class AnnIndex:
         order = np.lexsort((q, b))
         return CrossResult(q[order], b[order], s[order], query_best, base_best)
 
+    def search_batch(
+        self, queries: np.ndarray, base, threshold: float, live: np.ndarray | None = None
+    ) -> tuple[CrossResult, PairSet, np.ndarray, np.ndarray, Any] | None:
+        """A bulk add's whole search in one pass over the IVF lists: the new rows
+        (``queries``) against ``base`` as :meth:`search` with ``nearest=True``, *and*
+        against each other, through the same per-list products.
+
+        The new rows are put in their nearest list of the shared coarse quantizer (a
+        segment of their own, exactly the one an add would write for them), and each
+        new row's ``nprobe`` lists are multiplied by the old rows *and* the new rows
+        listed there: the batch's own pairs cost a share of the products already being
+        made, instead of a separate clustering of the batch (``partitioned``), and have
+        the recall of the cross pairs (both directions taken: a pair is found when
+        either row probes the other's list).  Every pair reported is rescored
+        canonically and exact; nearest and best-earlier scores are lower bounds.
+
+        Returns ``(cross, within, nearest_in, earlier_in, segment)``: ``within`` the
+        batch's pairs (batch row numbers), ``nearest_in`` / ``earlier_in`` each new row's
+        best canonical score to another / an earlier new row found (``-inf`` where
+        none), ``segment`` the FAISS index over the new rows; or None where this path
+        does not apply (HNSW, no IVF segment yet, fewer than :data:`GEMM_QUERIES` rows):
+        search the batch another way then."""
+        m, d = queries.shape
+        n = base.shape[0]
+        covered = self.covered
+        if self.kind != "ivf" or not covered or m < GEMM_QUERIES:
+            return None
+        if covered > n:
+            raise ValueError(f"the FAISS segments cover {covered} rows; the base has {n}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        first = self.segments[0].index
+        _, assign = first.quantizer.search(queries, first.nprobe)
+        segment = self._segment_from_assignment(queries, assign[:, 0])
+        batch = Segment(covered, covered + m, segment)  # labels after the segments' rows
+        delta = candidate_delta(d)
+        q, b = self._gemm_candidates(
+            queries, threshold - delta, delta, live, True, batch=batch, assign=assign
+        )
+        inside = b >= covered
+        # The batch's pairs, both directions as (lower, higher) batch row.
+        bi, bj = q[inside], b[inside] - covered
+        lo, hi = np.minimum(bi, bj), np.maximum(bi, bj)
+        key = np.unique(lo * np.int64(m) + hi)
+        lo, hi = key // m, key % m
+        s_in = canonical_scores(queries, lo, hi)
+        nearest_in = np.full(m, -np.inf)
+        earlier_in = np.full(m, -np.inf)
+        np.maximum.at(nearest_in, lo, s_in)
+        np.maximum.at(nearest_in, hi, s_in)
+        np.maximum.at(earlier_in, hi, s_in)
+        hit = s_in >= threshold
+        within = PairSet(lo[hit], hi[hit], s_in[hit])  # sorted by (i, j): from the keys
+        # The cross side, as search() assembles it (the exact tail included).
+        q, b = q[~inside], b[~inside]
+        cross = self._assemble(queries, base, threshold, live, q, b, nearest=True)
+        return cross, within, nearest_in, earlier_in, segment
+
+    def _segment_from_assignment(self, rows: np.ndarray, lists: np.ndarray):
+        """An IVF segment over ``rows`` on the shared quantizer, each row put in the list
+        already found for it (FAISS's ``add_core`` with precomputed assignments: the
+        coarse search is not repeated)."""
+        faiss = faiss_module()
+        first = self.segments[0].index
+        quantizer = faiss.clone_index(first.quantizer)
+        index = faiss.IndexIVFFlat(quantizer, first.d, first.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        index.is_trained = True
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        index.add_core(rows.shape[0], faiss.swig_ptr(rows), None, faiss.swig_ptr(lists))
+        self._configure(index)
+        return index
+
     def _candidates(self, queries: np.ndarray, threshold: float, live, nearest: bool):
         """Distinct ``(query, row)`` candidates from every segment: range hits at
         ``threshold - delta`` and (``nearest``) each query's top-``k`` rows within
@@ -228,7 +325,10 @@ class AnnIndex:
             chunk = np.ascontiguousarray(queries[a : a + block], dtype=np.float32)
             rows = np.arange(a, a + chunk.shape[0])
             assign = None
-            if self.kind == "ivf":
+            # Several segments (or a top-k search as well) share one coarse assignment;
+            # a single range search lets FAISS assign inside its own call (one call
+            # fewer per query: the single-image query on a compacted index).
+            if self.kind == "ivf" and (nearest or len(self.segments) > 1):
                 first = self.segments[0].index
                 assign = first.quantizer.search(chunk, first.nprobe)[::-1]  # (I, D)
             tops, top_scores = [], []
@@ -271,34 +371,46 @@ class AnnIndex:
         key = np.unique(q * span + b)
         return key // span, key % span
 
-    def _gemm_candidates(self, queries, radius: float, delta: float, live, nearest: bool):
+    def _gemm_candidates(
+        self, queries, radius: float, delta: float, live, nearest: bool, batch=None, assign=None
+    ):
         """:meth:`_candidates` for a batch on IVF segments, as GEMM: each query is
         assigned to its ``nprobe`` lists once; then, list by list and segment by segment,
         the queries assigned to the list times the list's stored vectors (IVF-Flat codes
         are the float32 rows) give every candidate the FAISS scan would: scores above
-        ``radius``, and the rows within ``delta`` of each query's best (nearest)."""
+        ``radius``, and the rows within ``delta`` of each query's best (nearest).
+
+        ``batch``: a further segment holding the queries themselves (labels from its
+        ``start``; :meth:`search_batch`): each query's own entry is left out, and its
+        near-best rows there are kept against its best *in the batch*, apart from its
+        best among the segments' rows (so neither side's nearest is lost to the other).
+        ``assign``: the queries' lists, when already known."""
         import faiss
 
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         m = queries.shape[0]
         first = self.segments[0].index
-        _, assign = first.quantizer.search(queries, first.nprobe)
+        if assign is None:
+            _, assign = first.quantizer.search(queries, first.nprobe)
         flat = assign.ravel()
         order = np.argsort(flat, kind="stable")
         lists, starts = np.unique(flat[order], return_index=True)
         ends = np.r_[starts[1:], order.shape[0]]
         d = queries.shape[1]
+        segments = [*self.segments, batch] if batch is not None else list(self.segments)
         jobs = [
             (seg, lst, a, b)
-            for seg in self.segments
+            for seg in segments
             for lst, a, b in zip(lists.tolist(), starts.tolist(), ends.tolist(), strict=True)
             if lst >= 0
         ]
 
         def run(chunk):
-            """Products of one share of the lists: candidates and best scores."""
+            """Products of one share of the lists: candidates and best scores (over the
+            segments, and over the batch)."""
             qs, bs, ss = [], [], []
             best = np.full(m, -np.inf, dtype=np.float32)
+            best_in = np.full(m, -np.inf, dtype=np.float32)
             for seg, lst, a, b in chunk:
                 invlists = faiss.extract_index_ivf(seg.index).invlists
                 size = invlists.list_size(lst)
@@ -310,11 +422,14 @@ class AnnIndex:
                 ids += seg.start
                 who = order[a:b] // assign.shape[1]
                 scores = queries[who] @ vectors.T
-                if live is not None:
+                own = seg is batch
+                if own:  # a query never pairs with itself
+                    scores[who[:, None] == ids[None, :] - seg.start] = -np.inf
+                elif live is not None:
                     scores[:, ~live[ids]] = -np.inf
                 if nearest:
                     top = scores.max(axis=1)
-                    np.maximum.at(best, who, top)
+                    np.maximum.at(best_in if own else best, who, top)
                     keep = (scores > radius) | (scores >= (top - delta)[:, None])
                 else:
                     keep = scores > radius
@@ -322,7 +437,7 @@ class AnnIndex:
                 qs.append(who[qi])
                 bs.append(ids[bi])
                 ss.append(scores[qi, bi])
-            return qs, bs, ss, best
+            return qs, bs, ss, best, best_in
 
         # Many small products: single-threaded BLAS in one worker per core (a threaded
         # BLAS spends more time waking its threads than multiplying, worst on a busy
@@ -342,18 +457,22 @@ class AnnIndex:
         bs = [x for r in results for x in r[1]]
         ss = [x for r in results for x in r[2]]
         best = np.max([r[3] for r in results], axis=0)
+        best_in = np.max([r[4] for r in results], axis=0)
         if not qs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         q, b, s = np.concatenate(qs), np.concatenate(bs), np.concatenate(ss)
         if nearest:  # range hits, and the rows within delta of each query's best
-            keep = (s > radius) | (s >= best[q] - delta)
+            near = best[q] if batch is None else np.where(b >= batch.start, best_in[q], best[q])
+            keep = (s > radius) | (s >= near - delta)
             q, b = q[keep], b[keep]
-        span = np.int64(self.covered)
+        span = np.int64(segments[-1].stop)
         key = np.unique(q.astype(np.int64) * span + b)
         return key // span, key % span
 
 
-def balanced_centroids(rows, nlist: int, *, seed: int = 0, niter: int = 20) -> np.ndarray:
+def balanced_centroids(
+    rows, nlist: int, *, seed: int = 0, niter: int = 20, rounds: int = BALANCE_ROUNDS
+) -> np.ndarray:
     """Coarse centroids whose lists are about equally full on clustered data.
 
     Spherical k-means with ``nlist`` centroids on a sample (64 rows a list), then every
@@ -361,7 +480,9 @@ def balanced_centroids(rows, nlist: int, *, seed: int = 0, niter: int = 20) -> n
     own rows into ``ceil(size / mean)`` centroids.  Plain k-means on CLIP-like clustered
     data leaves some lists 3x fuller than the mean (FAISS's imbalance factor 3.2 at 50k
     rows): a query landing there scans 3x the rows.  Splitting the dense regions gives
-    them the lists their density asks for (the list count grows by the splits)."""
+    them the lists their density asks for (the list count grows by the splits).  The
+    split centroids take rows from their neighbours too, so the sample is assigned again
+    and the check repeated, up to ``rounds`` times (until no list is over twice the mean)."""
     from ..search.canonical import rows_of
 
     faiss = faiss_module()
@@ -387,18 +508,24 @@ def balanced_centroids(rows, nlist: int, *, seed: int = 0, niter: int = 20) -> n
         return km.centroids
 
     centroids = kmeans(sample, nlist, 0)
-    index = faiss.IndexFlatIP(d)
-    index.add(centroids)
-    _, assign = index.search(sample, 1)
-    assign = assign.ravel()
-    sizes = np.bincount(assign, minlength=nlist)
     mean = take / nlist
-    out = [centroids[sizes <= 2 * mean]]
-    for c in np.flatnonzero(sizes > 2 * mean):
-        members = sample[assign == c]
-        k = min(members.shape[0], int(np.ceil(members.shape[0] / mean)))
-        out.append(kmeans(members, k, 1 + int(c)) if k > 1 else centroids[c : c + 1])
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+    for round_ in range(rounds):
+        index = faiss.IndexFlatIP(d)
+        index.add(centroids)
+        _, assign = index.search(sample, 1)
+        assign = assign.ravel()
+        sizes = np.bincount(assign, minlength=centroids.shape[0])
+        big = np.flatnonzero(sizes > 2 * mean)
+        if not big.size:
+            break
+        out = [centroids[sizes <= 2 * mean]]
+        for c in big:
+            members = sample[assign == c]
+            k = min(members.shape[0], int(np.ceil(members.shape[0] / mean)))
+            salt = 1 + int(c) + round_ * 1_000_003
+            out.append(kmeans(members, k, salt) if k > 1 else centroids[c : c + 1])
+        centroids = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+    return np.ascontiguousarray(centroids, dtype=np.float32)
 
 
 class _Rows:

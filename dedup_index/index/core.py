@@ -42,6 +42,12 @@ what one-shot :func:`~dedup_index.dedup_embeddings` of the concatenation gives. 
 
 Writers take an exclusive lock on ``.lock`` (a second writer gets :class:`IndexLockedError`
 at once).
+
+A *verifying* index (``create(..., verify="geometric")``, or the first
+``add_images(..., verify="geometric")`` on an empty one; recorded in the manifest) stores
+only the pairs that :mod:`dedup_index.verify` confirms, so the same holds on verified pairs:
+any number of adds equals one-shot ``verify="geometric"`` of the concatenation (see
+:meth:`DedupIndex.add_images`).
 """
 
 from __future__ import annotations
@@ -80,9 +86,10 @@ from ..store import (
     PairFile,
     SegmentedRows,
     StoreError,
+    blocks_name,
     open_rows_file,
     write_pair_file,
-    write_rows_file,
+    write_rows_segment,
 )
 from ..validation import check_choice, check_threshold
 from .ann import ANN_BACKENDS, AnnIndex, Segment
@@ -146,6 +153,12 @@ class AddResult:
     skipped: list[str]
     #: ``(key, LoadFailure)`` of images :meth:`DedupIndex.add_images` could not load.
     failures: list = field(default_factory=list)
+    #: On a verifying index: every candidate pair this add found, with its evidence
+    #: (:class:`~dedup_index.verify.Verification`; rows are index rows, see
+    #: :attr:`verification_keys`); None otherwise.
+    verification: Any = None
+    #: The keys of the rows ``verification`` refers to (``{row: key}``).
+    verification_keys: dict[int, str] = field(default_factory=dict)
 
     @property
     def n_removed(self) -> int:
@@ -223,6 +236,7 @@ class DedupIndex:
         dtype: str = "float32",
         backend_options: dict[str, Any] | None = None,
         precision: str = "auto",
+        verify: str = "none",
     ) -> DedupIndex:
         """A new, empty index at ``path`` (which must not hold one), open for writing.
 
@@ -235,9 +249,14 @@ class DedupIndex:
         rounded rows, exact and deterministic as ever).  ``precision``: the candidate
         arithmetic of the exact cross search (``"auto"``, ``"fp32"``, ``"bf16"``,
         ``"fp16"``: :mod:`dedup_index.search.precision`; the same decisions whichever),
-        recorded in the manifest."""
+        recorded in the manifest.  ``verify="geometric"``: a verifying index (see
+        :meth:`add_images`): ``threshold`` is then the candidate threshold, and only
+        pairs that verification confirms are stored and decided on."""
+        from ..verify import check_verify
+
         path = Path(path)
         check_precision(precision)
+        check_verify(verify)
         threshold = check_threshold(threshold)
         check_choice(policy, POLICIES, "policy")
         check_choice(backend, INDEX_BACKENDS, "backend")
@@ -264,6 +283,7 @@ class DedupIndex:
                 "generation": 0,
                 "backend_options": dict(backend_options or {}),
                 "precision": precision,
+                "verify": verify,
                 "rows": [],
                 "ann": [],
                 "pairs": [],
@@ -351,6 +371,11 @@ class DedupIndex:
         return self._manifest["model_name"]
 
     @property
+    def verify_mode(self) -> str:
+        """``"geometric"`` when the index stores only verified pairs, else ``"none"``."""
+        return str(self._manifest.get("verify", "none"))
+
+    @property
     def generation(self) -> int:
         """The committed generation this object reads (raised by each add)."""
         return int(self._manifest["generation"])
@@ -415,6 +440,7 @@ class DedupIndex:
             "backend": manifest["backend"],
             "exact": self.exact,
             "model_name": self.model_name,
+            "verify": self.verify_mode,
             "dtype": manifest.get("dtype", "float32"),
             "generation": int(manifest["generation"]),
             "row_files": len(manifest["rows"]),
@@ -453,9 +479,24 @@ class DedupIndex:
         keys: Sequence[str] | None = None,
         *,
         on_duplicate_key: str = "error",
+        verify: str | None = None,
+        images: Sequence[Any] | None = None,
+        image_root: str | os.PathLike | None = None,
+        verify_options: dict[str, Any] | None = None,
     ) -> AddResult:
-        """Add rows; decisions equal one-shot dedup of everything added so far."""
+        """Add rows; decisions equal one-shot dedup of everything added so far.
+
+        On a verifying index (``verify="geometric"``, see :meth:`add_images`) the rows'
+        image values go in ``images`` (one per row, as the embeddings), with the
+        ``image_root`` their paths and the indexed keys resolve against, and
+        ``verify_options`` for :func:`~dedup_index.verify.verify_pairs`."""
         self._check_writable()
+        mode = self._verify_mode_for(verify)
+        if mode != "none" and images is None:
+            raise ValueError(
+                f"the index at {self.path} verifies pairs (verify={mode!r}): pass the rows' "
+                "images (images=...), or use add_images"
+            )
         q = self._prepare(embeddings)
         if self._manifest.get("dtype", "float32") == "float16":
             q = q.astype(np.float16).astype(np.float32)  # scored as stored
@@ -463,9 +504,12 @@ class DedupIndex:
         keys = [str(n_old + k) for k in range(q.shape[0])] if keys is None else list(keys)
         if len(keys) != q.shape[0]:
             raise ValueError(f"got {len(keys)} keys for {q.shape[0]} rows")
+        if images is not None and len(images) != q.shape[0]:
+            raise ValueError(f"got {len(images)} images for {q.shape[0]} rows")
         fresh, skipped = self._new_keys(keys, on_duplicate_key)
         if skipped:
             keys, q = [keys[k] for k in fresh], q[fresh]
+            images = None if images is None else [images[k] for k in fresh]
         m = q.shape[0]
         if m == 0:
             return AddResult([], np.zeros(0, bool), [], np.zeros(0), np.zeros(0), skipped)
@@ -476,13 +520,19 @@ class DedupIndex:
             new_pairs, nearest, earlier = self._ann_step(q, n_old, live)
         else:
             new_pairs, nearest, earlier = self._exact_step(q, n_old, live)
+        verification, verification_keys = None, {}
+        if mode != "none":  # the candidates confirmed by hash or geometry are the pairs
+            verification, verification_keys = self._verify_new_pairs(
+                new_pairs, keys, list(images), image_root, verify_options
+            )
+            new_pairs = verification.pairs
         # New files only: rows and keys, pair part, FAISS segment, state delta; then the
         # manifest (the commit point).
         generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
         rows_name = f"rows/rows-{generation:06d}.npy"
         keys_name = f"rows/keys-{generation:06d}.json"
-        checksums[rows_name] = write_rows_file(self.path / rows_name, q, self._dtype)
+        checksums.update(write_rows_segment(self.path, rows_name, q, self._dtype))
         checksums[keys_name] = write_json_atomic(self.path / keys_name, keys)
         crash_point("rows_appended")
         part = f"pairs/part-{generation:06d}.parquet"
@@ -502,8 +552,9 @@ class DedupIndex:
             count=n,
             pairs=parts,
             n_pairs=int(self._manifest.get("n_pairs", 0)) + len(new_pairs),
-            rows=[*self._manifest["rows"], {"file": rows_name, "keys": keys_name, "count": m}],
+            rows=[*self._manifest["rows"], _rows_entry(rows_name, keys_name, m)],
             ann=ann_entries,
+            verify=mode,
         )
         files = dict(view.files, **{rows_name: rows_file})
         self._commit(generation, manifest, checksums, new_state, rows, ann, files, None)
@@ -526,7 +577,82 @@ class DedupIndex:
             similarity=new_state["duplicate_similarity"][idx].copy(),
             max_similarity=nearest[idx].copy(),
             skipped=skipped,
+            verification=verification,
+            verification_keys=verification_keys,
         )
+
+    def _verify_mode_for(self, verify: str | None) -> str:
+        """The verification of the next add: ``verify`` (None: the index's own).  An
+        index stores either embedding pairs or verified pairs, never a mix: an empty index
+        takes the mode of its first add, one with rows refuses the other mode."""
+        from ..verify import check_verify
+
+        mode = self.verify_mode
+        if verify is None or check_verify(verify) == mode:
+            return mode
+        if len(self) == 0:
+            return verify
+        raise IndexError_(
+            f"the index at {self.path} was built with verify={mode!r} ({len(self)} rows); "
+            f"adding with verify={verify!r} would mix embedding and verified pairs: build "
+            f"a new index with verify={verify!r}"
+        )
+
+    def _verify_new_pairs(
+        self,
+        pairs: PairSet,
+        keys: list[str],
+        images: list[Any],
+        image_root: str | os.PathLike | None,
+        options: dict[str, Any] | None,
+    ):
+        """Verify the candidate pairs of an add (index rows; the new rows are the last
+        ``len(keys)``): new rows' images from ``images``, indexed rows' from their keys
+        (resolved against ``image_root``).  Returns ``(Verification over index rows,
+        {row: key})``."""
+        from ..io.keys import key_path
+        from ..verify import verify_pairs
+
+        n_old = len(self)
+        rows = np.unique(np.concatenate([pairs.i, pairs.j])) if len(pairs) else np.zeros(0, int)
+        rows = rows.astype(np.int64)
+        old_keys = _view_keys(self.path, self._view) if rows.size and rows[0] < n_old else []
+        values: list[Any] = []
+        unavailable: dict[int, str] = {}
+        row_keys: dict[int, str] = {}
+        for local, r in enumerate(rows.tolist()):
+            if r >= n_old:
+                values.append(images[r - n_old])
+                row_keys[r] = keys[r - n_old]
+                continue
+            key = old_keys[r]
+            row_keys[r] = key
+            path = key_path(key)
+            values.append(path)
+            if path is None:
+                unavailable[local] = (
+                    f"not_reloadable: indexed as {key[:20]}..., a content key; the index "
+                    "keeps no image to verify against"
+                )
+        local = PairSet(np.searchsorted(rows, pairs.i), np.searchsorted(rows, pairs.j), pairs.s)
+        opts = {"cache_dir": self.path, **(options or {})}
+        found = verify_pairs(local, values, image_root=image_root, unavailable=unavailable, **opts)
+        cand = found.candidates
+        found = replace(
+            found,
+            candidates=PairSet(rows[cand.i], rows[cand.j], cand.s),
+            failures={int(rows[k]): why for k, why in found.failures.items()},
+        )
+        lost = {row_keys[r]: why for r, why in found.failures.items() if r < n_old}
+        if lost:
+            shown = "; ".join(f"{k}: {why}" for k, why in list(lost.items())[:3])
+            logger.warning(
+                "%d indexed image(s) could not be loaded again to verify candidate pairs "
+                "(their pairs count as not verified): %s",
+                len(lost),
+                shown,
+            )
+        return found, row_keys
 
     def compact(
         self, *, nlist: int | None = None, retain_seconds: float = RETAIN_SECONDS
@@ -547,7 +673,7 @@ class DedupIndex:
         checksums: dict[str, str] = {}
         rows_name = f"rows/rows-{generation:06d}.npy"
         keys_name = f"rows/keys-{generation:06d}.json"
-        checksums[rows_name] = write_rows_file(self.path / rows_name, view.rows, self._dtype)
+        checksums.update(write_rows_segment(self.path, rows_name, view.rows, self._dtype))
         keys = self.keys()
         checksums[keys_name] = write_json_atomic(self.path / keys_name, keys)
         crash_point("compact_rows_written")
@@ -573,7 +699,7 @@ class DedupIndex:
             files = {rows_name: rows_file}
         manifest = dict(
             self._manifest,
-            rows=[{"file": rows_name, "keys": keys_name, "count": n}],
+            rows=[_rows_entry(rows_name, keys_name, n)],
             pairs=[part],
             ann=entries,
         )
@@ -591,15 +717,29 @@ class DedupIndex:
         )
         return self.stats()
 
-    def verify(self) -> dict[str, int]:
+    def verify(self, *, full: bool = True) -> dict[str, int]:
         """Check every file of the current generation against its recorded SHA-256 (the
-        rows too, which opening checks by shape only).  Raises
+        rows too, which reads check block by block as they touch them).  Raises
         :class:`IndexCorruptError` naming the files that fail; returns
-        ``{"files": ..., "bytes": ...}`` checked."""
+        ``{"files": ..., "bytes": ...}`` checked.
+
+        ``full=False`` checks only the small files (keys, pair parts, state, block
+        checksums; what ``index stats`` checks): not the rows files (nor a version-1
+        index's embedding store) and FAISS segments, the large ones, which are checked
+        as they are read and loaded."""
         manifest = self._manifest
+        large = set() if full else _large_files(manifest)
         bad, files, size = [], 0, 0
-        for name in sorted(_listed(manifest)):
+        for name in sorted(_listed(manifest) - large):
             want = manifest["checksums"].get(name)
+            if want is None and (self.path / name).is_dir():  # a version-1 index's store
+                try:
+                    with EmbeddingStore.open(self.path / name, mode="r") as store:
+                        size += store.verify()["bytes"]
+                    files += 1
+                except StoreError as err:
+                    bad.append(f"{name}: {err}")
+                continue
             if want is None:
                 continue
             try:
@@ -637,6 +777,10 @@ class DedupIndex:
         view = self._view
         pairs, near, early = blocked_search(view.rows[live], self.threshold)
         mapped = PairSet(live[pairs.i], live[pairs.j], pairs.s)
+        if self.verify_mode != "none":  # verified pairs are pair-local: those left stand
+            kept = self.pairs()
+            alive = ~removed[kept.i] & ~removed[kept.j]
+            mapped = PairSet(kept.i[alive], kept.j[alive], kept.s[alive])
         decisions = decide(n, mapped, self.policy)
         nearest = np.full(n, np.nan)
         earlier = np.full(n, np.nan)
@@ -655,7 +799,10 @@ class DedupIndex:
     def _exact_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
         """New rows against the committed ones (:meth:`_cross_search`) and among
         themselves (``blocked``: it gives the best-earlier scores too)."""
-        cross = self._cross_search(q, self._view.rows, self.threshold, base_live=live)
+        rows, search = self._view.rows, self._cross_search
+        if self._manifest["backend"] != "flat":  # old rows' bests only where they may rise
+            search = partial(search, base_floor=self._state["nearest"])
+        cross = search(q, rows, self.threshold, base_live=live)
         within, near_in, earlier_in = blocked_search(q, self.threshold)
         return self._combine(cross, within, near_in, earlier_in, n_old)
 
@@ -692,8 +839,14 @@ class DedupIndex:
         :data:`ANN_BULK_ROWS` rows by ``partitioned`` search (GEMM tiles in clusters)."""
         view = self._view
         ann = view.ann or _empty_ann(self._manifest)
-        cross = ann.search(q, view.rows, self.threshold, live, nearest=True)
         m = q.shape[0]
+        self._batch_segment = None
+        batch = ann.search_batch(q, view.rows, self.threshold, live) if m >= ANN_BULK_ROWS else None
+        if batch is not None:  # IVF: the batch's own pairs from the same list products
+            cross, within, near_in, earlier_in, segment = batch
+            self._batch_segment = (n_old, n_old + m, segment)  # for _grow_ann, if it fits
+            return self._combine(cross, within, near_in, earlier_in, n_old)
+        cross = ann.search(q, view.rows, self.threshold, live, nearest=True)
         if m >= ANN_BULK_ROWS:
             from ..search.partitioned import default_params, partitioned_search
 
@@ -716,9 +869,13 @@ class DedupIndex:
         ann = self._view.ann or _empty_ann(self._manifest)
         entries = list(self._manifest["ann"])
         n, start = rows.shape[0], ann.covered
+        built, self._batch_segment = getattr(self, "_batch_segment", None), None
         if n - start <= ann.tail_rows:
             return ann, entries
-        index = ann.build_segment(rows[start:n])
+        if built is not None and built[:2] == (start, n):  # the add's batch segment: no tail
+            index = built[2]
+        else:
+            index = ann.build_segment(rows[start:n])
         name = f"ann/seg-{generation:06d}.faiss"
         checksums[name] = atomic_write_bytes(self.path / name, AnnIndex.segment_to_bytes(index))
         crash_point("ann_written")
@@ -785,6 +942,8 @@ class DedupIndex:
         keys: Sequence[str] | None = None,
         on_duplicate_key: str = "error",
         on_error: str = "raise",
+        verify: str | None = None,
+        verify_options: dict[str, Any] | None = None,
         **embed_options: Any,
     ) -> AddResult:
         """Load, embed and add image values, each keyed by
@@ -798,6 +957,29 @@ class DedupIndex:
         that fail to load raise :class:`~dedup_index.errors.ImagesFailedError` before
         anything is added (``on_error="raise"``), or are left out and listed in
         ``result.failures`` as ``(key, LoadFailure)`` (``on_error="skip"``).
+
+        **Verification** (``verify="geometric"``; None: the index's own mode, recorded in
+        its manifest; see :mod:`dedup_index.verify`): the search's pairs, at the index's
+        threshold (for a verifying index, the model's candidate threshold:
+        :func:`~dedup_index.encode.models.candidate_threshold`), are candidates; each is
+        confirmed by a perceptual hash or by SIFT features and a RANSAC model, and only
+        verified pairs are stored and decided on.  So the policy runs on verified pairs
+        and any number of adds gives the decisions of one-shot
+        ``ImageDeduplicateFilter(verify="geometric")`` on the concatenation.  The new rows
+        are verified from ``values``; the indexed rows from their keys, loaded again
+        under ``image_root`` (give the same root, or run from the same folder, as the adds
+        before).  An indexed image that can no longer be loaded (moved, deleted, or keyed
+        by a content hash: the index keeps no pixels) leaves its candidate pairs **not
+        verified**: they do not count, the new row is kept unless another pair removes
+        it, a warning names the images, and ``result.verification.how`` holds the reason
+        (``"load_error: ..."``, ``"not_reloadable: ..."``).  ``result.verification`` has
+        every candidate of this add with its evidence.  Hashes and features are cached
+        in the index folder (``<index>/verify/``; ``verify_options={"cache_dir": ...}``
+        moves it), so indexed images are decoded again only once.  An index holds
+        embedding pairs or verified pairs, never both: an empty index takes the mode of
+        its first add, one with rows refuses the other mode.  ``verify_options`` go to
+        :func:`~dedup_index.verify.verify_pairs` (``num_workers``, ``hash_max_distance``,
+        ``options``, ``cache_dir``).  :meth:`query` answers on embeddings only.
         """
         from ..encode.pipeline import embed_images
         from ..errors import ImagesFailedError
@@ -805,6 +987,7 @@ class DedupIndex:
 
         self._check_writable()
         check_choice(on_error, ("raise", "skip"), "on_error")
+        self._verify_mode_for(verify)  # before anything is embedded
         values = list(values)
         if keys is None:
             keys = [image_key(v, len(self) + k) for k, v in enumerate(values)]
@@ -821,7 +1004,17 @@ class DedupIndex:
                 f"{len(failures)} of {len(fresh)} images failed to load, nothing added "
                 f"({shown}); pass on_error='skip' to add the others"
             )
-        result = self.add(embedded.embeddings, [keys[fresh[p]] for p in embedded.positions])
+        options = dict(verify_options or {})
+        if "max_pixels" in embed_options:
+            options.setdefault("max_pixels", embed_options["max_pixels"])
+        result = self.add(
+            embedded.embeddings,
+            [keys[fresh[p]] for p in embedded.positions],
+            verify=verify,
+            images=[values[fresh[p]] for p in embedded.positions],
+            image_root=image_root,
+            verify_options=options,
+        )
         return replace(result, skipped=skipped, failures=failures)
 
     # ------------------------------------------------------------------ helpers
@@ -1039,9 +1232,17 @@ def _listed(manifest: dict[str, Any]) -> set[str]:
     """Every file (or legacy store folder) the generation of ``manifest`` reads."""
     names = set(manifest["pairs"]) | set(manifest["state"])
     for entry in manifest["rows"]:
-        names.update(v for k, v in entry.items() if k in ("file", "keys", "store") and v)
+        names.update(v for k, v in entry.items() if k in ("file", "keys", "blocks", "store") and v)
     names.update(e["file"] for e in manifest["ann"])
     return names
+
+
+def _large_files(manifest: dict[str, Any]) -> set[str]:
+    """The files of a generation that are checked as they are read or loaded: rows files
+    (block by block), version-1 embedding stores and FAISS segments."""
+    names = {e.get("file") or e.get("store") for e in manifest["rows"]}
+    names.update(e["file"] for e in manifest["ann"])
+    return {n for n in names if n}
 
 
 def _delete(root: Path, names) -> None:
@@ -1090,9 +1291,32 @@ def _empty_ann(manifest: dict[str, Any]) -> AnnIndex:
     return AnnIndex(manifest["backend"], manifest.get("backend_options", {}))
 
 
-def _open_rows(root: Path, name: str, count: int, dim: int) -> np.ndarray:
+def _rows_entry(rows_name: str, keys_name: str, count: int) -> dict[str, Any]:
+    """A manifest ``rows`` entry: the rows file, its keys and its block-checksum file."""
+    return {"file": rows_name, "keys": keys_name, "blocks": blocks_name(rows_name), "count": count}
+
+
+def _open_rows(
+    root: Path,
+    name: str,
+    count: int,
+    dim: int,
+    checksums: dict[str, str] | None = None,
+    blocks: str | None = None,
+) -> Any:
+    """A rows file listed in the manifest; with ``checksums``, checked as it is read:
+    block by block against its block-checksum file ``blocks`` (whole on first read for
+    an index written before block files, which lists none)."""
+    sums = checksums or {}
     try:
-        return open_rows_file(root / name, count, dim)
+        return open_rows_file(
+            root / name,
+            count,
+            dim,
+            sums.get(name),
+            blocks=None if blocks is None else root / blocks,
+            blocks_sha256=None if blocks is None else sums.get(blocks),
+        )
     except StoreError as err:
         raise IndexCorruptError(f"{err} (listed in {root / MANIFEST})") from err
 
@@ -1123,7 +1347,16 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
             name = entry["file"]
             part = old.get(name)
             if part is None:
-                part = _open_rows(root, name, int(entry["count"]), dim)
+                # Checked against its SHA-256 when first read: never an answer from
+                # damaged rows (issue 13).
+                part = _open_rows(
+                    root,
+                    name,
+                    int(entry["count"]),
+                    dim,
+                    manifest["checksums"],
+                    entry.get("blocks"),
+                )
         files[name] = part
         parts.append(part)
     rows = SegmentedRows(parts, dim)

@@ -107,7 +107,16 @@ def read_input(path: str | os.PathLike, image_key: str, image_root: str | None =
         fmt = TABLE_FORMATS[suffix]
         kind = "table"
     elif suffix in TEXT_EXTENSIONS:
-        lines = source.read_text(encoding="utf-8").splitlines()
+        raw = source.read_bytes()
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise InputError(
+                f"the list file {str(source)!r} is not UTF-8 text (line {line}, byte "
+                f"{raw[exc.start]:#04x}); write its paths as UTF-8, or put the images in a "
+                "folder and pass the folder (names that are not UTF-8 are read there)"
+            ) from None
         paths = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
         frame = pd.DataFrame({image_key: paths})
         fmt, kind = "jsonl", "text"

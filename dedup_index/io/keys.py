@@ -34,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["content_key", "image_key", "image_path", "printable"]
+__all__ = ["CONTENT_KEY_KINDS", "content_key", "image_key", "image_path", "key_path", "printable"]
+
+#: Prefixes of the keys :func:`image_key` gives values without a path (content hashes, rows).
+CONTENT_KEY_KINDS = ("sha256", "datauri", "array", "pil", "row")
 
 
 def image_path(value: Any) -> str | None:
@@ -115,3 +118,13 @@ def image_key(value: Any, row: int | None = None) -> str:
             f"a {type(value).__name__} value has neither a path nor image content to key it by"
         )
     return f"row:{row}"
+
+
+def key_path(key: str) -> str | None:
+    """The path or URL an image key names (to load that image again), or None for a
+    content-hash or row key (the image itself is not kept anywhere)."""
+    kind, sep, rest = str(key).partition(":")
+    if sep and kind in CONTENT_KEY_KINDS:
+        if rest.isdigit() if kind == "row" else len(rest) == 64 and rest.isalnum():
+            return None
+    return str(key)

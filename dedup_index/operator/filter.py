@@ -101,7 +101,8 @@ class ImageDeduplicateFilter:
             (:func:`dedup_index.encode.models.recommended_threshold`: 0.75 for
             efficientnet-lite0; upstream's 0.90 for CLIP ViT-B/32 and any model without a
             measured one); ``threshold_source`` says which.
-        batch_size: images per model forward pass.
+        batch_size: images per model forward pass; None (the default): 256 on CUDA, 32 on
+            the CPU (:func:`dedup_index.encode.runtime.default_batch_size`).
         device: ``"cuda"`` if available else ``"cpu"`` when left as None (upstream's
             default, resolved without importing torch at module import).
 
@@ -148,6 +149,10 @@ class ImageDeduplicateFilter:
             apply (the actors load ``model_name`` themselves).
         ray_work_dir: shared folder for the Ray run's embedding shards and search tiles;
             rerunning with the same folder resumes both (default: a temporary folder).
+        ray_gpus_per_actor: GPUs per Ray encoder actor (``num_gpus_per_actor`` of
+            :func:`~dedup_index.distributed.embed_table`); None: one per actor when the
+            cluster has GPUs and ``device`` is not ``"cpu"``. With ``ray``, ``device``
+            is each actor's device (its own GPU by default) and the driver loads no model.
         verify: ``"none"`` (default: decisions on embedding similarity alone) or
             ``"geometric"``: the search's pairs are candidates, each confirmed by a
             perceptual hash or by SIFT features and a RANSAC model
@@ -155,13 +160,17 @@ class ImageDeduplicateFilter:
             ``threshold=None`` the search then runs at the model's candidate threshold
             (recall-oriented; 0.4 for efficientnet-lite0); a given threshold overrides it.
             ``result.info["verification"]`` holds every candidate with its evidence.
+            With ``index_path`` the index is a verifying one (created so, or refused if
+            it was built without verification; see
+            :meth:`~dedup_index.index.DedupIndex.add_images`): indexed images are loaded
+            again from their keys under ``image_root`` to verify new rows against them.
     """
 
     def __init__(
         self,
         model_name: str = "openai/clip-vit-base-patch32",
         threshold: float | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         device: str | None = None,
         *,
         image_root: str | os.PathLike | None = None,
@@ -180,11 +189,12 @@ class ImageDeduplicateFilter:
         num_workers: int | None = None,
         ray: bool | str = False,
         ray_work_dir: str | os.PathLike | None = None,
+        ray_gpus_per_actor: float | None = None,
         verify: str = "none",
         precision: str = "auto",
     ) -> None:
         self.threshold = None if threshold is None else check_threshold(threshold)
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
         self.image_root = image_root
         self.on_error = check_choice(on_error, ON_ERROR, "on_error")
         self.rejects_path = rejects_path
@@ -193,8 +203,6 @@ class ImageDeduplicateFilter:
         self.policy = check_choice(policy, POLICIES, "policy")
         self.verify = check_verify(verify)
         self.precision = check_precision(precision)
-        if self.verify != "none" and index_path is not None:
-            raise ValueError(f"verify={verify!r} does not work with index_path yet")
         self.threads = check_positive_int(threads, "threads", allow_none=True)
         try_load_image(None, max_pixels=max_pixels)  # validates max_pixels
         self.max_pixels = max_pixels
@@ -210,7 +218,15 @@ class ImageDeduplicateFilter:
         )
         if self.ray:
             self.backend = "ray"
-        if encoder is None:
+        self.ray_gpus_per_actor, self._ray_device = None, None
+        if self.ray:
+            from ..distributed.embed import check_actor_device, check_gpus_per_actor
+
+            self.ray_gpus_per_actor = check_gpus_per_actor(ray_gpus_per_actor)
+            self._ray_device = check_actor_device(device, self.ray_gpus_per_actor)
+        if encoder is None and self.ray:
+            pass  # the actors load the model on their own devices; the driver loads none
+        elif encoder is None:
             from ..encode import load_encoder
 
             logger.info("loading image model %s", model_name)
@@ -331,6 +347,8 @@ class ImageDeduplicateFilter:
             model_name=self.model_name,
             batch_size=self.batch_size,
             image_root=self.image_root,
+            num_gpus_per_actor=self.ray_gpus_per_actor,
+            device=self._ray_device,
             address=None if self.ray is True else self.ray,
             progress=self.progress,
             max_pixels=self.max_pixels,
@@ -408,6 +426,7 @@ class ImageDeduplicateFilter:
                 policy=self.policy,
                 model_name=self.model_name,
                 precision=self.precision,
+                verify=self.verify,
             )
         keys = [image_key(values[p], int(p)) for p in valid_pos]
         with index:
@@ -418,7 +437,15 @@ class ImageDeduplicateFilter:
                     index.threshold,
                     self.threshold,
                 )
-            added = index.add(embeddings, keys=keys, on_duplicate_key="skip")
+            added = index.add(
+                embeddings,
+                keys=keys,
+                on_duplicate_key="skip",
+                verify=self.verify,
+                images=[values[p] for p in valid_pos],
+                image_root=self.image_root,
+                verify_options={"max_pixels": self.max_pixels, "num_workers": self.num_workers},
+            )
             known_sims = index.max_similarity(added.skipped)
         out = _Outcome.empty(len(valid_pos))
         row_of_key = {k: r for r, k in enumerate(keys)}

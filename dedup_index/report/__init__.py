@@ -12,6 +12,9 @@
   similarities), highest similarity first, paginated by a small inline script from an
   embedded JSON blob so that 100k groups still open (one page of DOM at a time; the page is
   addressable as ``report.html#page=N``);
+- with ``verify="geometric"`` (``result.info["verification"]``), the candidate pairs
+  verification did not confirm and the verified ones, with thumbnails of both images and
+  the evidence (:mod:`.verification`);
 - the rows that failed to load, with reasons.
 
 No URL, stylesheet, font or script is fetched.  Thumbnails are small JPEG ``data:`` URIs
@@ -40,6 +43,8 @@ from .groups import MEMBERS_SHOWN, duplicate_groups, group_payload
 from .histogram import histogram_svg
 from .page import SCRIPT, STYLE, json_for_script, pager, table
 from .thresholds import DEFAULT_THRESHOLDS, threshold_table
+from .verification import PAIRS_LISTED, verification_section
+from .verification import STYLE as PAIRS_STYLE
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dedup import DedupResult
@@ -286,13 +291,29 @@ def write_report(
         "'duplicate of' names the row a duplicate matched when it is not the kept row "
         "(a chain). " + thumb_note
     )
+    verification = result.info.get("verification") if result.info else None
+    verification_html = ""
+    if verification is not None:
+        verification_html = (
+            '<section id="verification"><h2>Verification</h2>'
+            + verification_section(
+                verification,
+                keys,
+                values=values,
+                image_root=image_root,
+                rows=rows,
+                max_thumbnails=min(max_thumbnails, 4 * PAIRS_LISTED),
+                decimals=_decimals(result.threshold),
+            )
+            + "</section>"
+        )
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     from .. import __version__
 
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title><style>{STYLE}</style></head>
+<title>{escape(title)}</title><style>{STYLE}{PAIRS_STYLE}</style></head>
 <body>
 <h1>{escape(title)}</h1>
 <p class="note">{escape(result.summary())}</p>
@@ -308,6 +329,7 @@ def write_report(
 <div id="group-list"></div>
 {pager(pages)}
 </section>
+{verification_html}
 <section id="failures"><h2>Failed to load ({len(failures)})</h2>
 {_failures_section(failures)}</section>
 <p class="note">dedup-index {escape(__version__)}, generated {generated}.</p>

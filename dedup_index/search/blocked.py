@@ -21,7 +21,14 @@ On the CPU the row blocks are shared out to one worker thread per core, each run
 own single-threaded GEMMs (:func:`_blas_one_thread`) and scanning its own tiles in chunks
 that stay in cache (:class:`_Worker`): the scan then costs about a tenth of the GEMM
 instead of a third of it, which is what makes the search run near the machine's GEMM
-rate (``bench/bench_exact.py``).
+rate (``bench/bench_exact.py``).  A bf16 tile stays bf16 until each chunk is widened
+just before its scan.
+
+On a GPU (and with ``engine="torch"`` on the CPU, how the tests hold it) the tile loop is
+:class:`TorchTiles`: tiles sized from the device's free memory (:func:`gpu_tile`), the
+row and column maxima kept on the device, one compacted copy of each tile's candidates
+back to the host, and a store's rows streamed to the device in chunks through a pinned
+buffer (:class:`DeviceRows`).
 
 ``precision`` picks the tile arithmetic (:mod:`.precision`): float32, or bf16/fp16 inputs
 with float32 sums (oneDNN's bf16 kernel on AVX512-BF16 CPUs, tensor cores on a GPU),
@@ -35,7 +42,6 @@ import contextlib
 import logging
 import os
 import threading
-from functools import partial
 
 import numpy as np
 
@@ -92,16 +98,54 @@ def choose_tile(
     return rows, cols
 
 
-#: GPU tile: large enough that each tile's GEMM (8192 x 65536 x D) outweighs the per-tile
-#: Python and synchronisation costs of the scan; the float32 buffer is 2 GiB.
+#: GPU tile, at most: large enough that each tile's GEMM (8192 x 65536 x D) outweighs the
+#: per-tile Python and synchronisation costs of the scan; its float32 scores are 2 GiB.
+#: ``rows * cols <= 2^29`` also keeps a tile's flat entry index (and two flag bits) in
+#: the 31 bits :class:`TorchTiles` packs it into.
 GPU_ROWS = 8192
 GPU_COLS = 65536
+#: Device bytes per tile entry: the float32 score, the float32 bound it is compared
+#: with, the bool mask, the float32 product a bf16/fp16 GEMM writes before it is copied
+#: into the score buffer, and room for the compacted entries (8 bytes each, plus their
+#: indices' temporaries) of a tile in which a tenth of the entries are candidates.
+TILE_ENTRY_BYTES = 4 + 4 + 1 + 4 + 3
+#: Share of the device's free memory the tile buffers may take (the rest: the resident
+#: rows, torch's allocator slack, other users of the device).
+TILE_MEMORY_SHARE = 0.5
+#: Rows resident on the device when they take at most this share of its free memory.
+RESIDENT_SHARE = 0.5
 
 
-def gpu_tile(n: int) -> tuple[int, int]:
-    """``(rows, cols)`` of a GPU tile for ``n`` rows (see :data:`GPU_ROWS`)."""
+def gpu_tile(n: int, free_bytes: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of a device tile for ``n`` rows: at most :data:`GPU_ROWS` x
+    :data:`GPU_COLS`, its buffers (:data:`TILE_ENTRY_BYTES` per entry) within
+    :data:`TILE_MEMORY_SHARE` of ``free_bytes`` (the device's free memory, after the
+    resident rows; None: no limit)."""
     rows = min(GPU_ROWS, _round64(n))
-    return rows, max(rows, min(GPU_COLS, _round64(n)))
+    cols = max(rows, min(GPU_COLS, _round64(n)))
+    if free_bytes is not None:
+        entries = int(free_bytes * TILE_MEMORY_SHARE) // TILE_ENTRY_BYTES
+        while rows * rows > entries and rows > 64:  # the diagonal square must fit
+            rows = max(64, _round64(rows // 2))
+        if rows * rows > entries:
+            raise MemoryError(
+                f"device has {free_bytes} bytes free: not enough for the smallest tile "
+                f"(64 x 64, {64 * 64 * TILE_ENTRY_BYTES} bytes)"
+            )
+        cols = min(cols, max(rows, entries // rows // 64 * 64))  # as wide as fits
+    return rows, cols
+
+
+def device_free_memory(device) -> int | None:
+    """Free bytes on a CUDA ``device`` (``torch.cuda.mem_get_info``); None on the CPU
+    (the tiles there are sized from host memory by :func:`choose_tile`)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(free)
 
 
 def _round64(x: float) -> int:
@@ -130,6 +174,7 @@ def blocked_search(
     engine: str | None = None,
     precision: str | Arithmetic = "auto",
     report: dict | None = None,
+    resident: bool | None = None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Exact pairs, nearest-neighbour and best-earlier similarity per row.
 
@@ -148,6 +193,10 @@ def blocked_search(
     :data:`~dedup_index.search.precision.PRECISIONS` or an
     :class:`~dedup_index.search.precision.Arithmetic` (the same results whichever);
     ``report``, a dict, receives what ran (:meth:`~.precision.Arithmetic.info`).
+    On the torch path the tile is by default :func:`gpu_tile` of the device's free
+    memory (on the CPU :func:`choose_tile`), and a store's rows are streamed to the
+    device in chunks (:class:`DeviceRows`; ``resident``: force them resident on the
+    device or streamed block by block, default by free device memory).
     """
     n, d = embeddings.shape
     if n < 2:
@@ -163,29 +212,27 @@ def blocked_search(
             pairs = sink.finish()
         return pairs, nearest, earlier
     workers = 1 if use_torch else _worker_count(threads)
-    if tile is None and not on_cpu:
-        tile = gpu_tile(n)
-    elif tile is None:
+    if tile is None and not use_torch:
         tile = choose_tile(n, d, workers=workers)
-    rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
     # The rows the GEMMs see (rounded when low precision), and the margins for them.
     source, arith = arith.prepare(embeddings)
     if report is not None:
         report.update(arith.info())
     radius = np.float32(threshold - arith.margin)
     window = arith.window
-    workers = min(workers, -(-n // rows_per))  # no idle worker: one block each at least
-    logger.debug(
-        "blocked: N=%d D=%d tile=%dx%d on %s, %d worker(s), %s tiles (%s)",
-        n,
-        d,
-        rows_per,
-        cols_per,
-        device or "cpu",
-        workers,
-        arith.name,
-        arith.kernel,
-    )
+    if not use_torch:
+        rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
+        workers = min(workers, -(-n // rows_per))  # no idle worker: one block each at least
+        logger.debug(
+            "blocked: N=%d D=%d tile=%dx%d, %d worker(s), %s tiles (%s)",
+            n,
+            d,
+            rows_per,
+            cols_per,
+            workers,
+            arith.name,
+            arith.kernel,
+        )
     candidates: list[tuple[np.ndarray, np.ndarray]] = []
     lock = threading.Lock()
 
@@ -198,9 +245,18 @@ def blocked_search(
             sink.add(rescored)
 
     if use_torch:
-        with arith.session():
+        with arith.session(torch_tiles=True):
             later, earlier = _search_torch(
-                source, rows_per, cols_per, radius, window, device or "cpu", threads, emit, arith
+                source,
+                tile,
+                radius,
+                window,
+                device or "cpu",
+                threads,
+                emit,
+                arith,
+                resident,
+                report,
             )
     else:
         with arith.session(one_thread=True):
@@ -222,30 +278,190 @@ def resolve_arithmetic(precision, n: int, d: int, *, device=None, engine=None) -
     return arithmetic(precision, d, device=device, engine=engine, work=n * (n - 1) / 2 * d)
 
 
-def _search_torch(embeddings, rows_per, cols_per, radius, delta, device, threads, emit, arith):
-    """The tile loop through :class:`_TorchTiles` (a GPU does whole-tile reductions
-    well); ``(later, earlier)`` near-best entries."""
-    n = embeddings.shape[0]
+def _search_torch(
+    embeddings, tile, radius, delta, device, threads, emit, arith, resident, report=None
+):
+    """The torch tile loop (:class:`TorchTiles`: a CUDA device, or the CPU for the
+    tests); ``(later, earlier)`` near-best entries, ``later.best``/``earlier.best`` the
+    float32 maxima kept on the device and copied back once at the end.  ``report``
+    receives ``device_tiles``: the tile, whether the rows were resident or streamed, the
+    number of tiles, copies each way and blocking waits (:class:`Transfers`)."""
+    import torch
+
+    n, d = embeddings.shape
+    dev = torch.device(device)
+    rows = DeviceRows(embeddings, dev, arith.torch_dtype(), resident=resident)
+    if tile is None:
+        if dev.type == "cpu":
+            tile = choose_tile(n, d)
+        else:
+            tile = gpu_tile(n, device_free_memory(dev))
+    rows_per, cols_per = (tile, tile) if isinstance(tile, int) else tile
     cols_per = max(cols_per, rows_per)  # the diagonal square fits in the first tile
-    ops = _TorchTiles(embeddings, rows_per, cols_per, device, threads, arith)
+    logger.debug(
+        "blocked torch: tile %dx%d on %s, rows %s",
+        rows_per,
+        cols_per,
+        dev,
+        "resident" if rows.whole is not None else "streamed",
+    )
+    ops = TorchTiles(rows, n, rows_per, cols_per, radius, delta, threads, arith)
     later = NearBest(n, delta)  # row direction: best later row
     earlier = NearBest(n, delta)  # column direction: best earlier row
+    tiles = 0
     for a in range(0, n, rows_per):
         b = min(n, a + rows_per)
-        rows_a = ops.block(a, b, second=False)
+        rows_a = rows.block(a, b, second=False)
         for c in range(a, n, cols_per):
             e = min(n, c + cols_per)
-            s = ops.product(rows_a, ops.block(c, e, second=True))
-            if c == a:  # only the leading square holds the row itself and earlier rows
-                ops.mask_diagonal(s, b - a)
-            row_max, col_max = ops.maxima(s)
-            hit = np.flatnonzero(row_max > radius)
-            if hit.size:
-                li, lj = ops.above(s, hit, radius)
-                emit((hit[li] + a, lj + c))
-            later.update(np.arange(a, b), row_max, partial(ops.gather, s, c, False))
-            earlier.update(np.arange(c, e), col_max, partial(ops.gather, s, a, True))
+            ops.tile(rows_a, rows.block(c, e, second=True), a, c, emit, later, earlier)
+            tiles += 1
+    later.best, earlier.best = ops.maxima()
+    if report is not None:
+        moved = rows.transfers
+        report["device_tiles"] = {
+            "device": str(dev),
+            "tile": [rows_per, cols_per],
+            "rows": "resident" if rows.whole is not None else "streamed",
+            "largest_read": rows.largest_read,
+            "tiles": tiles,
+            "to_host": moved.to_host_calls,
+            "to_device": moved.to_device_calls,
+            "syncs": moved.syncs,
+        }
     return later, earlier
+
+
+class Transfers:
+    """Counts of the copies between host and device and of the blocking waits of one
+    torch tile loop: every copy goes through :meth:`to_host` / :meth:`to_device`, so a
+    test can hold the loop to one compacted copy back per tile."""
+
+    def __init__(self) -> None:
+        self.to_host_calls = 0
+        self.to_device_calls = 0
+        self.syncs = 0
+
+    def to_host(self, t) -> np.ndarray:
+        """``t`` as a numpy array on the host (one copy, which waits for ``t``)."""
+        self.to_host_calls += 1
+        if t.device.type != "cpu":
+            self.syncs += 1
+        return t.cpu().numpy()
+
+    def to_device(self, dst, src, *, non_blocking: bool = False) -> None:
+        """``dst.copy_(src)`` from the host."""
+        self.to_device_calls += 1
+        dst.copy_(src, non_blocking=non_blocking)
+
+    def synced(self) -> None:
+        """A blocking wait that is not a copy (``nonzero``'s count)."""
+        self.syncs += 1
+
+
+class TorchTiles:
+    """One tile at a time on the torch device, with one copy back to the host per tile.
+
+    Per tile: the GEMM into a preallocated float32 buffer, the diagonal mask, row and
+    column maxima folded into running maxima *on the device* (``best_row``,
+    ``best_col``), then one mask of every entry the host needs: pair candidates (``>
+    radius``) and near-best entries (``>=`` the row's or the column's running maximum
+    minus ``delta``: lower bounds of the final maxima, so every entry within ``delta``
+    of a final maximum is among them; :meth:`NearBest.survivors` drops the rest, as
+    :class:`_Worker` does on the CPU).  ``nonzero`` compacts the mask (its count is the
+    one wait per tile); the entries' flat indices, two flags (row-near-best,
+    column-near-best) and float32 bits are packed in one int64 each and copied back in
+    one transfer.  Before, each tile made eight copies back, four to the device and two
+    or three blocking waits.  The maxima come back once, at the end."""
+
+    def __init__(
+        self,
+        rows: DeviceRows,
+        n: int,
+        rows_per: int,
+        cols_per: int,
+        radius,
+        delta,
+        threads,
+        arith,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        if threads is not None:
+            torch.set_num_threads(threads)
+        dev = rows.dev
+        self.dev = dev
+        self.arith = arith
+        self.transfers = rows.transfers
+        self.radius = np.float32(radius)
+        size = rows_per * cols_per
+        if size > 1 << 29:
+            raise ValueError(f"tile {rows_per} x {cols_per} exceeds 2^29 entries")
+        self.buf = torch.empty(size, dtype=torch.float32, device=dev)
+        self.bound = torch.empty(size, dtype=torch.float32, device=dev)
+        self.mask = torch.empty(size, dtype=torch.bool, device=dev)
+        self.lower = torch.ones(rows_per, rows_per, dtype=torch.bool, device=dev).tril_()
+        self.best_row = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        self.best_col = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        # Scalars as float32 device tensors: the device arithmetic is float32 like the
+        # host's (``best - delta`` on both sides gives the same bits).
+        self.delta = torch.tensor(np.float32(delta), device=dev)
+        self.inf = torch.tensor(np.float32(np.inf), device=dev)
+        # ``s > radius`` is ``s >= next float32 above radius``: one ``>=`` for all three.
+        self.above = float(np.nextafter(self.radius, np.float32(np.inf)))
+
+    def tile(self, rows_a, rows_c, a: int, c: int, emit, later: NearBest, earlier: NearBest):
+        """Rows ``a:`` against columns ``c:``; pairs to ``emit``, near-best entries to
+        ``later``/``earlier`` (their running maxima stay on the device)."""
+        t = self.torch
+        ra, rc = rows_a.shape[0], rows_c.shape[0]
+        s = self.buf[: ra * rc].view(ra, rc)
+        self.arith.torch_product(rows_a, rows_c, s)
+        if c == a:  # only the leading square holds the row itself and earlier rows
+            s[:, :ra].masked_fill_(self.lower[:ra, :ra], float("-inf"))
+        best_r = self.best_row[a : a + ra]
+        best_c = self.best_col[c : c + rc]
+        t.maximum(best_r, t.amax(s, dim=1), out=best_r)
+        t.maximum(best_c, t.amax(s, dim=0), out=best_c)
+        lo_r = t.where(t.isfinite(best_r), best_r - self.delta, self.inf)
+        lo_c = t.where(t.isfinite(best_c), best_c - self.delta, self.inf)
+        bound = self.bound[: ra * rc].view(ra, rc)
+        t.minimum(lo_r.clamp(max=self.above)[:, None], lo_c[None, :], out=bound)
+        mask = self.mask[: ra * rc].view(ra, rc)
+        t.ge(s, bound, out=mask)
+        flat = t.nonzero(mask.view(-1)).squeeze(1)
+        if self.dev.type != "cpu":
+            self.transfers.synced()  # nonzero waits for its count
+        if flat.numel() == 0:
+            return
+        vals = s.view(-1)[flat]
+        r = flat // rc
+        flags = (vals >= lo_r[r]).to(t.int64) | ((vals >= lo_c[flat - r * rc]).to(t.int64) << 1)
+        bits = vals.view(t.int32).to(t.int64) & 0xFFFFFFFF
+        packed = self.transfers.to_host((((flat << 2) | flags) << 32) | bits)
+        head = packed >> 32
+        flat_h = head >> 2
+        vals_h = (packed & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+        li, lj = np.divmod(flat_h, rc)
+        pair = vals_h > self.radius
+        if pair.any():
+            emit((li[pair] + a, lj[pair] + c))
+        row = (head & 1).astype(bool)
+        if row.any():
+            later.rows.append(li[row] + a)
+            later.cols.append(lj[row] + c)
+            later.vals.append(vals_h[row])
+        col = (head & 2).astype(bool)
+        if col.any():
+            earlier.rows.append(lj[col] + c)
+            earlier.cols.append(li[col] + a)
+            earlier.vals.append(vals_h[col])
+
+    def maxima(self) -> tuple[np.ndarray, np.ndarray]:
+        """The running float32 maxima ``(best later, best earlier)``, one copy back."""
+        both = self.transfers.to_host(self.torch.stack([self.best_row, self.best_col]))
+        return both[0].copy(), both[1].copy()
 
 
 def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, arith):
@@ -334,6 +550,16 @@ class _Worker:
         self.col_best = np.full(self.n, -np.inf, dtype=np.float32)
         self.step = max(8, CHUNK_BYTES // (4 * cols_per))
         self.masks: dict[tuple[int, int, int], np.ndarray] = {}
+        # oneDNN's bf16 GEMM writes bf16: the tile stays bf16 (half the bytes) and each
+        # chunk is widened to float32 into a cache-sized buffer just before its scan,
+        # instead of widening the whole tile through main memory first.
+        self.raw = arith is not None and arith.kernel == "onednn"
+        if self.raw:
+            import torch
+
+            self.torch = torch
+            self.tile16 = torch.empty(rows_per * cols_per, dtype=torch.bfloat16)
+            self.chunk = np.empty(self.step * cols_per, dtype=np.float32)
 
     def block(self, a: int, b: int, emit) -> tuple[list, list]:
         """Rows ``a:b`` against themselves and every later row; pair candidates go to
@@ -347,22 +573,32 @@ class _Worker:
             m = min(b - a, e - 1 - a)  # rows with a later column in this tile
             if m <= 0:
                 continue
-            s = tiles.product(rows_a[:m], tiles.block(c, e, second=True))
+            cols = tiles.block(c, e, second=True)
+            if self.raw:  # bf16 out, into a buffer reused tile after tile
+                out = self.tile16[: m * (e - c)].view(m, e - c)
+                s = self.torch.mm(rows_a[:m], cols.T, out=out)
+            else:
+                s = tiles.product(rows_a[:m], cols)
             found = self._scan(s, a, c, lat, ear)
             if found is not None:
                 emit(found)
         return lat, ear
 
-    def _scan(self, s: np.ndarray, a: int, c: int, lat: list, ear: list):
-        """One tile (rows ``a:``, columns ``c:``), chunk by chunk; returns the pair
-        candidates ``(i, j)`` above the radius, or None."""
+    def _scan(self, s, a: int, c: int, lat: list, ear: list):
+        """One tile (rows ``a:``, columns ``c:``; float32 numpy, or a bf16 tensor widened
+        chunk by chunk), chunk by chunk; returns the pair candidates ``(i, j)`` above the
+        radius, or None."""
         radius, delta = self.radius, self.delta
         ra, rc = s.shape
         run = self.col_best[c : c + rc]  # this worker's column maxima so far (a view)
         found_i, found_j = [], []
         for r0 in range(0, ra, self.step):
             r1 = min(ra, r0 + self.step)
-            sub = s[r0:r1]
+            if self.raw:
+                sub = self.chunk[: (r1 - r0) * rc].reshape(r1 - r0, rc)
+                self.torch.from_numpy(sub).copy_(s[r0:r1])  # exact: bf16 -> float32
+            else:
+                sub = s[r0:r1]
             reach = min(rc, a + r1 - c)  # columns c + k <= a + r: the row itself, earlier
             if reach > 0:
                 np.copyto(sub[:, :reach], -np.inf, where=self._mask(r1 - r0, reach, a + r0 - c))
@@ -441,49 +677,6 @@ def _blas_one_thread():
         yield
 
 
-class _TorchTiles:
-    """The same operations in torch on a CUDA device (also usable on the CPU)."""
-
-    def __init__(self, embeddings, rows_per: int, cols_per: int, device, threads, arith) -> None:
-        import torch
-
-        self.torch = torch
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.dev = torch.device(device)
-        self.arith = arith
-        self.buf = torch.empty(rows_per * cols_per, dtype=torch.float32, device=self.dev)
-        self.lower = torch.ones(rows_per, rows_per, dtype=torch.bool, device=self.dev).tril_()
-        self.resident = _Resident(embeddings, self.dev, arith.torch_dtype())
-
-    def block(self, a: int, b: int, second: bool):
-        return self.resident.block(a, b, second=second)
-
-    def product(self, rows_a, rows_c):
-        out = self.buf[: rows_a.shape[0] * rows_c.shape[0]].view(rows_a.shape[0], -1)
-        return self.arith.torch_product(rows_a, rows_c, out)
-
-    def mask_diagonal(self, s, ra: int) -> None:
-        s[:, :ra].masked_fill_(self.lower[:ra, :ra], float("-inf"))
-
-    def maxima(self, s) -> tuple[np.ndarray, np.ndarray]:
-        t = self.torch
-        return t.amax(s, dim=1).cpu().numpy(), t.amax(s, dim=0).cpu().numpy()
-
-    def above(self, s, rows: np.ndarray, bound) -> tuple[np.ndarray, np.ndarray]:
-        sub = s[self.torch.from_numpy(rows).to(self.dev)]
-        li, lj = self.torch.nonzero(sub > float(bound), as_tuple=True)
-        return li.cpu().numpy(), lj.cpu().numpy().astype(np.int64)
-
-    def gather(self, s, offset: int, columns: bool, sel: np.ndarray, lo: np.ndarray):
-        t = self.torch
-        sel_t = t.from_numpy(sel).to(self.dev)
-        sub = s.index_select(1, sel_t).T if columns else s.index_select(0, sel_t)
-        li, lj = t.nonzero(sub >= t.from_numpy(lo).to(self.dev)[:, None], as_tuple=True)
-        vals = sub[li, lj].cpu().numpy()
-        return sel[li.cpu().numpy()], lj.cpu().numpy().astype(np.int64) + offset, vals
-
-
 def _single_tile(
     x: np.ndarray, threshold: float, arith: Arithmetic, report: dict | None = None
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
@@ -519,42 +712,117 @@ def _single_tile(
     return pairs, nearest, best_earlier
 
 
-class _Resident:
-    """Row blocks as torch tensors: zero-copy views of an in-memory array on the CPU,
-    read per use from a store, or copied once to the device when it fits there."""
+#: Bytes of rows per staging chunk on their way to the device (pinned on CUDA).
+STAGING_BYTES = 64 << 20
 
-    def __init__(self, embeddings, dev, dtype=None) -> None:
+
+class DeviceRows:
+    """The search's rows as torch tensors on ``dev``, read from the host in chunks.
+
+    - On the CPU, rows in memory already (an array, or torch rows
+      :meth:`Arithmetic.prepare` made) are used as they are (zero-copy where the dtype
+      allows).
+    - A store (or a memmap, or rows rounded as read) is never read whole into host RAM.
+      On a CUDA device any rows are made resident when they take at most
+      :data:`RESIDENT_SHARE` of its free memory (``resident=None``; True/False forces
+      it), filled chunk by chunk through one pinned staging buffer of
+      :data:`STAGING_BYTES`; otherwise each row block is streamed through it when the
+      loop asks for it.  On the CPU (``engine="torch"``) the rows are read block by block
+      (the last row block and the last column block are kept), or, with
+      ``resident=True``, copied whole into torch memory chunk by chunk (the CUDA fill,
+      without pinning: how the tests hold it).
+
+    The host then holds one staging chunk (or one block) beyond the pairs."""
+
+    def __init__(self, embeddings, dev, dtype=None, *, resident: bool | None = None) -> None:
         import torch
 
         self.torch = torch
         self.embeddings = embeddings
         self.dev = dev
         self.dtype = dtype or torch.float32
+        self.transfers = Transfers()
         self.whole = None
-        if is_tensor(embeddings):  # rows prepared in torch already (bf16 on the CPU)
-            self.whole = embeddings.to(dev, self.dtype)
-        elif isinstance(embeddings, np.ndarray) and dev.type == "cpu":
-            self.whole = torch.from_numpy(np.ascontiguousarray(embeddings)).to(self.dtype)
-        elif dev.type != "cpu":
-            free, _ = torch.cuda.mem_get_info(dev)
-            need = embeddings.shape[0] * embeddings.shape[1] * self.dtype.itemsize
-            if need < free // 2:
-                self.whole = torch.empty(embeddings.shape, dtype=self.dtype, device=dev)
-                step = max(1, (256 << 20) // (4 * max(1, embeddings.shape[1])))
-                for a in range(0, embeddings.shape[0], step):  # bounded host memory
-                    rows = np.ascontiguousarray(embeddings[a : a + step], dtype=np.float32)
-                    self.whole[a : a + rows.shape[0]] = torch.from_numpy(rows).to(dev, self.dtype)
+        self.staging = None
+        self.copied = None  # the event after which the staging buffer is free again
+        self.largest_read = 0  # rows in the largest single read of ``embeddings``
+        n, d = embeddings.shape
+        self.chunk = max(1, STAGING_BYTES // (4 * max(1, d)))
+        if dev.type == "cpu":
+            plain = _in_memory_rows(embeddings)
+            if plain is not None:
+                self.whole = plain.to(self.dtype)  # a view when it is float32 already
+            elif resident:
+                self.whole = torch.empty((n, d), dtype=self.dtype)
+                self._fill(self.whole, 0, n)
+        else:
+            if resident is None:
+                need = n * d * self.dtype.itemsize
+                resident = need <= RESIDENT_SHARE * (device_free_memory(dev) or 0)
+            if resident and is_tensor(embeddings):
+                self.whole = embeddings.to(dev, self.dtype)
+            elif resident:
+                self.whole = torch.empty((n, d), dtype=self.dtype, device=dev)
+                self._fill(self.whole, 0, n)
         self.cache: dict[bool, tuple[tuple[int, int], object]] = {}
 
+    def _read(self, a: int, b: int):
+        """Rows ``a:b`` from the source, as a CPU float32 array or tensor."""
+        self.largest_read = max(self.largest_read, b - a)
+        rows = self.embeddings[a:b]
+        if is_tensor(rows):
+            return rows
+        return self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def _fill(self, dst, a: int, b: int) -> None:
+        """Rows ``a:b`` into the device tensor ``dst`` (``b - a`` rows), a staging chunk
+        at a time: the pinned buffer is refilled once the previous copy from it is done."""
+        torch = self.torch
+        if self.staging is None:
+            d = self.embeddings.shape[1]
+            pin = self.dev.type == "cuda"
+            self.staging = torch.empty((self.chunk, d), dtype=torch.float32, pin_memory=pin)
+        for k in range(a, b, self.chunk):
+            stop = min(b, k + self.chunk)
+            if self.copied is not None:
+                self.copied.synchronize()
+                self.transfers.synced()
+            part = self.staging[: stop - k]
+            part.copy_(self._read(k, stop))
+            self.transfers.to_device(dst[k - a : stop - a], part, non_blocking=True)
+            if self.dev.type == "cuda":
+                self.copied = torch.cuda.Event()
+                self.copied.record(torch.cuda.current_stream(self.dev))
+
     def block(self, a: int, b: int, second: bool = False):
-        """Rows ``a:b``; a store keeps the last row block and the last column block."""
+        """Rows ``a:b`` on the device; streamed rows keep the last row block and the last
+        column block."""
         if self.whole is not None:
             return self.whole[a:b]
         key, t = self.cache.get(second, (None, None))
         if key != (a, b):
-            rows = self.embeddings[a:b]
-            if not is_tensor(rows):
-                rows = self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-            t = rows.to(self.dev, self.dtype)
+            self.cache.pop(second, None)  # free the old block before reading the new
+            if self.dev.type == "cpu":
+                t = self._read(a, b).to(self.dtype)
+            else:
+                t = self.torch.empty(
+                    (b - a, self.embeddings.shape[1]), dtype=self.dtype, device=self.dev
+                )
+                self._fill(t, a, b)
             self.cache[second] = ((a, b), t)
         return t
+
+
+def _in_memory_rows(embeddings):
+    """``embeddings`` as a CPU tensor when they are in memory already (a torch tensor,
+    or an in-memory numpy array of any float dtype: zero-copy when float32), else None
+    (a store, a memmap, rows rounded as read: read in chunks)."""
+    import torch
+
+    if is_tensor(embeddings):
+        return embeddings
+    if isinstance(embeddings, np.ndarray) and not isinstance(embeddings, np.memmap):
+        if embeddings.dtype != np.float32:  # float64 input: float32 rows (the stored ones)
+            embeddings = embeddings.astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(embeddings))
+    return None

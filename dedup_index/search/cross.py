@@ -43,6 +43,7 @@ def cross_search(
     cols: int = DEFAULT_COLS,
     base_live: np.ndarray | None = None,
     base_best: bool = True,
+    base_floor: np.ndarray | None = None,
     precision: str | Arithmetic = "auto",
 ) -> CrossResult:
     """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact).
@@ -51,7 +52,10 @@ def cross_search(
     were not there: the index's removed keys.  ``base_best=False`` skips the base rows'
     best scores (a read-only query needs only the pairs).  ``precision``: the tile
     arithmetic (:data:`~.precision.PRECISIONS`; ``auto`` weighs the ``m n D``
-    multiply-adds)."""
+    multiply-adds).  ``base_floor`` (per base row, a score it already has: the index's
+    nearest so far) asks for a base row's best only where a query may beat it:
+    ``base_best`` is ``-inf`` elsewhere, and the near-best gathers and canonical
+    rescorings of the rows it cannot change (most of them, for a batch) are skipped."""
     m, d = queries.shape
     n = base.shape[0]
     empty = np.zeros(0, np.int64)
@@ -72,7 +76,7 @@ def cross_search(
     q_tiles = NumpyTiles(q_rows, rows, cols, arith)
     b_tiles = NumpyTiles(b_rows, rows, cols, arith)
     q_near = NearBest(m, delta)
-    b_near = NearBest(n, delta)
+    b_near = NearBest(n, delta, floor=base_floor)
     found_q, found_b = [], []
     with arith.session():
         _cross_tiles(

@@ -39,13 +39,20 @@ from .precision import Arithmetic, arithmetic
 
 logger = logging.getLogger(__name__)
 
+#: k-means training rows per centroid, at least: FAISS's own minimum (39, below which it
+#: prints "please provide at least N training points" on stderr), met by sampling enough
+#: rows rather than by silencing it; only a collection with fewer rows than that trains
+#: on all of them.
+MIN_TRAIN_PER_CENTROID = 39
+
 
 @dataclass(frozen=True)
 class PartitionParams:
     """``n_clusters`` (C), ``n_probe`` (p: most partitions per row), ``margin`` (a row
     joins a further partition only if its centroid is within this cosine of the
     nearest one; 2 or more means always), ``max_partition`` (rows above which a
-    partition is split again), ``sample`` (k-means training rows), ``niter``."""
+    partition is split again), ``sample`` (k-means training rows; raised to
+    :data:`MIN_TRAIN_PER_CENTROID` a centroid where the rows allow), ``niter``."""
 
     n_clusters: int
     n_probe: int
@@ -92,17 +99,24 @@ def default_params(
     sample: int | None = None,
     seed: int = 0,
 ) -> PartitionParams:
-    """Parameters from N: about 64 rows per centroid (``C`` at most 4096), ``p = 2``
-    (3 above 500k rows, where ``C`` is capped and partitions are larger: measured at 1M,
-    recall 0.985 with p = 2, 0.998 with p = 3) within a 0.05 margin, partitions split
-    above 8x the mean size (at least 4096 rows), k-means on 20 sampled rows per centroid
-    (at least 10k)."""
-    c = n_clusters or max(1, min(4096, round(n / 64)))
+    """Parameters from N: about 128 rows per centroid (``C`` at most 2048), ``p = 2``
+    (3 above 500k rows, where ``C`` is capped and partitions are larger: measured at 1M
+    with 64 rows a centroid, recall 0.985 with p = 2, 0.998 with p = 3) within a 0.05
+    margin, partitions split above 8x the mean size (at least 4096 rows), k-means on
+    :data:`MIN_TRAIN_PER_CENTROID` sampled rows per centroid (at least 10k; FAISS's
+    minimum, so it has nothing to warn about).
+
+    Why 128 rows a centroid: k-means, not the tiles, is most of the work here (41% of a
+    220k-row search at 64 rows and 20 training rows a centroid).  Giving FAISS its 39
+    training rows at 64 rows a centroid made the search 1.5x slower; half the centroids
+    trained on the same number of rows took the time of before, with recall 1.0000
+    against 0.9974 (380 sampled pairs, 220k clustered rows; bench/RESULTS.md issue 15)."""
+    c = n_clusters or max(1, min(2048, round(n / 128)))
     c = max(1, min(c, n)) if n else 1
     p = max(1, min(n_probe or (3 if n > 500_000 else 2), c))
     mean = p * n / c if c else n
     m = max_partition or max(4096, int(8 * mean))
-    s = sample or min(n, max(20 * c, 10_000))
+    s = sample or min(n, max(MIN_TRAIN_PER_CENTROID * c, 10_000))
     return PartitionParams(c, p, m, s, seed, margin=0.05 if margin is None else margin)
 
 
@@ -265,7 +279,7 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
 def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
     """Spherical k-means centroids from a seeded sample of ``rows``."""
     rng = np.random.default_rng(params.seed + 7919 * depth)
-    take = min(rows.size, max(params.sample, 4 * c))
+    take = min(rows.size, max(params.sample, MIN_TRAIN_PER_CENTROID * c))
     pick = np.sort(rng.choice(rows, size=take, replace=False)) if take < rows.size else rows
     sample = np.ascontiguousarray(embeddings[pick], dtype=np.float32)
     km = faiss.Kmeans(
@@ -275,6 +289,10 @@ def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
         spherical=True,
         seed=params.seed + depth,
         verbose=False,
+        # FAISS prints a warning to stderr below this many points per centroid; when
+        # every row is already in the sample there is nothing more to give it (and the
+        # partitions are searched exactly, recall measured), so ask for what there is.
+        min_points_per_centroid=max(1, min(MIN_TRAIN_PER_CENTROID, take // c)),
         max_points_per_centroid=max(256, take // c + 1),
     )
     km.train(sample)

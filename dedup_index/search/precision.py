@@ -289,9 +289,9 @@ class Arithmetic:
             out = torch.empty(embeddings.shape, dtype=torch.bfloat16)
         else:
             out = np.empty(embeddings.shape, dtype=np.float32) if self.rounds else None
-        err = 0.0
-        step = max(1, (16 << 20) // max(1, 4 * embeddings.shape[1]))
-        for a in range(0, embeddings.shape[0], step):
+        step = max(1, (4 << 20) // max(1, 4 * embeddings.shape[1]))
+
+        def part(a: int) -> float:
             chunk = np.asarray(embeddings[a : a + step], dtype=np.float32)
             rounded = round_to(self.name, chunk)
             if tensor:
@@ -302,7 +302,17 @@ class Arithmetic:
             # summed in float32 is within gamma_D of the true one: scaled up by that.
             diff = chunk - rounded
             sq = float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0))
-            err = max(err, math.sqrt(sq * (1 + 2 * chunk.shape[1] * _U32)))
+            return math.sqrt(sq * (1 + 2 * chunk.shape[1] * _U32))
+
+        starts = range(0, embeddings.shape[0], step)
+        threads = min(len(starts), _cores())
+        if threads > 1:  # numpy and torch release the GIL: the cores share the chunks
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                err = max(pool.map(part, starts), default=0.0)
+        else:
+            err = max(map(part, starts), default=0.0)
         rows = out if out is not None else embeddings
         return rows, dataclasses.replace(self, row_error=max(err, self.row_error or 0.0))
 
@@ -316,14 +326,16 @@ class Arithmetic:
         return np.matmul(rows_a, rows_c.T, out=out)
 
     @contextlib.contextmanager
-    def session(self, *, one_thread: bool = False):
+    def session(self, *, one_thread: bool = False, torch_tiles: bool = False):
         """Process settings the kernel needs for the duration of a search:
         ``one_thread``: torch single-threaded (one worker per core); on CUDA no TF32 and
         no reduced-precision reductions (the bound assumes float32 sums); everywhere, torch's
         float32 matmul precision "highest" (``set_float32_matmul_precision("medium")``
         lets oneDNN run float32 products in bf16 on CPUs that have it, outside the fp32
-        bound).  The caller's settings are restored when the last session ends."""
-        if self.kernel == "numpy":
+        bound).  The caller's settings are restored when the last session ends.
+        ``torch_tiles``: the tiles run in torch whatever the kernel (the torch tile loop:
+        its float32 products are torch's too); else the numpy kernel needs nothing."""
+        if self.kernel == "numpy" and not torch_tiles:
             yield self
             return
         import torch
@@ -332,17 +344,21 @@ class Arithmetic:
         with _SESSION_LOCK:
             if _ACTIVE["count"] == 0:  # the first session saves what the last restores
                 _ACTIVE["threads"] = torch.get_num_threads()
-                _ACTIVE["matmul"] = _matmul_precision(torch, "highest")
+                # The CUDA switches before the precision: "highest" reads as TF32 off.
                 m = torch.backends.cuda.matmul
                 _ACTIVE["cuda"] = (m.allow_tf32, _reduced(m, "fp16"), _reduced(m, "bf16"))
+                _ACTIVE["cuda_set"] = False
+                _ACTIVE["matmul"] = _matmul_precision(torch, "highest")
             _ACTIVE["count"] += 1
             if one_thread:
                 torch.set_num_threads(1)
             if cuda:
                 m = torch.backends.cuda.matmul
-                m.allow_tf32 = False
+                if m.allow_tf32:  # "highest" turned it off already, unless forced on
+                    m.allow_tf32 = False
                 _set_reduced(m, "fp16", False)
                 _set_reduced(m, "bf16", False)
+                _ACTIVE["cuda_set"] = True
         try:
             yield self
         finally:
@@ -350,13 +366,18 @@ class Arithmetic:
                 _ACTIVE["count"] -= 1
                 if _ACTIVE["count"] == 0:
                     torch.set_num_threads(_ACTIVE["threads"])
+                    # Only switches a session changed are set back (setting TF32's legacy
+                    # switch on a CPU search would mix torch's legacy and new precision
+                    # APIs, after which torch refuses to report its precision), and the
+                    # matmul precision last (it sets the TF32 switch it implies).
+                    if _ACTIVE["cuda_set"]:
+                        m = torch.backends.cuda.matmul
+                        tf32, fp16, bf16 = _ACTIVE["cuda"]
+                        if m.allow_tf32 != tf32:
+                            m.allow_tf32 = tf32
+                        _set_reduced(m, "fp16", fp16)
+                        _set_reduced(m, "bf16", bf16)
                     _matmul_precision(torch, _ACTIVE["matmul"])
-                    m = torch.backends.cuda.matmul
-                    tf32, fp16, bf16 = _ACTIVE["cuda"]
-                    if m.allow_tf32 != tf32:
-                        m.allow_tf32 = tf32
-                    _set_reduced(m, "fp16", fp16)
-                    _set_reduced(m, "bf16", bf16)
 
     # ---------------------------------------------------------------- torch tiles
 
@@ -413,6 +434,14 @@ class RoundedRows:
 
             return torch.from_numpy(rows).to(torch.bfloat16)
         return rows
+
+
+def _cores() -> int:
+    """Usable cores (at most 16)."""
+    try:
+        return min(16, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return min(16, os.cpu_count() or 1)
 
 
 def is_tensor(x) -> bool:

@@ -1,7 +1,8 @@
 """The on-disk stage: embeddings in memory-mapped shards, pairs that outgrow memory.
 
 - :class:`EmbeddingStore`: append-only ``(N, D)`` unit-norm embeddings (float32 or
-  float16) in fixed-size ``.npy`` shards with a JSON manifest as the atomic commit point,
+  float16) in shards that grow as they fill, SHA-256 per block checked on read, with a
+  JSON manifest as the atomic commit point,
   so an interrupted encoding run resumes from its last committed row.  Search backends
   take it wherever they take an ndarray.
 - :func:`open_or_array`: a store, a store's path or an array, as backends take them.
@@ -18,24 +19,34 @@ from __future__ import annotations
 
 from .embeddings import (
     EmbeddingStore,
+    StoreCorruptError,
     StoreError,
     StoreExistsError,
     StoreNotFoundError,
     open_or_array,
 )
 from .pairs_file import PairFile, PairSink, write_pair_file
-from .segments import SegmentedRows, open_rows_file, write_rows_file
+from .segments import (
+    SegmentedRows,
+    blocks_name,
+    open_rows_file,
+    write_rows_file,
+    write_rows_segment,
+)
 
 __all__ = [
     "EmbeddingStore",
     "PairFile",
     "PairSink",
     "SegmentedRows",
+    "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "blocks_name",
     "open_or_array",
     "open_rows_file",
     "write_pair_file",
     "write_rows_file",
+    "write_rows_segment",
 ]

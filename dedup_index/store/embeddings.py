@@ -1,21 +1,42 @@
-"""An append-only embedding store on disk: fixed-size ``.npy`` shards and a JSON manifest.
+"""An append-only embedding store on disk: growing shards, block checksums, a JSON manifest.
 
 Embeddings of a large collection do not fit in memory, and encoding them is the slow part
 of the pipeline, so they are written once, to disk, as they are produced, and read back
 through memory maps by every later stage.  A store is one directory::
 
-    manifest.json        format version, dim, dtype, shard_rows, row count, shards, keys, meta
-    shard-00000.npy      rows [0, shard_rows)            fixed capacity, sparse on disk
-    shard-00001.npy      rows [shard_rows, 2*shard_rows)
+    manifest.json        format version, dim, dtype, shard_rows, row count, shards, keys,
+                         SHA-256 of every block of every shard and of the keys, meta
+    shard-00000.bin      rows [0, shard_rows), raw little-endian rows, grows as rows come
+    shard-00001.bin      rows [shard_rows, 2*shard_rows)
     keys.jsonl           optional: one JSON string per row (an image path, an id, ...)
+
+**Every byte is checked.**  Each shard is cut into blocks of ``block_rows`` rows (about
+1 MiB) and the keys file into 1 MiB blocks; the manifest records the SHA-256 of each.  A
+block is hashed and compared the first time anything in it is read (the keys file when
+the keys are first read), so opening a store of a million rows stays instant while no
+answer is ever computed from bytes that changed on disk since they were written: a
+mismatch raises :class:`StoreCorruptError`, naming the file and the block.  An append
+into a partly filled block first checks the bytes already there against their recorded
+hash (it must read them to hash the grown block anyway), so damage is never laundered
+into a fresh checksum.  :meth:`EmbeddingStore.verify` checks everything at once.
+
+**Shards grow as they fill.**  A shard file holds exactly the rows written to it (each
+append writes at the end of the file), never a sparse preallocation: a 1,000-row store
+takes 1,000 rows of disk, under a file-size limit too, and tools that do not know sparse
+files copy only that.
 
 The manifest is the commit point.  :meth:`EmbeddingStore.append` writes the new rows into
 the shards and fsyncs them, appends the keys and fsyncs them, and only then replaces the
 manifest atomically (temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory).  A crash at any moment therefore leaves the previous manifest in place; rows
-and keys written beyond its count are ignored on open and overwritten by the next append.
+and keys written beyond its count are ignored on open and cut off by the next append.
 Committed rows are never rewritten, so readers may map a store while one writer appends;
 each reader sees the rows committed when it opened.  One writer at a time.
+
+Stores of format 1 (fixed-size sparse ``.npy`` shards, no checksums) are still read; their
+rows cannot be checked (nothing recorded what they were), which a WARNING says.  Opening
+one for appending upgrades it in place to format 2 (rows copied to growing shards, every
+block hashed, logged), so an embedding cache gets its checksums on its next run.
 
 Reading returns C-contiguous float32 arrays (fresh copies, never views of the maps) with
 the semantics of the equivalent ndarray for ``len``, ``.shape``, ``x[a:b]``, ``x[k]`` and
@@ -25,6 +46,7 @@ the semantics of the equivalent ndarray for ``len``, ``.shape``, ``x[a:b]``, ``x
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -38,20 +60,36 @@ from ..errors import DedupIndexError
 from ..files import crash_point, fsync_dir, read_json, write_json_atomic
 from ..search.canonical import as_unit_float32
 from ..validation import check_choice, check_positive_int
+from .blocks import (
+    BLOCK_BYTES,
+    HashingThread,
+    block_digests,
+    block_rows_for,
+    check_gather,
+    check_range,
+    digest,
+    n_blocks,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BLOCK_BYTES",
     "DEFAULT_SHARD_ROWS",
     "FORMAT_VERSION",
     "EmbeddingStore",
+    "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
     "open_or_array",
 ]
 
-#: Version written to (and the only one accepted from) ``manifest.json``.
-FORMAT_VERSION = 1
-#: Rows per shard file: 512 MiB at D = 512 float32, allocated lazily (sparse).
+#: Version written to ``manifest.json`` (format 1 is still read, see the module docstring).
+FORMAT_VERSION = 2
+_READ_VERSIONS = (1, 2)
+#: Rows per shard file.  Files grow as rows are appended; this only caps one file's size
+#: (512 MiB at D = 512 float32).
 DEFAULT_SHARD_ROWS = 262_144
 
 MANIFEST = "manifest.json"
@@ -67,6 +105,10 @@ class StoreError(DedupIndexError, OSError):
     """A store on disk is missing, corrupt, or does not match what was asked for."""
 
 
+class StoreCorruptError(StoreError):
+    """Bytes of a store's file differ from the checksum recorded when they were written."""
+
+
 class StoreExistsError(StoreError, FileExistsError):
     """``create`` found a store (or other files) where it was asked to make a new one."""
 
@@ -75,9 +117,9 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """The path holds no store (no ``manifest.json``)."""
 
 
-def shard_name(k: int) -> str:
-    """File name of shard ``k``."""
-    return f"shard-{k:05d}.npy"
+def shard_name(k: int, version: int = FORMAT_VERSION) -> str:
+    """File name of shard ``k`` in a store of format ``version``."""
+    return f"shard-{k:05d}.npy" if version == 1 else f"shard-{k:05d}.bin"
 
 
 class EmbeddingStore:
@@ -86,7 +128,8 @@ class EmbeddingStore:
     Make one with :meth:`create`, reopen it with :meth:`open`.  ``len(store)``,
     ``store.shape``, ``store[a:b]``, ``store[k]`` and ``store[int_array]`` behave like the
     same operations on the equivalent float32 ndarray (out-of-range indices raise
-    ``IndexError``); results are fresh float32 arrays.
+    ``IndexError``); results are fresh float32 arrays, computed only from bytes whose
+    SHA-256 matched the manifest (:class:`StoreCorruptError` otherwise).
 
     ``dtype="float16"`` halves the disk and the page cache.  Rows are then rounded to
     float16 when written, and every later stage (candidate search and canonical rescoring)
@@ -99,12 +142,20 @@ class EmbeddingStore:
         # Use create() or open(); this only takes a manifest already checked by _load_manifest.
         self._path = path
         self._mode = mode
+        self._version = int(manifest["version"])
         self._dim = int(manifest["dim"])
         self._storage = np.dtype(manifest["dtype"])
+        self._row_bytes = self._dim * self._storage.itemsize
         self._shard_rows = int(manifest["shard_rows"])
         self._count = int(manifest["count"])
         self._n_shards = int(manifest["n_shards"])
         self._meta = manifest["meta"]
+        sums = manifest.get("checksums")
+        # Format 1 has no checksums: nothing to check its bytes against.
+        self._block_rows = int(sums["block_rows"]) if sums else 0
+        self._key_block = int(sums["key_block_bytes"]) if sums else 0
+        self._digests: list[list[str]] | None = [list(d) for d in sums["shards"]] if sums else None
+        self._key_digests: list[str] | None = list(sums["keys"]) if sums else None
         keys = manifest["keys"]
         self._has_keys: bool | None = None if keys is None else True
         if keys is None and self._count > 0:
@@ -114,10 +165,12 @@ class EmbeddingStore:
         self._key_index: dict[str, int] | None = None
         self._offsets: list[int] = []
         self._maps: list[np.ndarray | None] = []
+        self._checked: list[np.ndarray] = []  # per shard: which blocks were hashed and matched
         self._closed = False
         for k in range(self._n_shards):
             self._offsets.append(self._check_shard(k))
             self._maps.append(None)
+            self._checked.append(np.zeros(self._n_blocks(k), dtype=bool))
         if keys is not None:
             kpath = path / KEYS_FILE
             size = kpath.stat().st_size if kpath.exists() else -1
@@ -185,6 +238,7 @@ class EmbeddingStore:
                     f"(found {', '.join(others[:5])}); use an empty or new directory"
                 )
         path.mkdir(parents=True, exist_ok=True)
+        row_bytes = dim * np.dtype(storage).itemsize
         manifest = {
             "format": _FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -195,6 +249,13 @@ class EmbeddingStore:
             "n_shards": 0,
             "keys": None,
             "meta": meta,
+            "checksums": {
+                "algorithm": "sha256",
+                "block_rows": block_rows_for(row_bytes),
+                "key_block_bytes": BLOCK_BYTES,
+                "shards": [],
+                "keys": [],
+            },
         }
         _write_manifest(path, manifest)
         return cls(path, manifest, "a")
@@ -203,12 +264,27 @@ class EmbeddingStore:
     def open(cls, path: str | os.PathLike[str], mode: str = "r") -> EmbeddingStore:
         """Open the store in ``path``: ``mode="r"`` reads only (never writes), ``"a"`` appends.
 
-        Checks the manifest and that every shard it counts exists at full size, so a damaged
-        store fails here, naming the file, rather than in the middle of a search.
+        Checks the manifest and that every shard it counts exists at full size, so a missing
+        or truncated file fails here, naming it, rather than in the middle of a search; the
+        bytes themselves are checked against their SHA-256 when first read.  A format-1
+        store opened with ``mode="a"`` is upgraded to format 2 first (logged).
         """
         check_choice(mode, ("r", "a"), "mode")
         path = Path(path)
-        return cls(path, _load_manifest(path), mode)
+        manifest = _load_manifest(path)
+        if manifest["version"] == 1:
+            if mode == "a":
+                manifest = _upgrade_v1(path, manifest)
+            else:
+                logger.warning(
+                    "the embedding store at %s was written by an older dedup_index without "
+                    "checksums (format 1): its rows are read unchecked. Opening it for "
+                    "appending (any run that writes to it) adds checksums; or rebuild it",
+                    path,
+                )
+        elif mode == "a":
+            _remove_v1_leftovers(path)
+        return cls(path, manifest, mode)
 
     # ------------------------------------------------------------------------ properties
 
@@ -253,6 +329,11 @@ class EmbeddingStore:
         return self._shard_rows
 
     @property
+    def checksummed(self) -> bool:
+        """Whether the store records checksums (format 2); format-1 stores do not."""
+        return self._digests is not None
+
+    @property
     def meta(self) -> dict[str, Any]:
         """A copy of the user metadata given to :meth:`create`."""
         return json.loads(json.dumps(self._meta))
@@ -264,13 +345,10 @@ class EmbeddingStore:
 
     @property
     def nbytes_on_disk(self) -> int:
-        """Bytes the store occupies on disk.
-
-        Counts allocated blocks where the platform reports them, so the unwritten (sparse)
-        tail of the last shard is not counted; apparent file sizes elsewhere.
-        """
+        """Bytes the store occupies on disk (allocated blocks where the platform reports
+        them, so a format-1 store's unwritten sparse tail is not counted)."""
         files = [self._path / MANIFEST, self._path / KEYS_FILE]
-        files += [self._path / shard_name(k) for k in range(self._n_shards)]
+        files += [self._path / shard_name(k, self._version) for k in range(self._n_shards)]
         total = 0
         for f in files:
             try:
@@ -329,21 +407,36 @@ class EmbeddingStore:
         data = unit if self._storage == np.float32 else unit.astype(self._storage)
         start = self._count
         stop = start + n
-        new_shards = self._write_rows(data, start)
+        digests = self._write_rows(np.ascontiguousarray(data), start)
         crash_point("shards_written")
         keys_record = None
+        key_digests = self._key_digests
         if key_list is not None:
-            keys_record = {"count": stop, "bytes": self._write_keys(key_list)}
+            nbytes, key_digests = self._write_keys(key_list)
+            keys_record = {"count": stop, "bytes": nbytes}
             crash_point("keys_written")
         n_shards = -(-stop // self._shard_rows)
-        manifest = self._manifest(count=stop, n_shards=n_shards, keys=keys_record)
+        manifest = self._manifest(
+            count=stop, n_shards=n_shards, keys=keys_record, digests=digests, keys_sums=key_digests
+        )
         _write_manifest(self._path, manifest)
         # Committed: update the in-memory view.
-        for k in range(self._n_shards, n_shards):
-            self._offsets.append(new_shards[k])
+        for _ in range(self._n_shards, n_shards):
+            self._offsets.append(0)
             self._maps.append(None)
+            self._checked.append(np.zeros(0, dtype=bool))
         self._count = stop
         self._n_shards = n_shards
+        self._digests = digests
+        self._key_digests = key_digests
+        for k in range(start // self._shard_rows, n_shards):
+            # These shards grew: map them again, and hash the blocks that changed when
+            # first read (they are checked like any others).
+            self._maps[k] = None
+            keep = self._checked[k][: (start - k * self._shard_rows) // self._block_rows]
+            fresh = np.zeros(self._n_blocks(k), dtype=bool)
+            fresh[: keep.shape[0]] = keep
+            self._checked[k] = fresh
         if key_list is not None:
             self._has_keys = True
             self._keys_bytes = keys_record["bytes"]
@@ -369,22 +462,50 @@ class EmbeddingStore:
             raise ValueError(f"truncate(count={count}): must be in [0, {self._count}]")
         if count == self._count:
             return
+        n_shards = -(-count // self._shard_rows)
+        digests = [list(d) for d in self._digests[:n_shards]]
+        if n_shards and count % self._shard_rows:
+            # The new last shard ends inside a block: hash that block's kept rows, after
+            # checking the whole old block against its recorded hash.
+            k = n_shards - 1
+            rows_k = count - k * self._shard_rows
+            b = rows_k // self._block_rows
+            kept = (rows_k - b * self._block_rows) * self._row_bytes
+            del digests[k][b + (1 if kept else 0) :]
+            if kept:
+                old = self._read_block(k, b)
+                digests[k][b] = digest(old[:kept])
         keys_record = None
+        key_digests = self._key_digests
         if self._has_keys:
             nbytes = 0
             with open(self._path / KEYS_FILE, "rb") as f:
                 for _ in range(count):
                     nbytes += len(f.readline())
             keys_record = {"count": count, "bytes": nbytes}
-            self._keys_bytes = nbytes
-        n_shards = -(-count // self._shard_rows)
+            key_digests = self._truncated_key_digests(nbytes)
         _write_manifest(
-            self._path, self._manifest(count=count, n_shards=n_shards, keys=keys_record)
+            self._path,
+            self._manifest(
+                count=count,
+                n_shards=n_shards,
+                keys=keys_record,
+                digests=digests,
+                keys_sums=key_digests,
+            ),
         )
         self._count = count
         self._n_shards = n_shards
+        self._digests = digests
+        self._key_digests = key_digests
+        if keys_record is not None:
+            self._keys_bytes = keys_record["bytes"]
         del self._offsets[n_shards:]
         del self._maps[n_shards:]
+        del self._checked[n_shards:]
+        if n_shards:
+            self._maps[-1] = None
+            self._checked[-1] = np.zeros(self._n_blocks(n_shards - 1), dtype=bool)
         self._keys = None
         self._key_index = None
         if count == 0:
@@ -426,43 +547,61 @@ class EmbeddingStore:
             )
         return key_list
 
-    def _write_rows(self, data: np.ndarray, start: int) -> dict[int, int]:
-        """Write ``data`` at rows ``start...`` across shards; return offsets of new shards."""
-        new: dict[int, int] = {}
-        row_bytes = self._dim * self._storage.itemsize
+    def _write_rows(self, data: np.ndarray, start: int) -> list[list[str]]:
+        """Write ``data`` at rows ``start...`` at the ends of the shards; return every
+        shard's block digests as they will be once these rows are committed."""
+        digests = [list(d) for d in self._digests]
+        rb = self._row_bytes
+        raw = memoryview(data).cast("B")
+        created = False
         r = 0
         while r < data.shape[0]:
             k, r0 = divmod(start + r, self._shard_rows)
             take = min(data.shape[0] - r, self._shard_rows - r0)
             fname = self._path / shard_name(k)
-            if k < self._n_shards:
-                offset = self._offsets[k]
-            else:
+            b = r0 // self._block_rows
+            prefix = b""
+            if k >= self._n_shards:
                 # A shard beyond the committed ones: (re)create it, discarding what a
                 # crashed append may have left there.
-                mm = np.lib.format.open_memmap(
-                    fname, mode="w+", dtype=self._storage, shape=(self._shard_rows, self._dim)
-                )
-                offset = int(mm.offset)
-                del mm
-                new[k] = offset
-            with open(fname, "r+b") as f:
-                f.seek(offset + r0 * row_bytes)
-                f.write(np.ascontiguousarray(data[r : r + take]).data)
+                created = True
+                digests.append([])
+            with open(fname, "r+b" if k < self._n_shards else "wb") as f:
+                if k < self._n_shards and r0 % self._block_rows:
+                    # A partly filled block grows: check what is there before hashing it
+                    # into the grown block's checksum.
+                    prefix = self._read_block(k, b, f)
+                if os.fstat(f.fileno()).st_size != r0 * rb:
+                    f.truncate(r0 * rb)  # cut off what a crashed append left after its commit
+                f.seek(r0 * rb)
+                chunk = raw[r * rb : (r + take) * rb]
+                # Hash while the kernel writes: both release the GIL, so the checksums
+                # cost no time next to the fsync (bench/store_append.py).
+                hashing = HashingThread(prefix, chunk, self._block_rows * rb)
+                f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
+            digests[k][b:] = hashing.result()
             crash_point("shard_chunk")
             r += take
-        if new:
+        if created:
             fsync_dir(self._path)
-        return new
+        return digests
 
-    def _write_keys(self, key_list: list[str]) -> int:
-        """Append keys after the committed ones (dropping any uncommitted tail)."""
+    def _write_keys(self, key_list: list[str]) -> tuple[int, list[str]]:
+        """Append keys after the committed ones (dropping any uncommitted tail); return
+        the keys file's new committed size and block digests."""
         kpath = self._path / KEYS_FILE
         payload = "".join(json.dumps(key) + "\n" for key in key_list).encode("ascii")
         created = not kpath.exists()
+        bs = self._key_block
+        b = self._keys_bytes // bs
         with open(kpath, "ab" if created else "r+b") as f:
+            prefix = b""
+            if self._keys_bytes % bs:
+                f.seek(b * bs)
+                prefix = f.read(self._keys_bytes - b * bs)
+                self._check_key_block(b, prefix)
             f.truncate(self._keys_bytes)
             f.seek(self._keys_bytes)
             f.write(payload)
@@ -470,9 +609,30 @@ class EmbeddingStore:
             os.fsync(f.fileno())
         if created:
             fsync_dir(self._path)
-        return self._keys_bytes + len(payload)
+        digests = self._key_digests[:b] + block_digests(prefix, memoryview(payload), bs)
+        return self._keys_bytes + len(payload), digests
 
-    def _manifest(self, *, count: int, n_shards: int, keys: dict[str, int] | None) -> dict:
+    def _truncated_key_digests(self, nbytes: int) -> list[str]:
+        bs = self._key_block
+        b, kept = divmod(nbytes, bs)
+        digests = list(self._key_digests[:b])
+        if kept:
+            with open(self._path / KEYS_FILE, "rb") as f:
+                f.seek(b * bs)
+                old = f.read(min(bs, self._keys_bytes - b * bs))
+            self._check_key_block(b, old)
+            digests.append(digest(old[:kept]))
+        return digests
+
+    def _manifest(
+        self,
+        *,
+        count: int,
+        n_shards: int,
+        keys: dict[str, int] | None,
+        digests: list[list[str]],
+        keys_sums: list[str],
+    ) -> dict:
         return {
             "format": _FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -483,6 +643,13 @@ class EmbeddingStore:
             "n_shards": n_shards,
             "keys": None if keys is None else {"file": KEYS_FILE, **keys},
             "meta": self._meta,
+            "checksums": {
+                "algorithm": "sha256",
+                "block_rows": self._block_rows,
+                "key_block_bytes": self._key_block,
+                "shards": digests,
+                "keys": keys_sums if keys is not None else [],
+            },
         }
 
     # --------------------------------------------------------------------------- reading
@@ -589,10 +756,36 @@ class EmbeddingStore:
             self._key_index = index
         return dict(self._key_index)
 
+    def verify(self) -> dict[str, int]:
+        """Hash every block of every shard and of the keys file against the manifest now.
+
+        Raises :class:`StoreCorruptError` naming the first file and block that fail;
+        returns ``{"rows": ..., "blocks": ..., "bytes": ...}`` checked (zeros for a format-1
+        store, which records no checksums).  Reads already check what they touch; this is
+        for a whole-store check (``dedup-index index verify``, a copy's check).
+        """
+        self._check_open()
+        if self._digests is None:
+            return {"rows": 0, "blocks": 0, "bytes": 0}
+        blocks = 0
+        for k in range(self._n_shards):
+            self._checked[k][:] = False
+            self._verify_rows(k, 0, self._rows_in_shard(k))
+            blocks += self._checked[k].shape[0]
+        if self._has_keys:
+            self._read_keys()
+            blocks += len(self._key_digests)
+        nbytes = self._count * self._row_bytes + (self._keys_bytes if self._has_keys else 0)
+        return {"rows": self._count, "blocks": blocks, "bytes": nbytes}
+
     def _read_keys(self) -> list[str]:
         kpath = self._path / KEYS_FILE
         with open(kpath, "rb") as f:
             data = f.read(self._keys_bytes)
+        if self._key_digests is not None and len(data) == self._keys_bytes:
+            bs = self._key_block
+            for b in range(len(self._key_digests)):
+                self._check_key_block(b, data[b * bs : (b + 1) * bs])
         lines = data.split(b"\n")
         if len(data) < self._keys_bytes or lines[-1] != b"" or len(lines) - 1 != self._count:
             raise StoreError(
@@ -610,12 +803,75 @@ class EmbeddingStore:
             out.append(key)
         return out
 
+    def _check_key_block(self, b: int, data: bytes) -> None:
+        if self._key_digests is None:
+            return
+        if b >= len(self._key_digests) or digest(data) != self._key_digests[b]:
+            lo = b * self._key_block
+            raise StoreCorruptError(
+                f"keys file {self._path / KEYS_FILE} is damaged: bytes {lo}-{lo + len(data)} "
+                f"do not match the SHA-256 recorded in {self._path / MANIFEST} when they were "
+                f"written. {_REBUILD}"
+            )
+
+    def _rows_in_shard(self, k: int) -> int:
+        return min(self._shard_rows, self._count - k * self._shard_rows)
+
+    def _n_blocks(self, k: int) -> int:
+        if self._digests is None:
+            return 0
+        return n_blocks(self._rows_in_shard(k), self._block_rows)
+
     def _map(self, k: int) -> np.ndarray:
         mm = self._maps[k]
         if mm is None:
-            mm = np.load(self._path / shard_name(k), mmap_mode="r")
+            mm = np.memmap(
+                self._path / shard_name(k, self._version),
+                dtype=self._storage,
+                mode="r",
+                offset=self._offsets[k],
+                shape=(self._rows_in_shard(k), self._dim),
+            )
             self._maps[k] = mm
         return mm
+
+    def _read_block(self, k: int, b: int, f: Any = None) -> bytes:
+        """The committed bytes of block ``b`` of shard ``k``, checked against its hash."""
+        lo = b * self._block_rows
+        hi = min(lo + self._block_rows, self._rows_in_shard(k))
+        fname = self._path / shard_name(k, self._version)
+        if f is None:
+            with open(fname, "rb") as g:
+                g.seek(lo * self._row_bytes)
+                data = g.read((hi - lo) * self._row_bytes)
+        else:
+            f.seek(lo * self._row_bytes)
+            data = f.read((hi - lo) * self._row_bytes)
+        if digest(data) != self._digests[k][b]:
+            raise self._corrupt(k, lo, hi)
+        return data
+
+    def _verify_rows(self, k: int, r0: int, r1: int) -> None:
+        """Hash the not yet checked blocks of shard ``k`` holding rows ``[r0, r1)``."""
+        if self._digests is not None:
+            check_range(
+                self._map(k),
+                r0,
+                r1,
+                self._digests[k],
+                self._checked[k],
+                self._block_rows,
+                lambda lo, hi: self._corrupt(k, lo, hi),
+            )
+
+    def _corrupt(self, k: int, lo: int, hi: int) -> StoreCorruptError:
+        fname = self._path / shard_name(k, self._version)
+        first = k * self._shard_rows
+        return StoreCorruptError(
+            f"shard file {fname} is damaged: the bytes of rows {first + lo}-{first + hi - 1} "
+            f"do not match the SHA-256 recorded in {self._path / MANIFEST} when they were "
+            f"written (no result was computed from them). {_REBUILD}"
+        )
 
     def _range(self, a: int, b: int) -> np.ndarray:
         out = np.empty((b - a, self._dim), dtype=np.float32)
@@ -623,6 +879,7 @@ class EmbeddingStore:
         while r < b:
             k, r0 = divmod(r, self._shard_rows)
             take = min(b - r, self._shard_rows - r0)
+            self._verify_rows(k, r0, r0 + take)
             out[r - a : r - a + take] = self._map(k)[r0 : r0 + take]
             r += take
         return out
@@ -641,7 +898,9 @@ class EmbeddingStore:
         shard = idx // self._shard_rows
         lo, hi = int(shard.min()), int(shard.max())
         if lo == hi:
-            out[:] = self._map(lo)[idx - lo * self._shard_rows]
+            local = idx - lo * self._shard_rows
+            self._verify_gather(lo, local)
+            out[:] = self._map(lo)[local]
             return out
         order = np.argsort(shard, kind="stable")
         ordered = shard[order]
@@ -649,25 +908,57 @@ class EmbeddingStore:
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, order.shape[0]], strict=True):
             k = int(ordered[a])
             pos = order[a:b]
-            out[pos] = self._map(k)[idx[pos] - k * self._shard_rows]
+            local = idx[pos] - k * self._shard_rows
+            self._verify_gather(k, local)
+            out[pos] = self._map(k)[local]
         return out
+
+    def _verify_gather(self, k: int, local: np.ndarray) -> None:
+        """Hash the not yet checked blocks of shard ``k`` holding rows ``local``."""
+        if self._digests is not None:
+            check_gather(
+                self._map(k),
+                local,
+                self._digests[k],
+                self._checked[k],
+                self._block_rows,
+                lambda lo, hi: self._corrupt(k, lo, hi),
+            )
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"the store at {self._path} is closed")
 
     def _check_shard(self, k: int) -> int:
-        """Check shard ``k``'s header and size against the manifest; return its data offset."""
-        fname = self._path / shard_name(k)
+        """Check shard ``k``'s size (and a format-1 shard's header) against the manifest;
+        return the offset of its rows in the file."""
+        fname = self._path / shard_name(k, self._version)
+        if self._version == 1:
+            return self._check_v1_shard(k, fname)
         try:
-            with open(fname, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                offset = f.tell()
-                size = os.fstat(f.fileno()).st_size
+            size = fname.stat().st_size
+        except FileNotFoundError:
+            raise StoreError(
+                f"shard file {fname} is missing; the manifest of {self._path} counts "
+                f"{self._n_shards} shard(s) for {self._count} rows (the store is damaged)"
+            ) from None
+        need = self._rows_in_shard(k) * self._row_bytes
+        if size < need:
+            raise StoreError(
+                f"shard file {fname} is truncated: {size} bytes, the manifest needs {need} "
+                "(the store is damaged)"
+            )
+        if len(self._digests[k]) != self._n_blocks(k):
+            raise StoreError(
+                f"manifest {self._path / MANIFEST} is corrupt: it lists "
+                f"{len(self._digests[k])} checksums for shard {k}, which needs "
+                f"{self._n_blocks(k)}"
+            )
+        return 0
+
+    def _check_v1_shard(self, k: int, fname: Path) -> int:
+        try:
+            offset, shape, fortran, dtype, size = _npy_header(fname)
         except FileNotFoundError:
             raise StoreError(
                 f"shard file {fname} is missing; the manifest of {self._path} counts "
@@ -688,6 +979,13 @@ class EmbeddingStore:
                 "(the store is damaged)"
             )
         return offset
+
+
+_REBUILD = (
+    "Rebuild it from its source: for an embedding cache, delete the cache folder (its "
+    "embeddings are computed again on the next run); for a Ray job's store, delete it and "
+    "rerun the job"
+)
 
 
 def open_or_array(x: Any) -> Any:
@@ -715,6 +1013,17 @@ def _dtype_name(dtype: str | np.dtype) -> str:
     return check_choice(name, _DTYPES, "dtype")
 
 
+def _npy_header(fname: Path) -> tuple[int, tuple, bool, np.dtype, int]:
+    """``(data offset, shape, fortran, dtype, file size)`` of a format-1 ``.npy`` shard."""
+    with open(fname, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return f.tell(), shape, fortran, dtype, os.fstat(f.fileno()).st_size
+
+
 def _load_manifest(path: Path) -> dict[str, Any]:
     mpath = path / MANIFEST
 
@@ -724,13 +1033,12 @@ def _load_manifest(path: Path) -> dict[str, Any]:
             f"{path} is not an embedding store: it {what} (make one with EmbeddingStore.create)"
         )
 
-    m = read_json(
-        mpath,
-        StoreError,
-        missing=missing,
-        format=("format", _FORMAT_NAME),
-        version=("version", FORMAT_VERSION),
-    )
+    m = read_json(mpath, StoreError, missing=missing, format=("format", _FORMAT_NAME))
+    if m.get("version") not in _READ_VERSIONS:
+        raise StoreError(
+            f"manifest {mpath} has format version {m.get('version')!r}; this dedup_index "
+            f"reads versions {', '.join(map(str, _READ_VERSIONS))}"
+        )
     try:
         ints = {f: m[f] for f in ("dim", "shard_rows", "count", "n_shards")}
         keys, meta, dtype = m["keys"], m["meta"], m["dtype"]
@@ -752,7 +1060,96 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         or not isinstance(keys.get("bytes"), int)
     ):
         raise StoreError(f"manifest {mpath} is corrupt: its keys record does not match count")
+    if m["version"] >= 2:
+        _check_checksums(mpath, m)
     return m
+
+
+def _check_checksums(mpath: Path, m: dict[str, Any]) -> None:
+    """The checksum record of a format-2 manifest is well formed (lengths are checked per
+    shard on open, and for the keys here)."""
+    sums = m.get("checksums")
+
+    def ok_list(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(d, str) and len(d) == 64 for d in x)
+
+    good = (
+        isinstance(sums, dict)
+        and sums.get("algorithm") == "sha256"
+        and all(
+            isinstance(sums.get(f), int) and not isinstance(sums.get(f), bool) and sums[f] >= 1
+            for f in ("block_rows", "key_block_bytes")
+        )
+        and isinstance(sums.get("shards"), list)
+        and len(sums["shards"]) == m["n_shards"]
+        and all(ok_list(d) for d in sums["shards"])
+        and ok_list(sums.get("keys"))
+    )
+    if good and m["keys"] is not None:
+        good = len(sums["keys"]) == -(-m["keys"]["bytes"] // sums["key_block_bytes"])
+    if not good:
+        raise StoreError(f"manifest {mpath} is corrupt: its checksums record is malformed")
+
+
+def _upgrade_v1(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a format-1 store (opened for appending) as format 2, in place; return the
+    new manifest.  Rows are copied from the sparse ``.npy`` shards to growing ``.bin``
+    ones and every block is hashed; the new manifest is the commit point (a crash before
+    it leaves the format-1 store as it was), and the old shards are removed after it."""
+    old = EmbeddingStore(path, manifest, "r")
+    try:
+        storage = old.storage_dtype
+        row_bytes = old.dim * storage.itemsize
+        block_rows = block_rows_for(row_bytes)
+        shards = []
+        for k in range(old._n_shards):
+            rows = np.ascontiguousarray(old._map(k))
+            with open(path / shard_name(k), "wb") as f:
+                f.write(rows.data)
+                f.flush()
+                os.fsync(f.fileno())
+            raw = memoryview(rows).cast("B")
+            shards.append(block_digests(b"", raw, block_rows * row_bytes) if len(raw) else [])
+        key_sums: list[str] = []
+        if manifest["keys"] is not None:
+            with open(path / KEYS_FILE, "rb") as f:
+                data = f.read(manifest["keys"]["bytes"])
+            if data:
+                key_sums = block_digests(b"", memoryview(data), BLOCK_BYTES)
+    finally:
+        old.close()
+    fsync_dir(path)
+    new_manifest = dict(
+        manifest,
+        version=FORMAT_VERSION,
+        checksums={
+            "algorithm": "sha256",
+            "block_rows": block_rows,
+            "key_block_bytes": BLOCK_BYTES,
+            "shards": shards,
+            "keys": key_sums,
+        },
+    )
+    _write_manifest(path, new_manifest)
+    _remove_v1_leftovers(path)
+    logger.warning(
+        "upgraded the embedding store at %s to format %d: its %d rows and keys now have "
+        "SHA-256 checksums, checked on every read (they were written without any, so they "
+        "are taken as they are)",
+        path,
+        FORMAT_VERSION,
+        manifest["count"],
+    )
+    return new_manifest
+
+
+def _remove_v1_leftovers(path: Path) -> None:
+    """Remove format-1 ``.npy`` shards left by an upgrade that was cut after its commit."""
+    for leftover in path.glob("shard-*.npy"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:

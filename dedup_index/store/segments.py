@@ -9,13 +9,23 @@ returns a new view sharing the old parts, so a reader holding one keeps seeing t
 had (a snapshot) while a writer appends.  An open memory map also keeps its file readable
 after a compaction unlinks it.
 
-:func:`write_rows_file` writes a segment atomically (temp file, fsync, rename, via
+:func:`write_rows_segment` writes a segment atomically (temp file, fsync, rename, via
 :mod:`dedup_index.files`) block by block, so a segment larger than memory (a compaction
-of a store) never needs a full copy; it returns the file's SHA-256 for the manifest.
+of a store) never needs a full copy, and beside it a small *block-checksum* file
+(:func:`blocks_name`: ``rows-000001.blocks.json``) with the SHA-256 of every ~1 MiB block
+of its rows (:mod:`dedup_index.store.blocks`); it returns the SHA-256 of both files for the
+manifest.  :func:`open_rows_file` given the block file checks each block the first time a
+row in it is read (:class:`BlockCheckedRows`), so opening and querying a segment of
+millions of rows never waits for the whole file to be hashed, and no answer is computed
+from a block whose bytes changed.  Segments written before block files existed (only a
+whole-file SHA-256 in the manifest) are checked whole on first read (:class:`CheckedRows`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import numbers
 import os
 from collections.abc import Iterable
@@ -24,13 +34,43 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write_with, sha256_file
-from .embeddings import StoreError
+from ..files import atomic_write_with, sha256_file, write_json_atomic
+from .blocks import (
+    HashingThread,
+    block_rows_for,
+    check_gather,
+    check_range,
+    digest,
+    n_blocks,
+)
+from .embeddings import StoreCorruptError, StoreError
 
-__all__ = ["SegmentedRows", "open_rows_file", "write_rows_file"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BlockCheckedRows",
+    "CheckedRows",
+    "SegmentedRows",
+    "blocks_name",
+    "open_rows_file",
+    "write_rows_file",
+    "write_rows_segment",
+]
 
 #: Rows copied per block while writing a segment (bounds the float32 scratch).
 WRITE_BLOCK = 65_536
+
+
+#: Blocks read and hashed at a time while a segment's checksums are computed.
+HASH_CHUNK_BLOCKS = 64
+#: ``format`` of a block-checksum file.
+BLOCKS_FORMAT = "dedup_index.row_blocks"
+
+
+def blocks_name(name: str) -> str:
+    """The block-checksum file of the rows file ``name`` (``rows/rows-000001.npy`` ->
+    ``rows/rows-000001.blocks.json``), relative to the same folder."""
+    return (name[:-4] if name.endswith(".npy") else name) + ".blocks.json"
 
 
 def write_rows_file(
@@ -41,7 +81,62 @@ def write_rows_file(
     block: int = WRITE_BLOCK,
 ) -> str:
     """Write ``rows`` (an ``(n, D)`` array or array-like with slicing) as a ``.npy`` of
-    ``dtype`` atomically; returns its SHA-256 hex digest."""
+    ``dtype`` atomically; returns its SHA-256 hex digest (no block-checksum file: see
+    :func:`write_rows_segment`)."""
+    _write_npy(Path(path), rows, dtype, block)
+    return sha256_file(path)
+
+
+def write_rows_segment(
+    root: str | os.PathLike,
+    name: str,
+    rows: Any,
+    dtype: str = "float32",
+    *,
+    block: int = WRITE_BLOCK,
+) -> dict[str, str]:
+    """Write ``rows`` as the segment ``root/name`` (a ``.npy``, as :func:`write_rows_file`)
+    and its block-checksum file ``root/blocks_name(name)``, each atomically; returns
+    ``{name: sha256, blocks_name(name): sha256}`` for the manifest's checksums.
+
+    The rows file is read back once (from the page cache) to hash it whole (what
+    ``index verify`` checks) and block by block (what reads check) in the same pass."""
+    root = Path(root)
+    path = root / name
+    _write_npy(path, rows, dtype, block)
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    offset, (n, d) = int(arr.offset), arr.shape
+    row_bytes = d * arr.dtype.itemsize
+    del arr
+    block_rows = block_rows_for(row_bytes)
+    whole = hashlib.sha256()
+    digests: list[str] = []
+    block_bytes = block_rows * row_bytes
+    with open(path, "rb") as f:
+        whole.update(f.read(offset))
+        for _ in range(0, n_blocks(n, block_rows), HASH_CHUNK_BLOCKS):
+            data = f.read(HASH_CHUNK_BLOCKS * block_bytes)
+            blocks = HashingThread(b"", data, block_bytes)  # both hashes at once
+            whole.update(data)
+            digests += blocks.result()
+        whole.update(f.read())  # nothing, for a file np.save wrote; hashed all the same
+    sums_name = blocks_name(name)
+    record = {
+        "format": BLOCKS_FORMAT,
+        "version": 1,
+        "algorithm": "sha256",
+        "rows_file": Path(name).name,
+        "count": int(n),
+        "dim": int(d),
+        "dtype": np.dtype(dtype).name,
+        "data_offset": offset,
+        "block_rows": block_rows,
+        "sha256": digests,
+    }
+    return {name: whole.hexdigest(), sums_name: write_json_atomic(root / sums_name, record)}
+
+
+def _write_npy(path: Path, rows: Any, dtype: str, block: int) -> None:
     n, d = rows.shape
 
     def write(tmp: str) -> None:
@@ -52,13 +147,189 @@ def write_rows_file(
         del out
 
     atomic_write_with(path, write, suffix=".npy")
-    return sha256_file(path)
 
 
-def open_rows_file(path: str | os.PathLike, count: int, dim: int) -> np.ndarray:
-    """Memory-map a segment written by :func:`write_rows_file`, checking its shape (a
-    missing, truncated or foreign file raises :class:`StoreError` naming it)."""
+def open_rows_file(
+    path: str | os.PathLike,
+    count: int,
+    dim: int,
+    sha256: str | None = None,
+    *,
+    blocks: str | os.PathLike | None = None,
+    blocks_sha256: str | None = None,
+) -> Any:
+    """Memory-map a segment written by :func:`write_rows_segment` (or
+    :func:`write_rows_file`), checking its shape (a missing, truncated or foreign file
+    raises :class:`StoreError` naming it).  Opening hashes no rows.
+
+    With ``blocks`` (its block-checksum file, and ``blocks_sha256``, that file's SHA-256
+    from the manifest) the rows come as a :class:`BlockCheckedRows`: each ~1 MiB block is
+    checked the first time a row in it is read.  Else with ``sha256`` (the whole file's)
+    as a :class:`CheckedRows`: the whole file is hashed on the first read.  A mismatch
+    raises :class:`~dedup_index.store.StoreCorruptError` instead of giving an answer
+    computed from damaged bytes."""
     path = Path(path)
+    arr = _open_rows(path, count, dim)
+    if blocks is not None and (sha256 is None or Path(blocks).exists()):
+        digests, block_rows = _read_blocks_file(Path(blocks), blocks_sha256, arr, path)
+        return BlockCheckedRows(arr, path, digests, block_rows, Path(blocks))
+    if blocks is not None:  # e.g. deleted by an older dedup_index that did not list it
+        logger.warning(
+            "block-checksum file %s is missing: %s is checked whole on its first read "
+            "instead (`dedup-index index compact` writes it again)",
+            blocks,
+            path,
+        )
+    return arr if sha256 is None else CheckedRows(arr, path, sha256)
+
+
+def _read_blocks_file(
+    sums: Path, sha256: str | None, arr: np.ndarray, rows_path: Path
+) -> tuple[list[str], int]:
+    """The block digests and rows per block a block-checksum file records for ``arr``,
+    the file checked against ``sha256`` and against the rows file's shape."""
+    try:
+        payload = sums.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"block-checksum file {sums} (of {rows_path.name}) is missing") from None
+    if sha256 is not None and digest(payload) != sha256:
+        raise StoreCorruptError(
+            f"block-checksum file {sums} is damaged: its SHA-256 does not match the one "
+            "recorded in the manifest (no result was computed from its rows); restore the "
+            "index from a copy, or rebuild it"
+        )
+    try:
+        rec = json.loads(payload)
+        block_rows, digests = int(rec["block_rows"]), rec["sha256"]
+        good = (
+            rec["format"] == BLOCKS_FORMAT
+            and rec["algorithm"] == "sha256"
+            and rec["count"] == arr.shape[0]
+            and rec["dim"] == arr.shape[1]
+            and rec["dtype"] == arr.dtype.name
+            and rec["data_offset"] == arr.offset
+            and block_rows >= 1
+            and isinstance(digests, list)
+            and len(digests) == n_blocks(arr.shape[0], block_rows)
+            and all(isinstance(x, str) and len(x) == 64 for x in digests)
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"block-checksum file {sums} is not readable: {err}") from err
+    if not good:
+        raise StoreError(
+            f"block-checksum file {sums} does not describe {rows_path} "
+            f"({arr.dtype} {arr.shape}): one of them is damaged"
+        )
+    return digests, block_rows
+
+
+class BlockCheckedRows:
+    """A memory-mapped segment whose rows are checked block by block on first read.
+
+    Each ~1 MiB block is hashed the first time any row in it is read and compared with
+    the SHA-256 recorded when it was written (:mod:`dedup_index.store.blocks`); a block
+    that differs raises :class:`~dedup_index.store.StoreCorruptError` naming the file and
+    its rows on every read that touches it, while rows in other blocks still answer.
+    Supports what :class:`SegmentedRows` asks of a part: ``shape``, ``dtype``, ``len``,
+    ``x[k]``, ``x[a:b]`` and integer or boolean array indexing."""
+
+    def __init__(
+        self, rows: np.ndarray, path: Path, digests: list[str], block_rows: int, sums: Path
+    ) -> None:
+        self._rows, self._path, self._sums = rows, path, sums
+        self._digests, self._block_rows = digests, block_rows
+        self._checked = np.zeros(len(digests), dtype=bool)
+        self.shape = rows.shape
+        self.dtype = rows.dtype
+        self.ndim = rows.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _corrupt(self, lo: int, hi: int) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"rows file {self._path} is damaged: the bytes of its rows {lo}-{hi - 1} do not "
+            f"match the SHA-256 recorded in {self._sums.name} when they were written (no "
+            "result was computed from them); restore the index from a copy, or rebuild it"
+        )
+
+    def _check_range(self, a: int, b: int) -> None:
+        check_range(self._rows, a, b, self._digests, self._checked, self._block_rows, self._corrupt)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        n = self.shape[0]
+        first = key[0] if isinstance(key, tuple) and key else key
+        if isinstance(first, numbers.Integral) and not isinstance(first, bool):
+            k = int(first)
+            if not -n <= k < n:
+                raise IndexError(f"row {k} is out of bounds for {n} rows")
+            self._check_range(k % n, k % n + 1)
+        elif isinstance(first, slice):
+            a, b, step = first.indices(n)
+            if step == 1:
+                self._check_range(a, max(a, b))
+            else:
+                self._check_gather(np.arange(a, b, step, dtype=np.int64))
+        else:
+            idx = np.asarray(first)
+            if idx.dtype == np.bool_:
+                idx = np.flatnonzero(idx)
+            elif idx.size and idx.dtype.kind not in "iu":
+                raise IndexError(f"rows are indexed by integers; got {idx.dtype}")
+            idx = idx.reshape(-1).astype(np.int64, copy=False)
+            if ((idx < -n) | (idx >= n)).any():
+                raise IndexError(f"a row index is out of bounds for {n} rows")
+            self._check_gather(np.where(idx < 0, idx + n, idx))
+        return self._rows[key]
+
+    def _check_gather(self, idx: np.ndarray) -> None:
+        check_gather(self._rows, idx, self._digests, self._checked, self._block_rows, self._corrupt)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        self._check_range(0, self.shape[0])
+        arr = np.asarray(self._rows)
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+class CheckedRows:
+    """A memory-mapped segment whose file is checked against its SHA-256 on first read
+    (a segment with no block-checksum file: see :class:`BlockCheckedRows`).
+
+    Segments are immutable, so one whole-file check per process is enough; it costs one
+    read of the file (about 1 s per GB), paid by the first query or add that touches the
+    segment rather than by ``open``.  Supports what :class:`SegmentedRows` asks of a
+    part: ``shape``, ``dtype``, ``len``, slicing and integer-array indexing."""
+
+    def __init__(self, rows: np.ndarray, path: Path, sha256: str) -> None:
+        self._rows, self._path, self._sha256 = rows, path, sha256
+        self._checked = False
+        self.shape = rows.shape
+        self.dtype = rows.dtype
+        self.ndim = rows.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _check(self) -> np.ndarray:
+        if not self._checked:
+            if sha256_file(self._path) != self._sha256:
+                raise StoreCorruptError(
+                    f"rows file {self._path} is damaged: its SHA-256 does not match the one "
+                    "recorded when it was written (no result was computed from it); restore "
+                    "the index from a copy, or rebuild it"
+                )
+            self._checked = True
+        return self._rows
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self._check()[key]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        arr = np.asarray(self._check())
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+def _open_rows(path: Path, count: int, dim: int) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:

@@ -17,7 +17,6 @@ Needs OpenCV for the geometric step: ``pip install 'dedup-index[verify]'``.
 from .geometry import Features, GeometricOptions, Match, extract_features, match_features
 from .hashing import HASH_BITS, hash_distance, perceptual_hashes
 from .stage import (
-    CANDIDATE_THRESHOLDS,
     HASH_MAX_DISTANCE,
     VERIFY_METHODS,
     Verification,
@@ -28,7 +27,6 @@ from .stage import (
 )
 
 __all__ = [
-    "CANDIDATE_THRESHOLDS",
     "Features",
     "GeometricOptions",
     "HASH_BITS",

@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from ..encode.models import candidate_threshold
 from ..io import DEFAULT_MAX_PIXELS, try_load_image
 from ..search.pairs import PairSet, concat_pairsets
 from ..validation import check_choice, check_non_negative_int
@@ -54,10 +55,6 @@ VERIFY_METHODS = ("none", "geometric")
 #: Default Hamming distance (of 256 bits) at or below which the hash alone verifies a pair.
 HASH_MAX_DISTANCE = 16
 
-#: Candidate thresholds recorded beside the models: the embedding similarity at or above
-#: which pairs go to verification (recall-oriented).  Measured with ``bench/quality.py``.
-CANDIDATE_THRESHOLDS = {"efficientnet-lite0": 0.4}
-
 #: Below this many images to read, ``num_workers=None`` reads them in this process.
 _MIN_IMAGES_FOR_WORKERS = 16
 
@@ -65,20 +62,6 @@ _MIN_IMAGES_FOR_WORKERS = 16
 def check_verify(verify: Any) -> str:
     """``verify`` if it names a verification method; else ``ValueError``."""
     return check_choice(verify, VERIFY_METHODS, "verify")
-
-
-def candidate_threshold(model_name: str | None, default: float) -> tuple[float, str]:
-    """``(threshold, why)``: the candidate threshold recorded for ``model_name`` (by name
-    or its folder's name), else ``default``."""
-    if model_name:
-        name = str(model_name).rstrip("/\\")
-        for key in (name, os.path.basename(name)):
-            if key in CANDIDATE_THRESHOLDS:
-                return CANDIDATE_THRESHOLDS[key], (
-                    f"candidate threshold for {key} with verify='geometric'; "
-                    "recall-oriented, measured by bench/quality.py"
-                )
-    return default, "no candidate threshold recorded for this model; the decision threshold"
 
 
 @dataclass
@@ -106,6 +89,9 @@ class Verification:
     failures: dict[int, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    #: The parameters the pairs were judged by (for :meth:`reasons`).
+    options: GeometricOptions = field(default_factory=GeometricOptions)
+    hash_max_distance: int = HASH_MAX_DISTANCE
 
     @property
     def pairs(self) -> PairSet:
@@ -129,6 +115,31 @@ class Verification:
         frame["verified"] = self.verified
         frame["how"] = self.how
         return frame
+
+    def reasons(self) -> list[str]:
+        """Per candidate, in words, why it was verified or not (for the report)."""
+        opts, out = self.options, []
+        for k in range(len(self)):
+            how, d, n = str(self.how[k]), int(self.hash_distance[k]), int(self.inliers[k])
+            agree, flip = float(self.agreement[k]), " (mirrored)" if self.mirrored[k] else ""
+            if how == "hash":
+                why = f"hash: {d} of {HASH_BITS} bits differ (<= {self.hash_max_distance}){flip}"
+            elif how in ("geometry", "rejected"):
+                why = f"{n} RANSAC inliers of {int(self.matches[k])} matches"
+                if n < opts.min_inliers:
+                    why += f" (< {opts.min_inliers} needed)"
+                elif how == "rejected":
+                    why += (
+                        f", but the pictures disagree under the model: agreement "
+                        f"{agree:.2f} < {opts.min_agreement:g}"
+                    )
+                elif np.isfinite(agree):
+                    why += f", agreement {agree:.2f}"
+                why += flip
+            else:
+                why = f"not verifiable: {how}"
+            out.append(why)
+        return out
 
     def summary(self) -> str:
         c = self.counts
@@ -260,6 +271,7 @@ def verify_pairs(
     options: GeometricOptions | None = None,
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    unavailable: Mapping[int, str] | None = None,
 ) -> Verification:
     """Verify candidate pairs by a perceptual hash, then local features and geometry.
 
@@ -278,6 +290,9 @@ def verify_pairs(
         cache_dir: keep each image's hash and features under ``<cache_dir>/verify/``
             (:class:`~.cache.FeatureCache`, keyed like the embedding cache), so a rerun
             decodes and extracts nothing it has seen.
+        unavailable: rows whose image is not at hand (``{row: reason}``, e.g. an index
+            row keyed by a content hash): not loaded; their pairs stay unverified with
+            that reason, like an image that fails to load.
     """
     if isinstance(hash_max_distance, bool) or not isinstance(hash_max_distance, int):
         raise ValueError(f"hash_max_distance must be an integer, got {hash_max_distance!r}")
@@ -307,6 +322,9 @@ def verify_pairs(
     # 1. the hash of every image in a candidate pair
     t0 = time.perf_counter()
     rows = np.unique(np.concatenate([ci, cj])) if m else np.zeros(0, np.int64)
+    for r, reason in (unavailable or {}).items():
+        failures[int(r)] = str(reason)
+    rows = rows[~np.isin(rows, np.fromiter(failures, np.int64, len(failures)))]
     root = None if image_root is None else os.fspath(image_root)
     cache = None
     fps: dict[int, str | None] = {}
@@ -398,7 +416,19 @@ def verify_pairs(
         "geometry_pairs": int(open_pairs.size),
     }
     out = Verification(
-        cand, dist, inliers, matches, agree, mirrored, verified, how, failures, seconds, counts
+        cand,
+        dist,
+        inliers,
+        matches,
+        agree,
+        mirrored,
+        verified,
+        how,
+        failures,
+        seconds,
+        counts,
+        options,
+        hash_max_distance,
     )
     logger.info("verification: %s", out.summary())
     return out
@@ -441,7 +471,6 @@ def verify_result(result: Any, values: Sequence[Any], **options: Any) -> Any:
 
 
 __all__ = [
-    "CANDIDATE_THRESHOLDS",
     "HASH_MAX_DISTANCE",
     "VERIFY_METHODS",
     "Verification",
