@@ -17,8 +17,10 @@ export OUT DEDUP_INDEX_PROGRESS=0
 {
   echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   echo "== CUDA tests"
-  timeout 240 "$PY" -m pytest -q -x tests/test_precision.py tests/test_gpu_path.py tests/test_gpu_encode.py -k cuda -p no:cacheprovider
+  timeout 240 "$PY" -m pytest -q -x tests/test_precision.py tests/test_gpu_path.py tests/test_gpu_encode.py tests/test_index.py -k cuda -p no:cacheprovider
   tests=$?
+  echo "== CUDA tests on Ray (each tile task on its GPU)"
+  timeout 120 "$PY" -m pytest -q -x tests/test_distributed.py -k cuda -p no:cacheprovider || tests=$((tests + 100))
   echo "== GPU benchmark"
   timeout 540 "$PY" bench/gpu_check.py "$@"
   bench=$?

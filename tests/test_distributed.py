@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -582,3 +583,169 @@ def test_actors_with_loader_processes_embed_the_bits_of_embed_images(
     assert filt.encoder is None  # nothing loaded on the driver
     with pytest.raises(ValueError, match="has 0 GPU"):
         filt.run(MemoryStorage(pd.DataFrame({"image": values})))
+
+
+# ------------------------------------------------------------------ the search's device
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 70),
+    threshold=st.sampled_from([0.5, 0.9, 0.99, 1.0]),
+    block=st.sampled_from([1, 7, 16, 64]),
+    precision=st.sampled_from(["fp32", "bf16"]),
+)
+def test_a_tile_on_the_torch_tiles_equals_numpy(seed, n, threshold, block, precision):
+    """``compute_tile(engine="torch")``: the GPU tile code (here on the CPU) gives the
+    numpy tile's pairs and maxima bit for bit, diagonal and off-diagonal tiles alike."""
+    pytest.importorskip("torch")
+    E = as_unit_float32(mixed_adversarial(seed, n, 16, threshold))
+    n = len(E)
+    for a, c in tl.tile_grid(n, block):
+        a0, a1 = tl.block_bounds(n, block, a)
+        c0, c1 = tl.block_bounds(n, block, c)
+        args = (E[a0:a1], None if a == c else E[c0:c1], threshold)
+        want = tl.compute_tile(*args, start_a=a0, start_c=c0, precision=precision)
+        got = tl.compute_tile(
+            *args, start_a=a0, start_c=c0, precision=precision, device="cpu", engine="torch"
+        )
+        assert got[0].equals(want[0]), (a, c)
+        assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2]), (a, c)
+
+
+def _search(E, threshold, device=None, **options):
+    from dedup_index.distributed.search import ray_search
+
+    return ray_search(E, threshold, device=device, options=options)
+
+
+def assert_same_search(want, got):
+    assert got.pairs.equals(want.pairs)
+    assert np.array_equal(got.nearest, want.nearest)
+    assert np.array_equal(got.earlier, want.earlier)
+
+
+@settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 100),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+    tile_rows=st.sampled_from([16, 64]),
+)
+def test_ray_tasks_on_the_torch_tiles_equal_numpy_tiles(cluster, seed, n, threshold, tile_rows):
+    """``device="cpu"``, ``engine="torch"``: every Ray task runs the GPU tile code (on
+    the workers' CPUs) and the search gives the numpy tasks' bits, and blocked's."""
+    pytest.importorskip("torch")
+    E = as_unit_float32(mixed_adversarial(seed, n, 16, threshold))
+    want = _search(E, threshold, "cpu", tile_rows=tile_rows)
+    got = _search(E, threshold, "cpu", tile_rows=tile_rows, engine="torch")
+    assert_same_search(want, got)
+    ref = dedup_embeddings(E, threshold, backend="blocked", normalize=False)
+    assert got.pairs.equals(ref.pairs)
+    assert np.array_equal(got.nearest, ref.max_similarity)
+    assert got.info["device"] == "cpu" and got.info["gpus_per_task"] == 0
+
+
+def test_ray_search_on_cuda_without_gpus_warns_and_runs_on_the_cpus(cluster, caplog):
+    """CUDA asked for on a cluster with no GPU: a warning and the CPU result, at once
+    (a task asking Ray for a GPU that never comes would wait for ever)."""
+    import time
+
+    pytest.importorskip("torch")
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray cluster has a GPU")
+    E = as_unit_float32(mixed_adversarial(11, 90, 16, 0.9))
+    want = _search(E, 0.9, None, tile_rows=32)
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        got = _search(E, 0.9, "cuda", tile_rows=32)
+    assert time.perf_counter() - start < 60
+    assert "Ray cluster has no GPU: searching on its CPUs" in caplog.text
+    assert got.info["device"] == "cpu" and got.info["gpus_per_task"] == 0
+    assert_same_search(want, got)
+
+
+def test_dedup_store_and_dedup_embeddings_pass_the_device_to_the_cluster(cluster, caplog):
+    """The device is the cluster's to resolve, not the driver's: ``dedup_store(device=)``
+    and ``dedup_embeddings(backend="ray", device=)`` reach ``ray_search`` unchanged (a
+    driver without CUDA does not turn "cuda" into "cpu" for workers that may have GPUs);
+    here the cluster has none, so it warns and gives the CPU decisions."""
+    from dedup_index.distributed import dedup_store
+
+    pytest.importorskip("torch")
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this Ray cluster has a GPU")
+    E = as_unit_float32(mixed_adversarial(5, 80, 16, 0.9))
+    want = dedup_embeddings(E, 0.9, backend="dense")
+    with caplog.at_level("WARNING"):
+        got = dedup_store(E, 0.9, tile_rows=32, device="cuda", gpus_per_task=1)
+    assert "Ray cluster has no GPU: searching on its CPUs" in caplog.text
+    assert got.info["device"] == "cpu"
+    assert compare_results(want, got) == []
+    again = dedup_embeddings(
+        E, 0.9, backend="ray", device="cuda", backend_options={"tile_rows": 32, "engine": "torch"}
+    )
+    assert compare_results(want, again) == []
+
+
+def test_task_device_options_are_checked_before_ray_starts():
+    from dedup_index.distributed.search import check_task_device
+
+    assert check_task_device(None, None) == (None, 0.0)
+    assert check_task_device("cpu", None) == ("cpu", 0.0)
+    assert check_task_device("cuda", None) == ("cuda", 1.0)
+    assert check_task_device("cuda:1", 2) == ("cuda:1", 2.0)
+    assert check_task_device("cuda", 0.5) == ("cuda", 0.5)
+    with pytest.raises(ValueError, match="gpus_per_task must be > 0"):
+        check_task_device("cuda", 0)
+    with pytest.raises(ValueError, match=r"each tile task has 1 GPU\(s\)"):
+        check_task_device("cuda:1", 1)
+    with pytest.raises(ValueError, match="gpus_per_task must be a number >= 0"):
+        check_task_device("cuda", -1)
+    with pytest.raises(ValueError, match="device must be"):
+        check_task_device("tpu", None)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        _search(np.eye(4, dtype=np.float32), 0.9, engine="jax")
+
+
+@pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("torch"), reason="torch is not installed"
+)
+def test_ray_tasks_on_cuda_equal_the_cpu(cluster):
+    """Where the cluster has a GPU: each task computes its tile on its own GPU, same bits."""
+    import torch
+
+    if not torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("no GPU in this Ray cluster")
+    E = as_unit_float32(mixed_adversarial(13, 400, 32, 0.9))
+    want = _search(E, 0.9, None, tile_rows=128)
+    got = _search(E, 0.9, "cuda", tile_rows=128)
+    assert got.info["device"] == "cuda" and got.info["gpus_per_task"] == 1
+    assert_same_search(want, got)
+
+
+@pytest.mark.slow
+def test_ray_search_asking_more_gpus_than_the_cluster_has_fails_at_once():
+    """A cluster with one (declared) GPU and tasks asking for two: an error at once, not
+    a task waiting for ever (its own Ray, in a child process: the module's has none)."""
+    code = textwrap.dedent(
+        """
+        import time, numpy as np, ray
+        from dedup_index.distributed.search import ray_search
+        ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        try:
+            ray_search(np.eye(4, dtype=np.float32), 0.9, device="cuda",
+                       options={"gpus_per_task": 2})
+        except ValueError as err:
+            print("refused:", err, round(time.perf_counter() - start))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "refused: gpus_per_task=2 but the Ray cluster has 1 GPU(s)" in out.stdout, out.stderr
+    assert int(out.stdout.split()[-1]) < 30

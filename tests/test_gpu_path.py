@@ -222,3 +222,70 @@ def test_cuda_float64_input_and_tiles_from_device_memory():
     report: dict = {}
     _same(blocked_search(x, THRESHOLD, device="cuda", report=report), oracle)
     assert report["device_tiles"]["tile"] == list(gpu_tile(2000, device_free_memory("cuda")))
+
+
+# ------------------------------------------- issue 16 item 3: the index's cross search
+
+
+def _same_cross(got, want) -> None:
+    for name in ("q", "b", "s", "query_best", "base_best"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 150),
+    split=st.floats(0.05, 0.95),
+    tile=st.sampled_from([(None, None), (5, 11), (64, 32), (1, 7)]),
+    precision=st.sampled_from(PRECISIONS),
+    live=st.booleans(),
+    floor=st.booleans(),
+    base_best=st.booleans(),
+    stored=st.booleans(),
+)
+def test_cross_search_on_the_torch_tiles_equals_numpy(
+    tmp_path_factory, seed, n, split, tile, precision, live, floor, base_best, stored
+):
+    """``cross_search(engine="torch")``: the index's queries-x-base search through the
+    device tile loop (:class:`TorchTiles`, rectangular) gives the numpy tiles' bits, with
+    removed base rows, a floor on the base rows' bests, no base bests, and a store base
+    read block by block."""
+    from dedup_index.search.cross import cross_search
+
+    x = _rows(seed, n, 16)
+    m = min(n - 1, max(1, int(n * split)))
+    q, base = x[n - m :], x[: n - m]
+    rng = np.random.default_rng(seed)
+    kw = {"rows": tile[0], "cols": tile[1], "precision": precision, "base_best": base_best}
+    if live:
+        kw["base_live"] = rng.random(len(base)) > 0.3
+    if floor and base_best:
+        kw["base_floor"] = rng.uniform(0.5, 1.0, len(base))
+    want = cross_search(q, base, THRESHOLD, **kw)
+    if stored:
+        base = _store(tmp_path_factory.mktemp("cross") / "s", base)
+    _same_cross(cross_search(q, base, THRESHOLD, engine="torch", **kw), want)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_cross_search_equals_the_cpu(tmp_path):
+    """On a GPU: the index's cross search (a store base, removed rows, a floor) gives the
+    CPU's bits in every precision."""
+    from dedup_index.search.cross import cross_search
+
+    x = _rows(8, 3000, 64)
+    q, store = x[2500:], _store(tmp_path / "s", x[:2500])
+    rng = np.random.default_rng(8)
+    live = rng.random(2500) > 0.1
+    floor = rng.uniform(0.5, 1.0, 2500)
+    for p in PRECISIONS:
+        want = cross_search(q, store, THRESHOLD, base_live=live, base_floor=floor, precision=p)
+        got = cross_search(
+            q, store, THRESHOLD, base_live=live, base_floor=floor, precision=p, device="cuda"
+        )
+        _same_cross(got, want)

@@ -331,3 +331,129 @@ def test_large_batches_on_approximate_indexes_take_the_bulk_path(
         assert np.array_equal(state["keep"], expected.keep)
         assert np.array_equal(state["duplicate_of"], expected.duplicate_of)
         assert np.all(state["nearest"] <= expected.max_similarity + 1e-12)
+
+
+# ---------------------------------------------------------------- the search device
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 60),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+    precision=st.sampled_from(["fp32", "bf16"]),
+    data=st.data(),
+)
+def test_index_on_the_torch_tiles_equals_numpy(
+    tmp_path_factory, seed, n, threshold, precision, data
+):
+    """``device=``/``engine="torch"``: the index's cross search and within-batch search
+    run the GPU tile loop (here on the CPU); adds, a removal and queries give the numpy
+    index's bits, and the one-shot oracle's decisions."""
+    E = mixed_adversarial(seed, n, 16, threshold)
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=3)))
+    root = tmp_path_factory.mktemp("dev")
+    indexes = [
+        DedupIndex.create(root / "numpy", 16, threshold, precision=precision),
+        DedupIndex.create(
+            root / "torch", 16, threshold, precision=precision, device="cpu", engine="torch"
+        ),
+    ]
+    for a, b in zip([0, *cuts], [*cuts, n], strict=True):
+        for index in indexes:
+            index.add(E[a:b], keys=[f"k{r}" for r in range(a, b)])
+    assert_matches(indexes[1], one_shot(E, threshold, "reference"))
+    for index in indexes:
+        index.remove(["k0"])
+    want, got = (ix.decisions() for ix in indexes)
+    for name in want:
+        assert np.array_equal(want[name], got[name], equal_nan=True), name
+    assert indexes[0].pairs().equals(indexes[1].pairs())
+    queries = E[: min(n, 5)] * 1.0
+    assert indexes[0].query(queries) == indexes[1].query(queries)
+    for index in indexes:
+        index.close()
+
+
+def test_index_device_is_not_stored_and_cuda_without_cuda_warns(tmp_path, caplog):
+    """The device is this process's (not written to the manifest); CUDA asked for where
+    there is none warns once per create/open and the index searches on the CPU."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    E = mixed_adversarial(3, 40, 16, 0.9)
+    with DedupIndex.create(tmp_path / "i", 16, 0.9, device="cpu", engine="torch") as index:
+        index.add(E[:25], keys=[f"k{r}" for r in range(25)])
+        assert index.device == "cpu" and index.engine == "torch"
+    manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    assert "device" not in manifest and "engine" not in manifest
+    with DedupIndex.open(tmp_path / "i", mode="a") as index:
+        assert index.device is None and index.engine is None
+    if torch.cuda.is_available():
+        return
+    with caplog.at_level("WARNING"), DedupIndex.open(tmp_path / "i", "a", device="cuda") as ix:
+        assert ix.device == "cpu"
+        ix.add(E[25:], keys=[f"k{r}" for r in range(25, 40)])
+        assert_matches(ix, one_shot(E, 0.9, "reference"))
+    assert "CUDA is not available" in caplog.text and "searching the index" in caplog.text
+    with pytest.raises(ValueError, match="engine must be one of"):
+        DedupIndex.open(tmp_path / "i", engine="jax")
+    with pytest.raises(ValueError, match="device must be"):
+        DedupIndex.open(tmp_path / "i", device="tpu:x")
+
+
+@pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("torch"), reason="torch is not installed"
+)
+def test_index_on_cuda_equals_cpu(tmp_path):
+    """On a GPU: the index's searches run there and give the CPU index's bits."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    E = mixed_adversarial(5, 300, 32, 0.9)
+    with (
+        DedupIndex.create(tmp_path / "cpu", 32, 0.9) as cpu,
+        DedupIndex.create(tmp_path / "gpu", 32, 0.9, device="cuda") as gpu,
+    ):
+        for a, b in [(0, 100), (100, 250), (250, 300)]:
+            cpu.add(E[a:b], keys=[str(r) for r in range(a, b)])
+            gpu.add(E[a:b], keys=[str(r) for r in range(a, b)])
+        want, got = cpu.decisions(), gpu.decisions()
+        for name in want:
+            assert np.array_equal(want[name], got[name], equal_nan=True), name
+        assert cpu.pairs().equals(gpu.pairs())
+        assert cpu.query(E[:7]) == gpu.query(E[:7])
+
+
+def test_cli_index_device_reaches_the_search(tmp_path):
+    """``index add/query --device``: the index searches there (CUDA where there is none:
+    the one warning, the CPU's decisions); a bad device is a usage error (exit 2)."""
+    pytest.importorskip("torch")
+    from test_cli import cli
+
+    E = mixed_adversarial(4, 30, 8, 0.99)
+    np.save(tmp_path / "a.npy", E[:20])
+    np.save(tmp_path / "b.npy", E[20:])
+    index = tmp_path / "vec.index"
+    assert cli("index", "create", index, "--dim", "8", "--threshold", "0.99").returncode == 0
+    done = cli("index", "add", index, tmp_path / "a.npy", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    done = cli("index", "add", index, tmp_path / "b.npy", "--device", "cuda")
+    assert done.returncode == 0, done.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CUDA is not available: searching the index on the CPU" in done.stderr
+    with DedupIndex.open(index) as reader:
+        state = reader.decisions()
+    want = one_shot(E, 0.99, "reference")
+    assert np.array_equal(state["keep"], want.keep)
+    done = cli("index", "query", index, tmp_path / "b.npy", "--device", "tpu:x")
+    assert done.returncode == 2 and "device must be" in done.stderr
+    done = cli("index", "query", index, tmp_path / "b.npy", "--device", "cpu")
+    assert done.returncode == 0, done.stderr

@@ -66,6 +66,8 @@ def test_the_names_and_their_facts():
         "threads_per_task",
         "max_retries",
         "precision",
+        "gpus_per_task",
+        "engine",
     }
 
 

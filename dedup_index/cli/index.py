@@ -151,7 +151,12 @@ def add_parser(sub: Any, parents: list) -> None:
         p.add_argument(
             "--model", default=None, help="image model (default: the one the index records)"
         )
-        p.add_argument("--device", default=None, help="cpu, cuda... (default: auto)")
+        p.add_argument(
+            "--device",
+            default=None,
+            help="cpu, cuda, cuda:1...: where the model and the index's search run (default: "
+            "the model's device, cuda if any; a .npy input is searched on the CPU)",
+        )
         p.add_argument(
             "--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on the CPU"
         )
@@ -274,7 +279,7 @@ def add(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be an integer >= 0, got {args.workers}")
     on_duplicate_key = "skip" if args.skip_existing else "error"
-    index = _open(args.path, "a")
+    index = _open(args.path, "a", args.device)
     with index, usage_errors(IndexError_):
         if _is_npy(args.input):
             if "geometric" in (args.verify, index.verify_mode):
@@ -291,6 +296,7 @@ def add(args: argparse.Namespace) -> int:
         else:
             values, root, keys = _read_images(args)
             encoder = _encoder(_model_of(args, index), args.device, args.batch_size)
+            _search_on_model_device(index, encoder, args.device)
             result = index.add_images(
                 values,
                 encoder=encoder,
@@ -328,7 +334,7 @@ def add(args: argparse.Namespace) -> int:
 
 def query(args: argparse.Namespace) -> int:
     check_outputs([args.input, args.path], {"--out": args.out})
-    index = _open(args.path, "r")
+    index = _open(args.path, "r", args.device)
     with index:
         if _is_npy(args.input):
             keys, embeddings = _read_npy(args, index)
@@ -337,6 +343,7 @@ def query(args: argparse.Namespace) -> int:
 
             values, root, all_keys = _read_images(args)
             encoder = _encoder(_model_of(args, index), args.device, args.batch_size)
+            _search_on_model_device(index, encoder, args.device)
             with usage_errors():
                 embedded = embed_images(
                     values, encoder, image_root=root, batch_size=args.batch_size
@@ -381,18 +388,30 @@ def stats(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _open(path: str, mode: str):
-    """Open the index; a folder that is not one is a usage error (exit 2)."""
+def _open(path: str, mode: str, device: str | None = None):
+    """Open the index, searching on ``device`` (``--device``); a folder that is not one,
+    or a bad device, is a usage error (exit 2)."""
     from ..index import DedupIndex, IndexCorruptError, IndexError_, IndexLockedError
 
     if not Path(path).exists():
         raise UsageError(f"no index at {path}; create one with 'dedup-index index create'")
+    from ..validation import resolve_device
+
+    with usage_errors():  # once, here: open() finds it resolved (no second warning)
+        device = resolve_device(device, what="searching the index")
     try:
-        return DedupIndex.open(path, mode)
+        return DedupIndex.open(path, mode, device=device)
     except (IndexLockedError, IndexCorruptError):
         raise
     except IndexError_ as exc:
         raise UsageError(str(exc)) from None
+
+
+def _search_on_model_device(index: Any, encoder: Any, device: str | None) -> None:
+    """Without ``--device`` the index searches where the model runs (cuda if any), as
+    ``run`` does: the encoder's device, resolved already (no second warning)."""
+    if device is None and getattr(encoder, "device", None) is not None:
+        index.device = str(encoder.device)
 
 
 def _encoder(model: str, device: str | None, batch_size: int | None):

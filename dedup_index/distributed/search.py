@@ -43,7 +43,7 @@ from ..search import SearchResult
 from ..search.precision import check_precision
 from ..store import EmbeddingStore, PairSink
 from ..store.pairs_file import DEFAULT_MEMORY_BUDGET
-from ..validation import check_positive_int
+from ..validation import check_choice, check_positive_int
 from . import tiles as tl
 from .cluster import cluster_cpus, connect
 
@@ -80,6 +80,8 @@ def dedup_store(
     pairs_memory_budget: int = DEFAULT_MEMORY_BUDGET,
     pairs_path: str | os.PathLike | None = None,
     precision: str = "auto",
+    device: str | None = None,
+    gpus_per_task: float | None = None,
 ) -> DedupResult:
     """Exact near-duplicate search on a Ray cluster; same result as one machine's ``blocked``.
 
@@ -104,6 +106,10 @@ def dedup_store(
         pairs_memory_budget, pairs_path: as in ``dedup_embeddings`` (pairs spill to Parquet).
         precision: the tiles' candidate arithmetic, as in ``dedup_embeddings`` (``auto``
             is resolved by each task on its node; the results are the same bits).
+        device: None or ``"cpu"`` (numpy tiles on the workers' CPUs), ``"cuda"`` or
+            ``"cuda:N"`` (each task computes its tile on the GPU Ray assigned it; a cluster
+            without GPUs warns and runs on its CPUs), as in :func:`ray_search`.
+        gpus_per_task: GPUs per tile task with a CUDA device (default 1; fractions share).
 
     ``result.backend`` is ``"ray"``; ``result.info`` holds the tile counts.
     """
@@ -120,11 +126,13 @@ def dedup_store(
             "work_dir": work_dir,
             "threads_per_task": threads_per_task,
             "max_retries": max_retries,
+            "gpus_per_task": gpus_per_task,
         },
         pairs_memory_budget=pairs_memory_budget,
         pairs_path=pairs_path,
         progress=progress,
         precision=precision,
+        device=device,
     )
 
 
@@ -144,11 +152,20 @@ def ray_search(
     ``embeddings``: unit float32 rows, an array or an
     :class:`~dedup_index.store.EmbeddingStore` (whose directory every node must see).
     ``options``: ``address``, ``work_dir``, ``tile_rows``, ``threads_per_task``,
-    ``max_retries`` as in :func:`dedup_store`.  ``threads`` is not used (each task runs
-    ``threads_per_task`` BLAS threads); ``device`` must be None or ``"cpu"`` (the tiles
-    are numpy GEMMs on the workers' CPUs).  ``progress`` gets rows in proportion to the
-    tiles done.  ``earlier`` is always computed, as by ``blocked``; ``info`` holds
-    ``tile_rows``, ``work_dir`` and the counts ``tiles``, ``tiles_computed``,
+    ``max_retries`` as in :func:`dedup_store`; ``gpus_per_task`` (GPUs Ray gives each
+    tile task; default 1 with a CUDA ``device``, else 0; a fraction shares a GPU between
+    tasks) and ``engine`` (``"torch"``: the GPU tile code on the workers' CPUs, how the
+    tests hold it).  ``threads`` is not used (each task runs ``threads_per_task`` BLAS
+    threads).  ``device``: None or ``"cpu"``, numpy tiles on the workers' CPUs;
+    ``"cuda"`` (``"cuda:N"``: the N-th of each task's GPUs), each tile on the GPU Ray
+    assigned its task (:func:`~dedup_index.distributed.embed.actor_device`), computed by
+    the ``blocked`` backend's device tile code; CUDA asked for on a cluster without GPUs
+    warns and runs on its CPUs (the rule of
+    :func:`~dedup_index.validation.resolve_device`), a cluster with fewer GPUs than one
+    task needs is an error at once (Ray would wait for ever).  The same bits on every
+    device.  ``progress`` gets rows in proportion to the tiles done.  ``earlier`` is
+    always computed, as by ``blocked``; ``info`` holds ``tile_rows``, ``work_dir``,
+    ``device``, ``gpus_per_task`` and the counts ``tiles``, ``tiles_computed``,
     ``tiles_reused``.
     """
     options = dict(options or {})
@@ -158,15 +175,13 @@ def ray_search(
     threads_per_task = check_positive_int(options.pop("threads_per_task", 1), "threads_per_task")
     max_retries = options.pop("max_retries", 3)
     precision = check_precision(options.pop("precision", "auto"))
+    engine = check_choice(options.pop("engine", None), (None, "numpy", "torch"), "engine")
+    gpus_per_task = options.pop("gpus_per_task", None)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an integer >= 0; got {max_retries!r}")
     if options:
         raise TypeError(f"backend 'ray' does not take the option(s) {sorted(options)}")
-    if device not in (None, "cpu"):
-        raise ValueError(
-            f"backend 'ray' runs numpy tiles on the workers' CPUs; device must be None or "
-            f"'cpu', got {device!r}"
-        )
+    device, gpus_per_task = check_task_device(device, gpus_per_task)
     if isinstance(embeddings, EmbeddingStore):
         unit, store_path = embeddings, str(Path(embeddings.path).resolve())
     else:
@@ -191,6 +206,7 @@ def ray_search(
             },
         )
     ray = connect(address)
+    device, gpus_per_task = _on_cluster(ray, device, gpus_per_task)
     if tile_rows is None:
         tile_rows = choose_tile_rows(n, max(1, cluster_cpus(ray) // threads_per_task))
     description = {
@@ -217,6 +233,9 @@ def ray_search(
             progress=progress,
             sink=sink,
             precision=precision,
+            device=device,
+            gpus_per_task=gpus_per_task,
+            engine=engine,
         )
         pairs = sink.finish()
     finally:
@@ -232,9 +251,68 @@ def ray_search(
             "tile_rows": tile_rows,
             "work_dir": None if temporary else str(work),
             "precision": {"precision": precision, "why": "resolved by each task on its node"},
+            "device": device or "cpu",
+            "gpus_per_task": gpus_per_task,
             **counts,
         },
     )
+
+
+def check_task_device(device: Any, gpus_per_task: Any) -> tuple[str | None, float]:
+    """``device`` and ``gpus_per_task`` of the tile tasks, checked before Ray starts:
+    ``(device, gpus per task)``.  ``device``: None/``"cpu"`` or a CUDA device
+    (``"cuda:N"``: the N-th of a task's own GPUs, so ``N`` must be below
+    ``ceil(gpus_per_task)``); ``gpus_per_task``: a number >= 0, > 0 with CUDA (a task
+    without a GPU of its own would use GPU 0 of its node, shared and unseen by Ray),
+    default 1 with CUDA, else 0."""
+    from ..encode.runtime import cuda_index, is_cuda
+    from .embed import check_gpus_per_actor  # the actors' rule: a number >= 0 or None
+
+    try:
+        check_gpus_per_actor(gpus_per_task)
+    except ValueError:
+        raise ValueError(
+            f"gpus_per_task must be a number >= 0 or None; got {gpus_per_task!r}"
+        ) from None
+    text = None if device is None else str(device)
+    if text not in (None, "cpu") and not is_cuda(text):
+        raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if text in (None, "cpu"):
+        return text, float(gpus_per_task or 0)
+    gpus = 1.0 if gpus_per_task is None else float(gpus_per_task)
+    if gpus == 0:
+        raise ValueError(
+            f"device={text!r} needs a GPU per tile task: gpus_per_task must be > 0 (1: a "
+            "GPU each; 0.5: two tasks share one); tasks without one would all use GPU 0"
+        )
+    own = max(1, int(np.ceil(gpus)))
+    index = cuda_index(text)
+    if index is not None and index >= own:
+        raise ValueError(
+            f"device={text!r}: each tile task has {own} GPU(s) (gpus_per_task={gpus:g}), "
+            f"cuda:0 to cuda:{own - 1} as it numbers them"
+        )
+    return text, gpus
+
+
+def _on_cluster(ray: Any, device: str | None, gpus: float) -> tuple[str | None, float]:
+    """The tasks' device on this cluster: CUDA where it has no GPU at all warns and runs
+    on the CPUs (as everywhere: :func:`~dedup_index.validation.resolve_device`); fewer
+    GPUs than one task needs is a ``ValueError`` at once, not a hang."""
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if gpus == 0:
+        return device, 0.0
+    if have == 0 and device is not None and device != "cpu":
+        logger.warning(
+            "device=%r asked for but the Ray cluster has no GPU: searching on its CPUs", device
+        )
+        return "cpu", 0.0
+    if have < gpus:
+        raise ValueError(
+            f"gpus_per_task={gpus:g} but the Ray cluster has {have:g} GPU(s); pass "
+            "gpus_per_task=1 or less, device='cpu', or add GPU nodes"
+        )
+    return device, gpus
 
 
 def _fingerprint(unit: Any, store_path: str | None) -> dict:
@@ -261,6 +339,9 @@ def _run_tiles(
     progress,
     sink,
     precision="auto",
+    device=None,
+    gpus_per_task=0.0,
+    engine=None,
 ):
     """Submit the missing tiles, merge every tile once (pairs into ``sink``); returns the
     maxima and the tile counts."""
@@ -308,6 +389,7 @@ def _run_tiles(
         }
     task = ray.remote(_tile_task).options(
         num_cpus=threads_per_task,
+        num_gpus=gpus_per_task,
         max_retries=max_retries,
         retry_exceptions=False,
         runtime_env={"env_vars": _thread_env(threads_per_task)},
@@ -328,6 +410,8 @@ def _run_tiles(
                 work_dir=str(work),
                 job=jid,
                 precision=precision,
+                device=device,
+                engine=engine,
             )
         ] = (a, c)
     report = _RowProgress(progress, n, len(grid))
@@ -380,10 +464,23 @@ def _thread_env(threads: int) -> dict[str, str]:
 
 
 def _tile_task(
-    block_a, block_c, *, threshold, n, block_rows, a, c, work_dir, job, precision="auto"
+    block_a,
+    block_c,
+    *,
+    threshold,
+    n,
+    block_rows,
+    a,
+    c,
+    work_dir,
+    job,
+    precision="auto",
+    device=None,
+    engine=None,
 ) -> int:
     """One Ray task: tile ``(a, c)`` to its file; returns its number of pairs (or -1 when
-    the file was already there, e.g. a re-executed task)."""
+    the file was already there, e.g. a re-executed task).  A CUDA ``device`` is taken
+    on the GPU(s) Ray assigned this task (``cuda`` its first, ``cuda:N`` its N-th)."""
     path = tl.tile_path(work_dir, a, c)
     if path.exists():
         return -1
@@ -396,8 +493,22 @@ def _tile_task(
         rows_c = None if a == c else store[c0:c1]
     else:
         rows_a, rows_c = block_a, block_c
+    if device not in (None, "cpu"):
+        import ray
+
+        from .embed import actor_device
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        device = actor_device(device, ray.get_gpu_ids(), visible)
     pairs, later, earlier = tl.compute_tile(
-        rows_a, rows_c, threshold, start_a=a0, start_c=c0, precision=precision
+        rows_a,
+        rows_c,
+        threshold,
+        start_a=a0,
+        start_c=c0,
+        precision=precision,
+        device=device,
+        engine=engine,
     )
     tl.write_tile(path, tl.TileOutput(a, c, pairs, later, earlier), job)
     return len(pairs)

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..files import atomic_write_bytes, crash_once, read_json, write_json_atomic
 from ..search.pairs import PairSet, rescore_candidates
-from ..search.precision import Arithmetic, arithmetic
+from ..search.precision import Arithmetic, arithmetic, is_tensor
 from ..search.tiles import NearBest, NumpyTiles, canonical_maxima
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def compute_tile(
     start_a: int,
     start_c: int,
     precision: str | Arithmetic = "auto",
+    device: str | None = None,
+    engine: str | None = None,
 ) -> tuple[PairSet, np.ndarray, np.ndarray]:
     """Pairs and canonical partial maxima of block ``rows_a`` against block ``rows_c``.
 
@@ -98,6 +100,10 @@ def compute_tile(
     Returns ``(pairs with global ids, best_later per row of a, best_earlier per row of c)``.
     ``precision``: the tile arithmetic (:mod:`dedup_index.search.precision`; ``auto``
     is resolved on the node that runs the task): the same bits whichever.
+    ``device``: a CUDA device (the task's own GPU) runs the tile with the ``blocked``
+    backend's device tile code (:class:`~dedup_index.search.blocked.TorchTiles`), as
+    does ``engine="torch"`` on the CPU (how the tests hold it); else numpy.  The same
+    bits whichever: only the candidates' float32 values differ, and they are rescored.
     """
     diagonal = rows_c is None
     ra = rows_a.shape[0]
@@ -109,11 +115,19 @@ def compute_tile(
     arith = (
         precision
         if isinstance(precision, Arithmetic)
-        else arithmetic(precision, d, work=float(ra) * rc * d)
+        else arithmetic(precision, d, device=device, engine=engine, work=float(ra) * rc * d)
     )
     rounded, arith = arith.prepare(np.ascontiguousarray(local, dtype=np.float32))
     delta = arith.window
     radius = np.float32(threshold - arith.margin)
+    if engine == "torch" or device not in (None, "cpu"):
+        candidates, later, earlier = _torch_tile(
+            rounded, ra, rc, off, radius, delta, device or "cpu", arith
+        )
+        found = rescore_candidates(local, candidates, threshold)
+        pairs = PairSet(found.i + start_a, found.j - off + start_c, found.s)
+        best_later, best_earlier = canonical_maxima(local, later, earlier)
+        return pairs, best_later[:ra], best_earlier[off : off + rc]
     ops = NumpyTiles(rounded, ra, rc, arith)
     with arith.session():
         s = ops.product(rounded[:ra], rounded[:ra] if diagonal else rounded[off:])
@@ -133,6 +147,36 @@ def compute_tile(
     earlier.update(np.arange(off, off + rc), col_max, partial(ops.gather, s, 0, True))
     best_later, best_earlier = canonical_maxima(local, later, earlier)
     return pairs, best_later[:ra], best_earlier[off : off + rc]
+
+
+def _torch_tile(rounded, ra: int, rc: int, off: int, radius, delta, device: str, arith):
+    """The tile of :func:`compute_tile` (local ids: block a's rows ``:ra``, block c's
+    ``off:off + rc``) on a torch device, by :class:`~dedup_index.search.blocked.TorchTiles`:
+    ``(candidates, later, earlier)`` with the near-best trackers' maxima filled in."""
+    import torch
+
+    from ..search.blocked import DeviceRows, TorchTiles
+
+    dev = torch.device(device)
+    rows = rounded if is_tensor(rounded) else torch.from_numpy(rounded)
+    on_device = DeviceRows(rows, dev, arith.torch_dtype(), resident=True)
+    n_local = rows.shape[0]
+    ops = TorchTiles(on_device, n_local, ra, max(ra, rc), radius, delta, None, arith)
+    later = NearBest(n_local, delta)
+    earlier = NearBest(n_local, delta)
+    candidates: list = []
+    with arith.session(torch_tiles=True):
+        ops.tile(
+            on_device.block(0, ra),
+            on_device.block(off, off + rc, second=True),
+            0,
+            off,  # == 0 on the diagonal: the tile masks the row itself and earlier rows
+            candidates.append,
+            later,
+            earlier,
+        )
+        later.best, earlier.best = ops.maxima()
+    return candidates, later, earlier
 
 
 # ------------------------------------------------------------------------------ files

@@ -91,7 +91,7 @@ from ..store import (
     write_pair_file,
     write_rows_segment,
 )
-from ..validation import check_choice, check_threshold
+from ..validation import check_choice, check_threshold, resolve_device
 from .ann import ANN_BACKENDS, AnnIndex, Segment
 
 FORMAT = "dedup-index"
@@ -206,6 +206,13 @@ class _View:
 class DedupIndex:
     """A directory of embeddings, pairs and decisions that grows by ``add``."""
 
+    #: Where the exact searches of ``add``/``query``/``remove`` run (``create``/``open``'s
+    #: ``device``, resolved; None: the CPU), and their CPU engine (``"torch"``: the
+    #: device tile code on the CPU).  Facts of this process, not of the index: never
+    #: written to the manifest.
+    device: str | None = None
+    engine: str | None = None
+
     def __init__(self, path: Path, manifest: dict[str, Any], mode: str, lock_fd: WriterLock | None):
         self.path = path
         self.mode = mode
@@ -237,6 +244,8 @@ class DedupIndex:
         backend_options: dict[str, Any] | None = None,
         precision: str = "auto",
         verify: str = "none",
+        device: str | None = None,
+        engine: str | None = None,
     ) -> DedupIndex:
         """A new, empty index at ``path`` (which must not hold one), open for writing.
 
@@ -251,12 +260,22 @@ class DedupIndex:
         ``"fp16"``: :mod:`dedup_index.search.precision`; the same decisions whichever),
         recorded in the manifest.  ``verify="geometric"``: a verifying index (see
         :meth:`add_images`): ``threshold`` is then the candidate threshold, and only
-        pairs that verification confirms are stored and decided on."""
+        pairs that verification confirms are stored and decided on.
+
+        ``device``: where this process runs the exact searches (``"cuda"``, ``"cuda:N"``,
+        ``"cpu"``, ``"auto"``; :func:`~dedup_index.validation.resolve_device`: CUDA asked
+        for where there is none warns and runs on the CPU): the ``blocked`` index's cross
+        search and every index's within-batch search run the GPU tile loop there, the
+        same decisions bit for bit (FAISS's ``flat``/``ivf``/``hnsw`` cross searches stay
+        on the CPU: FAISS has no GPU range search).  Not stored in the index: a machine
+        fact, given again to :meth:`open` (an index built on a GPU opens on a laptop).
+        ``engine="torch"``: the GPU tile code on the CPU (how the tests hold it)."""
         from ..verify import check_verify
 
         path = Path(path)
         check_precision(precision)
         check_verify(verify)
+        device, engine = _search_device(device, engine)
         threshold = check_threshold(threshold)
         check_choice(policy, POLICIES, "policy")
         check_choice(backend, INDEX_BACKENDS, "backend")
@@ -292,7 +311,9 @@ class DedupIndex:
                 "checksums": {},
             }
             write_json_atomic(path / MANIFEST, manifest)
-            return cls(path, manifest, "a", lock_fd)
+            index = cls(path, manifest, "a", lock_fd)
+            index.device, index.engine = device, engine
+            return index
         except BaseException:
             _unlock(lock_fd)
             raise
@@ -305,11 +326,15 @@ class DedupIndex:
         *,
         dim: int | None = None,
         model_name: str | None = None,
+        device: str | None = None,
+        engine: str | None = None,
     ) -> DedupIndex:
         """Open an index (``mode="a"`` to add, with an exclusive lock).  ``dim`` and
-        ``model_name``, when given, must match what the index was built with."""
+        ``model_name``, when given, must match what the index was built with.
+        ``device``/``engine``: where this process searches, as in :meth:`create`."""
         path = Path(path)
         check_choice(mode, ("r", "a"), "mode")
+        device, engine = _search_device(device, engine)
         manifest = _load_manifest(path)
         if dim is not None and dim != manifest["dim"]:
             raise IndexError_(
@@ -324,7 +349,9 @@ class DedupIndex:
         try:
             if mode == "a":  # the last writer may have died after its manifest: re-read
                 manifest = _load_manifest(path)
-            return cls(path, manifest, mode, lock_fd)
+            index = cls(path, manifest, mode, lock_fd)
+            index.device, index.engine = device, engine
+            return index
         except BaseException:
             _unlock(lock_fd)
             raise
@@ -775,7 +802,7 @@ class DedupIndex:
         live = np.flatnonzero(~removed)
         n = len(self)
         view = self._view
-        pairs, near, early = blocked_search(view.rows[live], self.threshold)
+        pairs, near, early = blocked_search(view.rows[live], self.threshold, **self._where)
         mapped = PairSet(live[pairs.i], live[pairs.j], pairs.s)
         if self.verify_mode != "none":  # verified pairs are pair-local: those left stand
             kept = self.pairs()
@@ -803,7 +830,7 @@ class DedupIndex:
         if self._manifest["backend"] != "flat":  # old rows' bests only where they may rise
             search = partial(search, base_floor=self._state["nearest"])
         cross = search(q, rows, self.threshold, base_live=live)
-        within, near_in, earlier_in = blocked_search(q, self.threshold)
+        within, near_in, earlier_in = blocked_search(q, self.threshold, **self._where)
         return self._combine(cross, within, near_in, earlier_in, n_old)
 
     def _combine(self, cross, within, near_in, earlier_in, n_old: int):
@@ -831,7 +858,13 @@ class DedupIndex:
         blocked backend's numpy tiles for ``blocked`` (the same bits either way)."""
         if self._manifest["backend"] == "flat":
             return flat_cross_search
-        return partial(cross_search, precision=self._manifest.get("precision", "auto"))
+        precision = self._manifest.get("precision", "auto")
+        return partial(cross_search, precision=precision, **self._where)
+
+    @property
+    def _where(self) -> dict[str, Any]:
+        """``device``/``engine`` for the tile searches (:meth:`create`'s ``device``)."""
+        return {"device": self.device, "engine": self.engine}
 
     def _ann_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
         """New rows against the old ones through the FAISS segments (and the exact
@@ -858,7 +891,7 @@ class DedupIndex:
                 "bulk add of %d rows: in-batch pairs by partitioned (%s)", m, info.summary(m)
             )
         else:
-            within, near_in, earlier_in = blocked_search(q, self.threshold)
+            within, near_in, earlier_in = blocked_search(q, self.threshold, **self._where)
         return self._combine(cross, within, near_in, earlier_in, n_old)
 
     def _grow_ann(self, rows: SegmentedRows, generation: int, checksums: dict[str, str]):
@@ -1052,6 +1085,13 @@ class DedupIndex:
                 "on_duplicate_key='skip' to leave them out"
             )
         return [p for p, k in enumerate(keys) if existing.get(k, n) >= n], clash
+
+
+def _search_device(device, engine) -> tuple[str | None, str | None]:
+    """``create``/``open``'s ``device`` by the one device rule
+    (:func:`~dedup_index.validation.resolve_device`), and ``engine`` checked."""
+    check_choice(engine, (None, "numpy", "torch"), "engine")
+    return resolve_device(device, what="searching the index"), engine
 
 
 def _state(decisions, nearest, earlier, removed) -> dict[str, np.ndarray]:

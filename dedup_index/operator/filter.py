@@ -416,8 +416,11 @@ class ImageDeduplicateFilter:
 
         path = os.fspath(self.index_path)
         dim = embeddings.shape[1]
+        device = None if self.device is None else str(self.device)  # the search's too
         if os.path.exists(os.path.join(path, "manifest.json")):
-            index = DedupIndex.open(path, mode="a", dim=dim, model_name=self.model_name)
+            index = DedupIndex.open(
+                path, mode="a", dim=dim, model_name=self.model_name, device=device
+            )
         else:
             index = DedupIndex.create(
                 path,
@@ -427,6 +430,7 @@ class ImageDeduplicateFilter:
                 model_name=self.model_name,
                 precision=self.precision,
                 verify=self.verify,
+                device=device,
             )
         keys = [image_key(values[p], int(p)) for p in valid_pos]
         with index:

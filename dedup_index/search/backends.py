@@ -418,6 +418,8 @@ _REGISTRY: dict[str, Backend] = {
                 "threads_per_task",
                 "max_retries",
                 "precision",
+                "gpus_per_task",
+                "engine",
             ),
             distributed=True,
             replaces=("auto", "blocked"),
@@ -482,19 +484,25 @@ def search(
     ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``
     (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
     ``ef_construction``, ``ef_search`` (hnsw); ``address``, ``work_dir``, ``tile_rows``,
-    ``threads_per_task``, ``max_retries`` (ray).  ``sink``: a
+    ``threads_per_task``, ``max_retries``, ``gpus_per_task``, ``engine`` (ray).  ``device``:
+    None, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` of this process
+    (:func:`~dedup_index.validation.resolve_device`); for ``ray``, the devices of the
+    cluster's workers (:func:`~dedup_index.distributed.search.ray_search`).  ``sink``: a
     :class:`~dedup_index.store.PairSink` that ``blocked``, ``partitioned`` and ``ray``
     stream their pairs into (spilled to Parquet above its memory budget); the other
     backends keep their pairs in memory.  ``progress``, when given, is called with counts
     of rows done adding up to N: ``flat`` (with ``nearest``), ``partitioned`` and ``ray``
     report as they go, the others once at the end.
     """
-    return get_backend(backend).search(
+    chosen = get_backend(backend)
+    if not chosen.distributed:  # a cluster's devices are the cluster's: ray_search decides
+        device = resolve_device(device, what="searching")
+    return chosen.search(
         embeddings,
         threshold,
         nearest=nearest,
         threads=threads,
-        device=resolve_device(device, what="searching"),
+        device=device,
         options=options,
         sink=sink,
         progress=progress,

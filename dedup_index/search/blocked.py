@@ -372,7 +372,14 @@ class TorchTiles:
     one wait per tile); the entries' flat indices, two flags (row-near-best,
     column-near-best) and float32 bits are packed in one int64 each and copied back in
     one transfer.  Before, each tile made eight copies back, four to the device and two
-    or three blocking waits.  The maxima come back once, at the end."""
+    or three blocking waits.  The maxima come back once, at the end.
+
+    The same tiles serve a rectangular search, queries against a base (the index's
+    cross search, :func:`~.cross.cross_search`): ``n`` rows and ``n_cols`` columns,
+    ``square=False`` (no diagonal to mask), ``col_floor`` (per column, a score it already
+    has: its near-best entries start from there, as :class:`NearBest`'s ``floor``),
+    ``columns=False`` (no column near-best entries wanted) and ``dead`` columns per tile
+    (left out, as if absent)."""
 
     def __init__(
         self,
@@ -384,6 +391,11 @@ class TorchTiles:
         delta,
         threads,
         arith,
+        *,
+        n_cols: int | None = None,
+        col_floor: np.ndarray | None = None,
+        square: bool = True,
+        columns: bool = True,
     ) -> None:
         import torch
 
@@ -399,11 +411,20 @@ class TorchTiles:
         if size > 1 << 29:
             raise ValueError(f"tile {rows_per} x {cols_per} exceeds 2^29 entries")
         self.buf = torch.empty(size, dtype=torch.float32, device=dev)
-        self.bound = torch.empty(size, dtype=torch.float32, device=dev)
+        self.bound = torch.empty(size if columns else 0, dtype=torch.float32, device=dev)
         self.mask = torch.empty(size, dtype=torch.bool, device=dev)
-        self.lower = torch.ones(rows_per, rows_per, dtype=torch.bool, device=dev).tril_()
+        self.square = square
+        self.columns = columns
+        self.lower = (
+            torch.ones(rows_per, rows_per, dtype=torch.bool, device=dev).tril_() if square else None
+        )
         self.best_row = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
-        self.best_col = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        if col_floor is None:
+            n_cols = n if n_cols is None else n_cols
+            self.best_col = torch.full((n_cols,), float("-inf"), dtype=torch.float32, device=dev)
+        else:  # a copy: the running maxima are written in place
+            floor = np.array(col_floor, dtype=np.float32)
+            self.best_col = torch.from_numpy(floor).to(dev)
         # Scalars as float32 device tensors: the device arithmetic is float32 like the
         # host's (``best - delta`` on both sides gives the same bits).
         self.delta = torch.tensor(np.float32(delta), device=dev)
@@ -411,25 +432,43 @@ class TorchTiles:
         # ``s > radius`` is ``s >= next float32 above radius``: one ``>=`` for all three.
         self.above = float(np.nextafter(self.radius, np.float32(np.inf)))
 
-    def tile(self, rows_a, rows_c, a: int, c: int, emit, later: NearBest, earlier: NearBest):
+    def tile(
+        self,
+        rows_a,
+        rows_c,
+        a: int,
+        c: int,
+        emit,
+        later: NearBest,
+        earlier: NearBest | None,
+        dead=None,
+    ):
         """Rows ``a:`` against columns ``c:``; pairs to ``emit``, near-best entries to
-        ``later``/``earlier`` (their running maxima stay on the device)."""
+        ``later``/``earlier`` (their running maxima stay on the device; ``earlier`` None
+        when ``columns=False``).  ``dead``: None, or a bool device tensor over the tile's
+        columns, True for those left out (their scores are ``-inf``)."""
         t = self.torch
         ra, rc = rows_a.shape[0], rows_c.shape[0]
         s = self.buf[: ra * rc].view(ra, rc)
         self.arith.torch_product(rows_a, rows_c, s)
-        if c == a:  # only the leading square holds the row itself and earlier rows
+        if self.square and c == a:  # only the leading square holds the row and earlier rows
             s[:, :ra].masked_fill_(self.lower[:ra, :ra], float("-inf"))
+        if dead is not None:
+            s.masked_fill_(dead[None, :], float("-inf"))
         best_r = self.best_row[a : a + ra]
-        best_c = self.best_col[c : c + rc]
         t.maximum(best_r, t.amax(s, dim=1), out=best_r)
-        t.maximum(best_c, t.amax(s, dim=0), out=best_c)
         lo_r = t.where(t.isfinite(best_r), best_r - self.delta, self.inf)
-        lo_c = t.where(t.isfinite(best_c), best_c - self.delta, self.inf)
-        bound = self.bound[: ra * rc].view(ra, rc)
-        t.minimum(lo_r.clamp(max=self.above)[:, None], lo_c[None, :], out=bound)
         mask = self.mask[: ra * rc].view(ra, rc)
-        t.ge(s, bound, out=mask)
+        if self.columns:
+            best_c = self.best_col[c : c + rc]
+            t.maximum(best_c, t.amax(s, dim=0), out=best_c)
+            lo_c = t.where(t.isfinite(best_c), best_c - self.delta, self.inf)
+            bound = self.bound[: ra * rc].view(ra, rc)
+            t.minimum(lo_r.clamp(max=self.above)[:, None], lo_c[None, :], out=bound)
+            t.ge(s, bound, out=mask)
+        else:
+            lo_c = self.inf.expand(rc)  # no column entries: the flag is never set
+            t.ge(s, lo_r.clamp(max=self.above)[:, None], out=mask)
         flat = t.nonzero(mask.view(-1)).squeeze(1)
         if self.dev.type != "cpu":
             self.transfers.synced()  # nonzero waits for its count
@@ -453,15 +492,17 @@ class TorchTiles:
             later.cols.append(lj[row] + c)
             later.vals.append(vals_h[row])
         col = (head & 2).astype(bool)
-        if col.any():
+        if earlier is not None and col.any():
             earlier.rows.append(lj[col] + c)
             earlier.cols.append(li[col] + a)
             earlier.vals.append(vals_h[col])
 
     def maxima(self) -> tuple[np.ndarray, np.ndarray]:
-        """The running float32 maxima ``(best later, best earlier)``, one copy back."""
-        both = self.transfers.to_host(self.torch.stack([self.best_row, self.best_col]))
-        return both[0].copy(), both[1].copy()
+        """The running float32 maxima ``(best later, best earlier)`` (per row, per
+        column), one copy back."""
+        both = self.transfers.to_host(self.torch.cat([self.best_row, self.best_col]))
+        n = self.best_row.shape[0]
+        return both[:n].copy(), both[n:].copy()
 
 
 def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, arith):

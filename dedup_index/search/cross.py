@@ -39,12 +39,14 @@ def cross_search(
     base,
     threshold: float,
     *,
-    rows: int = DEFAULT_ROWS,
-    cols: int = DEFAULT_COLS,
+    rows: int | None = None,
+    cols: int | None = None,
     base_live: np.ndarray | None = None,
     base_best: bool = True,
     base_floor: np.ndarray | None = None,
     precision: str | Arithmetic = "auto",
+    device: str | None = None,
+    engine: str | None = None,
 ) -> CrossResult:
     """All ``(q, b)`` with ``s >= threshold``, and best scores both ways (exact).
 
@@ -55,16 +57,24 @@ def cross_search(
     multiply-adds).  ``base_floor`` (per base row, a score it already has: the index's
     nearest so far) asks for a base row's best only where a query may beat it:
     ``base_best`` is ``-inf`` elsewhere, and the near-best gathers and canonical
-    rescorings of the rows it cannot change (most of them, for a batch) are skipped."""
+    rescorings of the rows it cannot change (most of them, for a batch) are skipped.
+    ``device``: ``"cuda"`` (or ``"cuda:N"``) runs the tiles in torch on that GPU, the
+    ``blocked`` backend's device tile loop (:class:`~.blocked.TorchTiles`, rows through
+    :class:`~.blocked.DeviceRows`); the CPU path is numpy unless ``engine="torch"`` (the
+    GPU code on the CPU: how the tests hold it).  The device is taken as given: callers
+    resolve it once (:func:`~dedup_index.validation.resolve_device`).  ``rows``/``cols``:
+    the tile (default: :data:`~.tiles.DEFAULT_ROWS` x :data:`~.tiles.DEFAULT_COLS`; on a
+    GPU :func:`~.blocked.gpu_tile` of its free memory).  Same bits on every path."""
     m, d = queries.shape
     n = base.shape[0]
     empty = np.zeros(0, np.int64)
     if m == 0 or n == 0:
         return CrossResult(empty, empty, np.zeros(0), np.full(m, -np.inf), np.full(n, -np.inf))
+    use_torch = engine == "torch" or device not in (None, "cpu")
     arith = (
         precision
         if isinstance(precision, Arithmetic)
-        else arithmetic(precision, d, work=float(m) * n * d)
+        else arithmetic(precision, d, device=device, engine=engine, work=float(m) * n * d)
     )
     # The rows the GEMMs see: queries rounded once, base rows rounded as each column
     # block is read (a large base is not copied for a few queries).
@@ -72,12 +82,35 @@ def cross_search(
     b_rows, arith = arith.prepare(_Unmeasured(base) if arith.rounds else base)
     delta = arith.window
     radius = np.float32(threshold - arith.margin)
+    q_near = NearBest(m, delta)
+    b_near = NearBest(n, delta, floor=base_floor)
+    found_q: list[np.ndarray] = []
+    found_b: list[np.ndarray] = []
+    if use_torch:
+        with arith.session(torch_tiles=True):
+            _cross_torch(
+                q_rows,
+                b_rows,
+                (rows, cols),
+                radius,
+                device or "cpu",
+                arith,
+                base_live,
+                base_floor,
+                base_best,
+                q_near,
+                b_near,
+                found_q,
+                found_b,
+            )
+        q = np.concatenate(found_q) if found_q else empty
+        b = np.concatenate(found_b) if found_b else empty
+        return cross_result(queries, base, threshold, q, b, q_near, b_near)
+    rows = DEFAULT_ROWS if rows is None else rows
+    cols = DEFAULT_COLS if cols is None else cols
     rows, cols = min(rows, m), min(cols, n)  # a single query needs a 1 x n tile, not more
     q_tiles = NumpyTiles(q_rows, rows, cols, arith)
     b_tiles = NumpyTiles(b_rows, rows, cols, arith)
-    q_near = NearBest(m, delta)
-    b_near = NearBest(n, delta, floor=base_floor)
-    found_q, found_b = [], []
     with arith.session():
         _cross_tiles(
             q_tiles,
@@ -143,6 +176,80 @@ def _cross_tiles(
             q_near.update(np.arange(a, e_a), row_max, partial(q_tiles.gather, s, c, False))
             if base_best:
                 b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
+
+
+def _cross_torch(
+    q_rows,
+    b_rows,
+    tile,
+    radius,
+    device,
+    arith,
+    base_live,
+    base_floor,
+    base_best,
+    q_near,
+    b_near,
+    found_q,
+    found_b,
+):
+    """The torch tile loop of :func:`cross_search`: query blocks against base blocks,
+    each tile by :class:`~.blocked.TorchTiles` (the ``blocked`` device tiles, rectangular
+    here), the rows on the device through :class:`~.blocked.DeviceRows` (a store base is
+    streamed in chunks or made resident by free device memory); the running maxima come
+    back once, into ``q_near.best``/``b_near.best``."""
+    import torch
+
+    from .blocked import DeviceRows, TorchTiles, device_free_memory, gpu_tile
+
+    m, n = q_rows.shape[0], b_rows.shape[0]
+    dev = torch.device(device)
+    dtype = arith.torch_dtype()
+    q_dev = DeviceRows(q_rows, dev, dtype)
+    b_dev = DeviceRows(b_rows, dev, dtype)
+    rows, cols = tile
+    if rows is None or cols is None:
+        if dev.type == "cpu":
+            auto = (DEFAULT_ROWS, DEFAULT_COLS)
+        else:  # sized from what the resident rows left free
+            auto = gpu_tile(max(m, n), device_free_memory(dev))
+        rows = auto[0] if rows is None else rows
+        cols = auto[1] if cols is None else cols
+    rows, cols = min(rows, m), min(cols, n)
+    ops = TorchTiles(
+        q_dev,
+        m,
+        rows,
+        cols,
+        radius,
+        q_near.delta,
+        None,
+        arith,
+        n_cols=n,
+        col_floor=base_floor,
+        square=False,
+        columns=base_best,
+    )
+    dead = None
+    if base_live is not None and not base_live.all():
+        dead = torch.from_numpy(~np.asarray(base_live, dtype=bool)).to(dev)
+
+    def emit(found: tuple[np.ndarray, np.ndarray]) -> None:
+        found_q.append(found[0])
+        found_b.append(found[1])
+
+    for a in range(0, m, rows):
+        rows_a = q_dev.block(a, min(m, a + rows), second=False)
+        for c in range(0, n, cols):
+            e_c = min(n, c + cols)
+            gone = None
+            if dead is not None and not base_live[c:e_c].all():
+                gone = dead[c:e_c]
+            block = b_dev.block(c, e_c, second=True)
+            ops.tile(rows_a, block, a, c, emit, q_near, b_near if base_best else None, gone)
+    q_near.best, best_col = ops.maxima()
+    if base_best:
+        b_near.best = best_col
 
 
 def cross_result(

@@ -9,8 +9,11 @@
 - :class:`PairSink` / :class:`PairFile`: pairs buffered in memory and spilled to Parquet
   beyond a budget, read back in chunks; :func:`write_pair_file` writes one atomically
   (returning its checksum, which ``PairFile(path, sha256=...)`` verifies).
-- :class:`SegmentedRows` / :func:`write_rows_file`: immutable ``.npy`` row segments (one
-  per index ``add``) read as one array-like; the persistent index's append-only rows.
+- :class:`SegmentedRows` / :func:`write_rows_segment`: immutable ``.npy`` row segments
+  (one per index ``add``) read as one array-like; the persistent index's append-only rows,
+  with a block-checksum file each, checked per block on read.
+- :mod:`~dedup_index.store.blocks`: the per-block SHA-256 hashing and lazy checking both
+  use.
 
 numpy and pyarrow only: no torch, transformers or faiss here.
 """

@@ -15,10 +15,12 @@ through memory maps by every later stage.  A store is one directory::
 block is hashed and compared the first time anything in it is read (the keys file when
 the keys are first read), so opening a store of a million rows stays instant while no
 answer is ever computed from bytes that changed on disk since they were written: a
-mismatch raises :class:`StoreCorruptError`, naming the file and the block.  An append
-into a partly filled block first checks the bytes already there against their recorded
-hash (it must read them to hash the grown block anyway), so damage is never laundered
-into a fresh checksum.  :meth:`EmbeddingStore.verify` checks everything at once.
+mismatch raises :class:`StoreCorruptError`, naming the file and the block (the block
+hashing and checking is :mod:`dedup_index.store.blocks`, shared with the index's row
+segments).  An append into a partly filled block first checks the bytes already there
+against their recorded hash (it must read them to hash the grown block anyway), so
+damage is never laundered into a fresh checksum.  :meth:`EmbeddingStore.verify` checks
+everything at once.
 
 **Shards grow as they fill.**  A shard file holds exactly the rows written to it (each
 append writes at the end of the file), never a sparse preallocation: a 1,000-row store
