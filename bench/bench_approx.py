@@ -1,7 +1,7 @@
 """Approximate search at scale: partitioned vs exact blocked vs FAISS IVF / HNSW.
 
     .venv/bin/python bench/bench_approx.py [--sizes 200000] [--baseline-n 50000]
-                                           [--recall-sample 2000] [--profile]
+                                           [--recall-sample 2000 (1M: 6000)] [--profile]
                                            [--million] [--million-only] [--no-blocked]
 
 Data: ``clustered_unit_vectors(N, 512, seed=0)`` (:mod:`synthetic`), threshold 0.9,
@@ -24,7 +24,8 @@ same-N ratios); ``--baseline-n 0`` runs them at each size.
 ``--million``: ``partitioned`` on 1,000,000 x 512 streamed from an on-disk
 ``EmbeddingStore`` at ``bench/_out/store_1m`` (built first in its own subprocess, not
 timed with the search; reused when present), in a fresh subprocess: time, peak RSS, pair
-recall on the sample, partition summary.  The record is kept in
+recall on the sample (``--recall-sample``, default 6000 rows here: ~650 exact pairs),
+partition summary; targets: <= 120 s, recall >= 0.995, peak RSS < 4 GB.  The record is kept in
 ``bench/_out/million.json`` for ``bench_memory.py``.
 
 Columns: ``x blocked`` = blocked seconds / this method's seconds at the same N (higher is
@@ -59,7 +60,7 @@ from _common import (
 THRESHOLD = 0.9
 TARGET_RECALL = 0.995
 TARGET_SPEEDUP = 5.0
-TARGET_1M_SECONDS = 600.0
+TARGET_1M_SECONDS = 120.0  # issue 11 item 6 (was 10 minutes)
 TARGET_1M_RSS = 4e9
 MILLION = 1_000_000
 MILLION_JSON = OUT / "million.json"
@@ -119,7 +120,7 @@ def run_sizes(sizes: list[int], args: argparse.Namespace) -> None:
     rows: list[dict] = []
     blocked_s: dict[int, float] = {}
     notes: list[str] = []
-    sample = args.recall_sample
+    sample = args.recall_sample or 2000
     for n in sizes:
         t0 = time.perf_counter()
         npy = ensure_data(n)
@@ -209,6 +210,8 @@ def run_sizes(sizes: list[int], args: argparse.Namespace) -> None:
 
 
 def run_million(args: argparse.Namespace) -> None:
+    # 6000 rows: ~650 exact pairs at 1M; 2000 rows gave ~270, too few to tell 0.995.
+    args.recall_sample = args.recall_sample or 6000
     print(f"N = {MILLION}: on-disk store ...", flush=True)
     t0 = time.perf_counter()
     build = ensure_store(MILLION, rebuild=args.rebuild_store)
@@ -220,13 +223,18 @@ def run_million(args: argparse.Namespace) -> None:
     print(
         f"store {build['path']}: {how} generate {build['generate_s']:.1f} s + write "
         f"{build['write_s']:.1f} s, builder peak RSS {build['builder_peak_rss'] / GiB:.2f} GiB "
-        f"(the generator is not chunked: it makes all rows in float64 at once); on disk "
+        f"(generator: {build.get('generator', '?')}); on disk "
         f"{used / GiB:.2f} GiB ({apparent / GiB:.2f} GiB apparent)",
         flush=True,
     )
     rows: list[dict] = []
     rec = measure(
-        {"store": build["path"], "backend": "partitioned", "recall_sample": args.recall_sample},
+        {
+            "store": build["path"],
+            "backend": "partitioned",
+            "recall_sample": args.recall_sample,
+            "options": json.loads(args.million_options) if args.million_options else None,
+        },
         "partitioned (store)",
         rows,
     )
@@ -260,7 +268,7 @@ def run_million(args: argparse.Namespace) -> None:
     print(f"partitions: {rec['summary']}")
     print(f"recall measured in {rec['recall_s']:.1f} s on {args.recall_sample} sampled rows")
     checks = [
-        ("time < 10 min", rec["seconds"] < TARGET_1M_SECONDS, f"{rec['seconds']:.0f} s"),
+        ("time <= 120 s", rec["seconds"] <= TARGET_1M_SECONDS, f"{rec['seconds']:.0f} s"),
         ("recall >= 0.995", rec["recall"] >= TARGET_RECALL, f"{rec['recall']:.4f}"),
         ("peak RSS < 4 GB", rec["peak_rss"] < TARGET_1M_RSS, f"{rec['peak_rss'] / 1e9:.2f} GB"),
     ]
@@ -272,12 +280,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200000")
     ap.add_argument("--baseline-n", type=int, default=50_000, help="N for ivf/hnsw (0: each N)")
-    ap.add_argument("--recall-sample", type=int, default=2000)
+    ap.add_argument(
+        "--recall-sample", type=int, default=None, help="rows (default 2000; --million: 6000)"
+    )
     ap.add_argument("--no-blocked", action="store_true", help="skip exact blocked (no time ratios)")
     ap.add_argument("--profile", action="store_true", help="cProfile partitioned at each N")
     ap.add_argument("--million", action="store_true", help="also 1M rows from an on-disk store")
     ap.add_argument("--million-only", action="store_true", help="only the 1M run")
     ap.add_argument("--rebuild-store", action="store_true")
+    ap.add_argument(
+        "--million-options",
+        default=None,
+        help='1M: backend options as JSON, e.g. \'{"precision": "fp32"}\'',
+    )
     args = ap.parse_args(argv)
     print("\n".join(machine_lines()))
     print(

@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_exact.py [--sizes 20000,50000,100000] [--threshold 0.9]
                                           [--precisions fp32,auto] [--skip-flat-above N]
                                           [--repeats-small 3]
+    .venv/bin/python bench/bench_exact.py --million [--precisions auto] [--limit-s 1800]
+                                          [--max-rss-gib 12]
 
 For each N, in one process, on ``clustered_unit_vectors(N, 512, seed=0)``
 (:mod:`synthetic`):
@@ -35,6 +37,16 @@ start and end); ``cpu s`` = process CPU seconds (all threads: with other work on
 seconds over ``cpu s`` / cores shows how much of the machine the method got); ``peak MiB``
 = peak RSS above the RSS at the method's start.  Best of
 ``--repeats-small`` for N <= 20000, one run above.
+
+``--million``: instead of the sizes, exact ``blocked`` (each of ``--precisions``, default
+``auto``) over the 1,000,000 x 512 on-disk store of ``bench_approx.py --million`` (built
+once into ``bench/_out/store_1m`` by :func:`_common.ensure_store`, reused after), streamed
+from disk, in this process.  The pairs go to a counting sink that logs progress every
+30 s: the highest row block reached, the share of the upper-triangle work done
+(``1 - (1 - a/N)^2``), the RSS and the projected total.  A run stops (and the next
+precision starts) once its projection passes 1.25x ``--limit-s`` or its time passes
+``--limit-s``, printing the rate reached, or once its RSS passes ``--max-rss-gib``
+(default 12: the machine is shared).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import argparse
 import gc
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from _common import (
@@ -99,15 +112,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats-small", type=int, default=3)
     ap.add_argument(
-        "--precisions", default="fp32,auto", help="blocked runs, comma-separated (fp32 first)"
+        "--precisions",
+        default=None,
+        help="blocked runs, comma-separated (default fp32,auto; --million: auto)",
     )
     ap.add_argument(
         "--skip-flat-above", type=int, default=None, help="no flat run above this N (time)"
     )
+    ap.add_argument("--million", action="store_true", help="blocked over the 1M on-disk store")
+    ap.add_argument("--limit-s", type=float, default=None, help="--million: stop past this")
+    ap.add_argument(
+        "--max-rss-gib", type=float, default=12.0, help="--million: stop above this RSS"
+    )
     args = ap.parse_args(argv)
+    if args.million:
+        run_million([p for p in (args.precisions or "auto").split(",") if p], args)
+        return
     sizes = [int(s) for s in args.sizes.split(",") if s]
     thr, d = args.threshold, args.dim
-    precisions = [p for p in args.precisions.split(",") if p]
+    precisions = [p for p in (args.precisions or "fp32,auto").split(",") if p]
     if precisions[0] != "fp32":
         precisions.insert(0, "fp32")
 
@@ -243,6 +266,127 @@ def main(argv: list[str] | None = None) -> None:
     print("checks:")
     print("\n".join(checks + skipped))
     print(f"\ntotal wall time {time.perf_counter() - wall0:.0f} s")
+
+
+class _ProgressSink:
+    """A pair sink (``add`` / ``finish``) that keeps the pairs and logs, every
+    ``every`` seconds, how far the row blocks have got: row blocks are handed out in
+    order, so the highest row of a pair seen is about the current block's start ``a``,
+    and ``1 - (1 - a/N)^2`` of the upper-triangle work is done."""
+
+    def __init__(
+        self, n: int, limit_s: float | None, every: float = 30.0, max_rss: float = 12 * 2**30
+    ) -> None:
+        from dedup_index.search.pairs import PairSet
+
+        self.n, self.limit_s, self.every, self.max_rss = n, limit_s, every, max_rss
+        self.parts: list = []
+        self.empty = PairSet.empty
+        self.t0 = self.last = time.perf_counter()
+        self.top = 0
+        self.stopped: str | None = None
+
+    def add(self, pairs) -> None:
+        self.parts.append(pairs)
+        if len(pairs):
+            self.top = max(self.top, int(np.asarray(pairs.i).max()))
+        now = time.perf_counter()
+        if now - self.last >= min(self.every, 5.0):
+            rss = _rss_bytes()
+            if rss > self.max_rss:  # guard the shared machine: stop before it swaps or OOMs
+                self.stopped = f"{self.line(now)}; RSS {rss / 2**30:.1f} GiB over the guard"
+                raise _Stop(self.stopped)
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{self.line(now)}, RSS {_rss_bytes() / 2**30:.1f} GiB", flush=True)
+            if self.limit_s is not None and self.projected(now) > 1.25 * self.limit_s:
+                self.stopped = self.line(now)
+                raise _Stop(self.stopped)
+            if self.limit_s is not None and now - self.t0 > self.limit_s:
+                self.stopped = self.line(now)
+                raise _Stop(self.stopped)
+
+    def done(self) -> float:
+        return 1.0 - (1.0 - self.top / self.n) ** 2
+
+    def projected(self, now: float) -> float:
+        f = self.done()
+        return (now - self.t0) / f if f > 0.02 else 0.0
+
+    def line(self, now: float) -> str:
+        el = now - self.t0
+        return (
+            f"  {el:7.0f} s: row blocks at ~{self.top} of {self.n}, {self.done():.1%} of the "
+            f"work, projected total {self.projected(now):.0f} s"
+        )
+
+    def finish(self):
+        from dedup_index.search.pairs import concat_pairsets
+
+        return concat_pairsets(self.parts) if self.parts else self.empty()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _rss_bytes() -> int:
+    """This process's resident set now (``VmRSS``)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_million(precisions: list[str], args: argparse.Namespace) -> None:
+    """Exact ``blocked`` over the 1M x 512 on-disk store (see the module docstring)."""
+    from _common import MiB, disk_usage, ensure_store, peak_rss_bytes
+
+    from dedup_index.search.blocked import blocked_search
+    from dedup_index.search.precision import measure_rates
+    from dedup_index.store import EmbeddingStore
+
+    print("\n".join(machine_lines()))
+    rates_start = all_rates()
+    print_rates("GEMM rates at start", rates_start)
+    measure_rates()
+    t0 = time.perf_counter()
+    build = ensure_store(1_000_000)
+    used, _ = disk_usage(Path(build["path"]))
+    print(
+        f"store {build['path']}: {'reused' if build['reused'] else 'built'} "
+        f"({time.perf_counter() - t0:.0f} s), {used / 2**30:.2f} GiB on disk",
+        flush=True,
+    )
+    store = EmbeddingStore.open(build["path"])
+    n, d = store.shape
+    for prec in precisions:
+        sink = _ProgressSink(n, args.limit_s, max_rss=args.max_rss_gib * 2**30)
+        report: dict = {}
+        print(f"blocked precision={prec} over {n} x {d} from the store ...", flush=True)
+        c0, w0 = time.process_time(), time.perf_counter()
+        try:
+            pairs, _, _ = blocked_search(
+                store, args.threshold, precision=prec, sink=sink, report=report
+            )
+        except _Stop as stop:
+            el = time.perf_counter() - w0
+            print(
+                f"STOPPED at {el:.0f} s (limit {args.limit_s:.0f} s): {stop}; "
+                f"cpu {time.process_time() - c0:.0f} s; {report.get('precision', '')}",
+                flush=True,
+            )
+            continue
+        sec, cpu = time.perf_counter() - w0, time.process_time() - c0
+        gf = float(n) ** 2 * d / sec / 1e9
+        print(
+            f"blocked {prec} ({report.get('precision', '?')}): N={n} {sec:.1f} s "
+            f"({sec / 60:.1f} min), cpu {cpu:.0f} s, {gf:.1f} useful GFLOP/s, "
+            f"{len(pairs)} pairs, peak RSS {peak_rss_bytes() / MiB:.0f} MiB",
+            flush=True,
+        )
+    print_rates("GEMM rates at end", all_rates())
 
 
 def all_rates() -> dict[str, float]:

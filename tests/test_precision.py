@@ -357,3 +357,50 @@ def test_tighten_first_cut_keeps_every_canonical_maximum(seed):
     np.maximum.at(kept, got_r, canonical_scores(E, got_r, got_p))
     assert np.array_equal(kept, best)
     assert got_r.size < rows.size  # and the cut did cut
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.0, 0.05),
+    st.integers(1, 4),
+)
+def test_pruning_near_best_entries_keeps_exactly_the_survivors(n, seed, slack, pieces):
+    """``prune_near`` with any lower bound of the final maxima drops only what
+    ``NearBest.survivors`` would drop: the survivors (and so the canonical maxima and the
+    bits) are the same, and memory stays bounded (the 1M bf16 run kept every entry and
+    grew past 20 GB)."""
+    from dedup_index.search.blocked import prune_near
+    from dedup_index.search.tiles import NearBest
+
+    rng = np.random.default_rng(seed)
+    delta = np.float32(0.01)
+    m = 5 * n
+    ids = rng.integers(0, n, m)
+    other = rng.integers(0, 1000, m)
+    vals = rng.uniform(0.8, 1.0, m).astype(np.float32)
+    final = np.full(n, -np.inf, np.float32)
+    np.maximum.at(final, ids, vals)
+    lower = np.where(np.isfinite(final), final - np.float32(slack), final).astype(np.float32)
+    cuts = np.sort(rng.integers(0, m + 1, pieces - 1))
+    entries = [
+        (ids[a:b], other[a:b], vals[a:b])
+        for a, b in zip([0, *cuts], [*cuts, m], strict=True)
+        if b > a
+    ]
+
+    def survivors(kept):
+        near = NearBest(n, delta)
+        near.best[:] = final
+        for i, o, v in kept:
+            near.rows.append(i)
+            near.cols.append(o)
+            near.vals.append(v)
+        return near.survivors(values=True)
+
+    want = survivors(entries)
+    got = survivors(prune_near(entries, lower, delta))
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(w, g)
+    assert sum(len(e[0]) for e in prune_near(entries, final, delta)) == len(want[0])

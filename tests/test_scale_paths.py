@@ -55,6 +55,36 @@ def test_partitioned_defaults_measure_high_recall():
     assert np.all(result.max_similarity <= exact.max_similarity)
 
 
+def test_partitioned_splits_oversize_partitions_on_a_small_sample_without_faiss_warnings(capfd):
+    """Oversize partitions are split again, their k-means trained on
+    SPLIT_TRAIN_PER_CENTROID rows a centroid (never fewer than FAISS's 39: nothing on
+    stderr); every pair reported is exact and recall stays high."""
+    from dedup_index.search.partitioned import (
+        MIN_TRAIN_PER_CENTROID,
+        SPLIT_TRAIN_PER_CENTROID,
+        PartitionParams,
+        partitioned_search,
+    )
+
+    assert SPLIT_TRAIN_PER_CENTROID >= MIN_TRAIN_PER_CENTROID
+    rng = np.random.default_rng(11)
+    base = dense_clusters(rng, 6, 700, 64, 0.6)
+    copies = base[rng.choice(len(base), 300, replace=False)]
+    copies = copies + 0.02 * rng.standard_normal(copies.shape).astype(np.float32)
+    E = as_unit_float32(np.concatenate([base, copies])[rng.permutation(len(base) + 300)])
+    params = PartitionParams(n_clusters=3, n_probe=2, max_partition=600, sample=len(E))
+    pairs, nearest, _, info = partitioned_search(E, 0.9, params=params, threads=1)
+    assert info.splits > 0 and info.largest < len(E)
+    assert "please provide at least" not in capfd.readouterr().err
+    exact = dedup_embeddings(E, 0.9, backend="blocked", normalize=False)
+    truth = {(i, j): s for i, j, s in zip(exact.pairs.i, exact.pairs.j, exact.pairs.s, strict=True)}
+    for i, j, s in zip(pairs.i, pairs.j, pairs.s, strict=True):
+        assert truth[(i, j)] == s
+    assert len(set(zip(pairs.i, pairs.j, strict=True))) == len(pairs)
+    assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.95
+    assert np.all(nearest <= exact.max_similarity)
+
+
 @pytest.mark.parametrize("backend", ["blocked", "flat", "dense", "partitioned"])
 def test_a_store_on_disk_gives_the_same_result_as_the_array(tmp_path, backend):
     rng = np.random.default_rng(1)

@@ -73,6 +73,10 @@ SINGLE_TILE_ROWS = 1024
 #: Bytes of tile per chunk of the CPU scan: a chunk stays in the core's L2 cache while
 #: every pass (row and column maxima, the threshold test, the near-best gathers) runs.
 CHUNK_BYTES = 1 << 20
+#: The CPU loop drops, every this many finished row blocks, the kept near-best entries of
+#: columns that the columns' running maxima have left behind (bounded memory: with a
+#: wide bf16 window, keeping them all grew past 20 GB at 1M rows).
+PRUNE_EVERY = 8
 
 
 def choose_tile(
@@ -521,6 +525,7 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
     counter = iter(range(len(starts)))
     lock = threading.Lock()
     failed = threading.Event()
+    finished = [0]
 
     def run(worker: _Worker) -> None:
         try:
@@ -530,7 +535,12 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
                 if k is None:
                     return
                 a = starts[k]
-                done[k] = worker.block(a, min(n, a + rows_per), emit)
+                found = worker.block(a, min(n, a + rows_per), emit)
+                with lock:
+                    done[k] = found
+                    finished[0] += 1
+                    if finished[0] % PRUNE_EVERY == 0:
+                        _prune_done(done, crew)
         except BaseException:
             failed.set()
             raise
@@ -560,6 +570,31 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
     for worker in crew:
         np.maximum(earlier.best, worker.col_best, out=earlier.best)
     return later, earlier
+
+
+def prune_near(entries: list, best: np.ndarray, delta: np.float32) -> list:
+    """Near-best entries ``[(id, other, value), ...]`` without those below ``best[id] -
+    delta``, as one tuple (order kept).  ``best`` must be a lower bound of each id's
+    final maximum: what it drops, :meth:`NearBest.survivors` would drop (float32
+    subtraction is monotone), so the survivors and the bits are the same."""
+    if not entries:
+        return entries
+    ids = np.concatenate([e[0] for e in entries])
+    other = np.concatenate([e[1] for e in entries])
+    vals = np.concatenate([e[2] for e in entries])
+    keep = vals >= best[ids] - delta
+    return [(ids[keep], other[keep], vals[keep])] if keep.any() else []
+
+
+def _prune_done(done: dict, crew: list) -> None:
+    """Prune the finished blocks' column entries against the columns' running maxima
+    over every worker (each worker's array only grows: any read is a lower bound)."""
+    bound = crew[0].col_best.copy()
+    for worker in crew[1:]:
+        np.maximum(bound, worker.col_best, out=bound)
+    delta = crew[0].delta
+    for k, (lat, ear) in done.items():
+        done[k] = (lat, prune_near(ear, bound, delta))
 
 
 class _Worker:
@@ -623,7 +658,10 @@ class _Worker:
             found = self._scan(s, a, c, lat, ear)
             if found is not None:
                 emit(found)
-        return lat, ear
+        # The block's rows have met every later column: their maxima are final, so only
+        # their survivors need keeping; columns keep what their running maxima allow.
+        rows_kept = prune_near(lat, self.later_best, self.delta)
+        return rows_kept, prune_near(ear, self.col_best, self.delta)
 
     def _scan(self, s, a: int, c: int, lat: list, ear: list):
         """One tile (rows ``a:``, columns ``c:``; float32 numpy, or a bf16 tensor widened
