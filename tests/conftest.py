@@ -90,3 +90,53 @@ class MemoryStorage:
 
     def write(self, frame: pd.DataFrame) -> None:
         self.written.append(frame)
+
+
+def write_version_1_index(root: Path, E: np.ndarray, keys: list[str], threshold: float) -> dict:
+    """A format-1 index at ``root`` as an older dedup_index wrote it (one ``embeddings/``
+    store, one pair part, one state file, SHA-256 of those two in the manifest), holding
+    ``E`` under ``keys`` with the dense oracle's decisions; returns the manifest."""
+    import hashlib
+
+    from dedup_index import dedup_embeddings
+    from dedup_index.files import write_json_atomic
+    from dedup_index.store import EmbeddingStore, write_pair_file
+
+    n, dim = E.shape
+    (root / "pairs").mkdir(parents=True)
+    with EmbeddingStore.create(root / "embeddings", dim, meta={"model_name": None}) as store:
+        store.append(E, keys=keys)
+    first = dedup_embeddings(E, threshold, backend="dense")
+    part = "pairs/part-000001.parquet"
+    sums = {part: write_pair_file(root / part, first.pairs)}
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        keep=first.keep,
+        duplicate_of=first.duplicate_of,
+        duplicate_similarity=first.duplicate_similarity,
+        group=first.group,
+        nearest=first.max_similarity,
+        earlier=first.max_earlier_similarity,
+    )
+    (root / "state-000001.npz").write_bytes(buf.getvalue())
+    sums["state-000001.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    manifest = {
+        "format": "dedup-index",
+        "version": 1,
+        "dim": dim,
+        "threshold": threshold,
+        "policy": "reference",
+        "backend": "blocked",
+        "model_name": None,
+        "count": n,
+        "generation": 1,
+        "backend_options": {},
+        "ann": None,
+        "pairs": [part],
+        "state": "state-000001.npz",
+        "checksums": sums,
+        "n_pairs": len(first.pairs),
+    }
+    write_json_atomic(root / "manifest.json", manifest)
+    return manifest

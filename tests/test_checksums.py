@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo
+from conftest import COPY_THRESHOLD, MemoryStorage, jpeg_bytes, photo, write_version_1_index
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -306,50 +306,10 @@ def test_a_small_store_works_under_a_64mb_file_size_limit(tmp_path):
 def test_index_verify_checks_a_version_1_index_store_block_by_block(tmp_path):
     """``dedup-index index verify`` covers everything an index stores: in a version-1 index
     that includes its embedding store, which the manifest lists without a checksum."""
-    import hashlib
-    import io
-
-    from dedup_index.files import write_json_atomic
     from dedup_index.index import DedupIndex, IndexCorruptError
-    from dedup_index.store import write_pair_file
 
-    E = unit(40, dim=16, seed=7)
     root = tmp_path / "i"
-    (root / "pairs").mkdir(parents=True)
-    with EmbeddingStore.create(root / "embeddings", 16, meta={"model_name": None}) as store:
-        store.append(E, keys=[f"k{r}" for r in range(40)])
-    first = dedup_embeddings(E, 0.99, backend="dense")
-    sums = {"pairs/p.parquet": write_pair_file(root / "pairs/p.parquet", first.pairs)}
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        keep=first.keep,
-        duplicate_of=first.duplicate_of,
-        duplicate_similarity=first.duplicate_similarity,
-        group=first.group,
-        nearest=first.max_similarity,
-        earlier=first.max_earlier_similarity,
-    )
-    (root / "state-000001.npz").write_bytes(buf.getvalue())
-    sums["state-000001.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    manifest = {
-        "format": "dedup-index",
-        "version": 1,
-        "dim": 16,
-        "threshold": 0.99,
-        "policy": "reference",
-        "backend": "blocked",
-        "model_name": None,
-        "count": 40,
-        "generation": 1,
-        "backend_options": {},
-        "ann": None,
-        "pairs": ["pairs/p.parquet"],
-        "state": "state-000001.npz",
-        "checksums": sums,
-        "n_pairs": len(first.pairs),
-    }
-    write_json_atomic(root / "manifest.json", manifest)
+    write_version_1_index(root, unit(40, dim=16, seed=7), [f"k{r}" for r in range(40)], 0.99)
     with DedupIndex.open(root) as index:
         assert index.verify()["files"] == 3
     flip(root / "embeddings" / shard_name(0), 100)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_version_1_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,55 +314,10 @@ def test_ivf_batch_gemm_path_finds_what_faiss_finds(tmp_path):
 def test_a_version_1_index_is_read_and_upgraded_by_its_next_commit(tmp_path):
     """Format 1 (one embeddings/ store, one state file, FAISS file per generation) is
     read as it is; the next add writes version 2 files next to it."""
-    import io
-
-    from dedup_index.files import write_json_atomic
-    from dedup_index.store import EmbeddingStore, write_pair_file
-
     E = data(100)
     keys = [f"k{r}" for r in range(len(E))]
     root = tmp_path / "i"
-    (root / "pairs").mkdir(parents=True)
-    with EmbeddingStore.create(root / "embeddings", 16, meta={"model_name": None}) as store:
-        store.append(E[:100], keys=keys[:100])
-    first = dedup_embeddings(E[:100], 0.99, backend="dense")
-    sums = {
-        "pairs/part-000001.parquet": write_pair_file(
-            root / "pairs/part-000001.parquet", first.pairs
-        )
-    }
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        keep=first.keep,
-        duplicate_of=first.duplicate_of,
-        duplicate_similarity=first.duplicate_similarity,
-        group=first.group,
-        nearest=first.max_similarity,
-        earlier=first.max_earlier_similarity,
-    )
-    (root / "state-000001.npz").write_bytes(buf.getvalue())
-    sums["state-000001.npz"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    write_json_atomic(
-        root / "manifest.json",
-        {
-            "format": "dedup-index",
-            "version": 1,
-            "dim": 16,
-            "threshold": 0.99,
-            "policy": "reference",
-            "backend": "blocked",
-            "model_name": None,
-            "count": 100,
-            "generation": 1,
-            "backend_options": {},
-            "ann": None,
-            "pairs": ["pairs/part-000001.parquet"],
-            "state": "state-000001.npz",
-            "checksums": sums,
-            "n_pairs": len(first.pairs),
-        },
-    )
+    write_version_1_index(root, E[:100], keys[:100], 0.99)
     with DedupIndex.open(root) as reader:
         assert reader.keys() == keys[:100] and reader.query(E[3])[0][0][0] == "k3"
     with DedupIndex.open(root, mode="a") as index:

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import photo
+from conftest import MemoryStorage, photo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_verify import EDITS
@@ -64,15 +64,6 @@ NAMES = [
 def _one_shot(encoder, folder, names, **options):
     from dedup_index.operator.filter import ImageDeduplicateFilter
 
-    frame = pd.DataFrame({"image": names})
-
-    class Storage:
-        def read(self, output_type="dataframe"):
-            return frame
-
-        def write(self, data):
-            self.out = data
-
     filt = ImageDeduplicateFilter(
         threshold=0.0,
         encoder=encoder,
@@ -81,7 +72,7 @@ def _one_shot(encoder, folder, names, **options):
         num_workers=0,
         **options,
     )
-    filt.run(Storage())
+    filt.run(MemoryStorage(pd.DataFrame({"image": names})))
     return filt.last_report
 
 
@@ -199,16 +190,7 @@ def test_operator_with_an_index_verifies(encoder, folder, tmp_path):
     from dedup_index.operator.filter import ImageDeduplicateFilter
 
     def run(names):
-        frame = pd.DataFrame({"image": names})
-
-        class Storage:
-            def read(self, output_type="dataframe"):
-                return frame
-
-            def write(self, data):
-                self.out = data
-
-        storage = Storage()
+        storage = MemoryStorage(pd.DataFrame({"image": names}))
         ImageDeduplicateFilter(
             threshold=0.0,
             encoder=encoder,
@@ -217,7 +199,7 @@ def test_operator_with_an_index_verifies(encoder, folder, tmp_path):
             num_workers=0,
             index_path=tmp_path / "index",
         ).run(storage)
-        return storage.out["image"].tolist()
+        return storage.written[-1]["image"].tolist()
 
     assert run(NAMES[:4]) == ["a.png", "b.png", "c.png"]
     assert run(NAMES[4:]) == []

@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import photo
+from conftest import MemoryStorage, photo
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from dedup_index.search import PairSet
@@ -218,20 +218,13 @@ def test_operator_decides_on_verified_pairs(encoder, tiles):
     rows = [a, EDITS["hflip"](a), b, EDITS["crop30"](a), b"garbage", EDITS["caption"](b)]
     frame = pd.DataFrame({"image": rows, "id": range(len(rows))})
 
-    class Storage:
-        def read(self, output_type="dataframe"):
-            return frame
-
-        def write(self, data):
-            self.out = data
-
     # threshold 0: every pair is a candidate; only verification tells copies apart
-    plain, verified = Storage(), Storage()
+    plain, verified = MemoryStorage(frame), MemoryStorage(frame)
     ImageDeduplicateFilter(threshold=0.0, encoder=encoder).run(plain)
     filt = ImageDeduplicateFilter(threshold=0.0, encoder=encoder, verify="geometric")
     filt.run(verified)
-    assert plain.out["id"].tolist() == [0]
-    assert verified.out["id"].tolist() == [0, 2]
+    assert plain.written[-1]["id"].tolist() == [0]
+    assert verified.written[-1]["id"].tolist() == [0, 2]
     rejects = filt.last_report.rejects.set_index("row")
     assert rejects.loc[1, "duplicate_of_row"] == 0 and rejects.loc[3, "duplicate_of_row"] == 0
     assert rejects.loc[5, "duplicate_of_row"] == 2
@@ -246,19 +239,12 @@ def test_verify_none_is_todays_behaviour(encoder, tiles):
     rows = [tiles[0], EDITS["hflip"](tiles[0]), tiles[1], EDITS["blur"](tiles[1])]
     frame = pd.DataFrame({"image": rows})
 
-    class Storage:
-        def read(self, output_type="dataframe"):
-            return frame
-
-        def write(self, data):
-            self.out = data
-
     runs = []
     for extra in ({}, {"verify": "none"}):
-        storage = Storage()
+        storage = MemoryStorage(frame)
         filt = ImageDeduplicateFilter(threshold=0.97, encoder=encoder, **extra)
         filt.run(storage)
-        runs.append((storage.out, filt.last_report))
+        runs.append((storage.written[-1], filt.last_report))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     assert runs[0][1].result.pairs.equals(runs[1][1].result.pairs)
     assert "verification" not in runs[1][1].result.info
@@ -329,22 +315,15 @@ def test_hashes_and_features_are_cached_with_the_embeddings(encoder, tiles, tmp_
         paths.append(str(folder / f"{name}.png"))
     frame = pd.DataFrame({"image": paths})
 
-    class Storage:
-        def read(self, output_type="dataframe"):
-            return frame
-
-        def write(self, data):
-            self.out = data
-
     cache = tmp_path / "cache"
     runs = []
     for _ in range(2):
         filt = ImageDeduplicateFilter(
             threshold=0.0, encoder=encoder, verify="geometric", cache_dir=cache, num_workers=0
         )
-        storage = Storage()
+        storage = MemoryStorage(frame)
         filt.run(storage)
-        runs.append((storage.out["image"].tolist(), filt.last_report))
+        runs.append((storage.written[-1]["image"].tolist(), filt.last_report))
     assert runs[0][0] == runs[1][0] == [paths[0], paths[2]]
     assert runs[1][1].cached == 3 and runs[1][1].embedded == 0
     assert len(list((cache / "verify").rglob("*.sift.npz"))) == 3
@@ -378,18 +357,12 @@ def test_ray_path_verifies_like_one_machine(tiny_clip, encoder, tiles, tmp_path)
         im.save(folder / name)
     values = [*images, "missing.png"]
 
-    class Table:
-        def read(self, output_type="dataframe"):
-            return pd.DataFrame({"image": values, "n": range(len(values))})
-
-        def write(self, frame):
-            self.out = frame
-
     options = {"threshold": 0.0, "image_root": folder, "verify": "geometric", "num_workers": 0}
-    local, on_ray = Table(), Table()
+    table = pd.DataFrame({"image": values, "n": range(len(values))})
+    local, on_ray = MemoryStorage(table), MemoryStorage(table)
     one = ImageDeduplicateFilter(tiny_clip, encoder=encoder, **options)
     one.run(local)
-    assert local.out["image"].tolist() == ["a.png", "b.png"]
+    assert local.written[-1]["image"].tolist() == ["a.png", "b.png"]
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -397,7 +370,7 @@ def test_ray_path_verifies_like_one_machine(tiny_clip, encoder, tiles, tmp_path)
         filt = ImageDeduplicateFilter(tiny_clip, batch_size=4, ray=True, **options)
         filt.run(on_ray)
         assert filt.last_report.result.backend == "ray"
-        assert on_ray.out["image"].tolist() == local.out["image"].tolist()
+        assert on_ray.written[-1]["image"].tolist() == local.written[-1]["image"].tolist()
         got, want = filt.last_report.rejects, one.last_report.rejects
         for column in ("n", "reject_reason", "duplicate_of_row"):
             assert got[column].tolist() == want[column].tolist()
@@ -417,7 +390,7 @@ def test_ray_path_verifies_like_one_machine(tiny_clip, encoder, tiles, tmp_path)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         kept = pd.read_json(tmp_path / "kept.jsonl", lines=True)
-        assert kept["image"].tolist() == local.out["image"].tolist()
+        assert kept["image"].tolist() == local.written[-1]["image"].tolist()
         pairs = pd.read_parquet(tmp_path / "p.parquet")
         assert sorted(map(tuple, pairs[["key_i", "key_j"]].values.tolist())) == [
             ("a.png", "a_crop.png"),
