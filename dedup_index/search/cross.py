@@ -103,30 +103,28 @@ def cross_search(
                 found_q,
                 found_b,
             )
-        q = np.concatenate(found_q) if found_q else empty
-        b = np.concatenate(found_b) if found_b else empty
-        return cross_result(queries, base, threshold, q, b, q_near, b_near)
-    rows = DEFAULT_ROWS if rows is None else rows
-    cols = DEFAULT_COLS if cols is None else cols
-    rows, cols = min(rows, m), min(cols, n)  # a single query needs a 1 x n tile, not more
-    q_tiles = NumpyTiles(q_rows, rows, cols, arith)
-    b_tiles = NumpyTiles(b_rows, rows, cols, arith)
-    with arith.session():
-        _cross_tiles(
-            q_tiles,
-            b_tiles,
-            m,
-            n,
-            rows,
-            cols,
-            radius,
-            base_live,
-            base_best,
-            q_near,
-            b_near,
-            found_q,
-            found_b,
-        )
+    else:
+        rows = DEFAULT_ROWS if rows is None else rows
+        cols = DEFAULT_COLS if cols is None else cols
+        rows, cols = min(rows, m), min(cols, n)  # a single query: a 1 x n tile, not more
+        q_tiles = NumpyTiles(q_rows, rows, cols, arith)
+        b_tiles = NumpyTiles(b_rows, rows, cols, arith)
+        with arith.session():
+            _cross_tiles(
+                q_tiles,
+                b_tiles,
+                m,
+                n,
+                rows,
+                cols,
+                radius,
+                base_live,
+                base_best,
+                q_near,
+                b_near,
+                found_q,
+                found_b,
+            )
     q = np.concatenate(found_q) if found_q else empty
     b = np.concatenate(found_b) if found_b else empty
     return cross_result(queries, base, threshold, q, b, q_near, b_near)
