@@ -543,8 +543,9 @@ class DedupIndex:
         view = self._view
         removed = view.state["removed"]
         live = None if not removed.any() else ~removed
+        built = None  # a FAISS segment of exactly the new rows, if the search made one
         if self._manifest["backend"] in ANN_BACKENDS:
-            new_pairs, nearest, earlier = self._ann_step(q, n_old, live)
+            new_pairs, nearest, earlier, built = self._ann_step(q, n_old, live)
         else:
             new_pairs, nearest, earlier = self._exact_step(q, n_old, live)
         verification, verification_keys = None, {}
@@ -573,7 +574,7 @@ class DedupIndex:
         )
         rows_file = _open_rows(self.path, rows_name, m, self.dim)
         rows = view.rows.with_part(rows_file)
-        ann, ann_entries = self._grow_ann(rows, generation, checksums)
+        ann, ann_entries = self._grow_ann(rows, generation, checksums, built)
         manifest = dict(
             self._manifest,
             count=n,
@@ -869,16 +870,17 @@ class DedupIndex:
     def _ann_step(self, q: np.ndarray, n_old: int, live: np.ndarray | None):
         """New rows against the old ones through the FAISS segments (and the exact
         tail), and among themselves: exactly (``blocked``), or from
-        :data:`ANN_BULK_ROWS` rows by ``partitioned`` search (GEMM tiles in clusters)."""
+        :data:`ANN_BULK_ROWS` rows by ``partitioned`` search (GEMM tiles in clusters).
+        Returns :meth:`_combine`'s ``(pairs, nearest, earlier)`` and the FAISS segment of
+        rows ``n_old:n_old + m`` the search built (IVF bulk adds; else None)."""
         view = self._view
         ann = view.ann or _empty_ann(self._manifest)
         m = q.shape[0]
-        self._batch_segment = None
         batch = ann.search_batch(q, view.rows, self.threshold, live) if m >= ANN_BULK_ROWS else None
         if batch is not None:  # IVF: the batch's own pairs from the same list products
             cross, within, near_in, earlier_in, segment = batch
-            self._batch_segment = (n_old, n_old + m, segment)  # for _grow_ann, if it fits
-            return self._combine(cross, within, near_in, earlier_in, n_old)
+            built = (n_old, n_old + m, segment)
+            return (*self._combine(cross, within, near_in, earlier_in, n_old), built)
         cross = ann.search(q, view.rows, self.threshold, live, nearest=True)
         if m >= ANN_BULK_ROWS:
             from ..search.partitioned import default_params, partitioned_search
@@ -892,17 +894,24 @@ class DedupIndex:
             )
         else:
             within, near_in, earlier_in = blocked_search(q, self.threshold, **self._where)
-        return self._combine(cross, within, near_in, earlier_in, n_old)
+        return (*self._combine(cross, within, near_in, earlier_in, n_old), None)
 
-    def _grow_ann(self, rows: SegmentedRows, generation: int, checksums: dict[str, str]):
+    def _grow_ann(
+        self,
+        rows: SegmentedRows,
+        generation: int,
+        checksums: dict[str, str],
+        built: tuple | None = None,
+    ):
         """The FAISS segments after an add: unchanged while the exact tail stays within
-        ``tail_rows``, else plus one segment holding the tail (written as a new file)."""
+        ``tail_rows``, else plus one segment holding the tail (written as a new file;
+        ``built``, :meth:`_ann_step`'s ``(start, stop, segment)``, is that segment when it
+        covers exactly the tail)."""
         if self._manifest["backend"] not in ANN_BACKENDS:
             return None, []
         ann = self._view.ann or _empty_ann(self._manifest)
         entries = list(self._manifest["ann"])
         n, start = rows.shape[0], ann.covered
-        built, self._batch_segment = getattr(self, "_batch_segment", None), None
         if n - start <= ann.tail_rows:
             return ann, entries
         if built is not None and built[:2] == (start, n):  # the add's batch segment: no tail
