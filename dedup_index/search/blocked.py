@@ -56,6 +56,7 @@ from .tiles import (
     NumpyTiles,
     canonical_maxima,
     nonzero2d,
+    prune_near,
     tighten,
 )
 
@@ -570,20 +571,6 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
     for worker in crew:
         np.maximum(earlier.best, worker.col_best, out=earlier.best)
     return later, earlier
-
-
-def prune_near(entries: list, best: np.ndarray, delta: np.float32) -> list:
-    """Near-best entries ``[(id, other, value), ...]`` without those below ``best[id] -
-    delta``, as one tuple (order kept).  ``best`` must be a lower bound of each id's
-    final maximum: what it drops, :meth:`NearBest.survivors` would drop (float32
-    subtraction is monotone), so the survivors and the bits are the same."""
-    if not entries:
-        return entries
-    ids = np.concatenate([e[0] for e in entries])
-    other = np.concatenate([e[1] for e in entries])
-    vals = np.concatenate([e[2] for e in entries])
-    keep = vals >= best[ids] - delta
-    return [(ids[keep], other[keep], vals[keep])] if keep.any() else []
 
 
 def _prune_done(done: dict, crew: list) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "canonical_best",
     "canonical_maxima",
     "nonzero2d",
+    "prune_near",
     "rescore_keys",
     "tighten",
 ]
@@ -89,14 +90,29 @@ class NearBest:
     def survivors(self, values: bool = False):
         """``(row, other)`` entries within ``delta`` of the row's final float32 maximum
         (``values``: and their tile values, ``(row, other, value)``)."""
-        if not self.rows:
+        entries = list(zip(self.rows, self.cols, self.vals, strict=True))
+        kept = prune_near(entries, self.best, self.delta)
+        if not kept:
             empty = np.zeros(0, np.int64)
             return (empty, empty, np.zeros(0, np.float32)) if values else (empty, empty)
-        rows = np.concatenate(self.rows).astype(np.int64)
-        vals = np.concatenate(self.vals)
-        keep = vals >= self.best[rows] - self.delta
-        found = rows[keep], np.concatenate(self.cols).astype(np.int64)[keep]
-        return (*found, vals[keep]) if values else found
+        rows, other, vals = kept[0]
+        found = rows.astype(np.int64), other.astype(np.int64)
+        return (*found, vals) if values else found
+
+
+def prune_near(entries: list, best: np.ndarray, delta: np.float32) -> list:
+    """Near-best entries ``[(id, other, value), ...]`` without those below ``best[id] -
+    delta``, as one tuple (order kept): :meth:`NearBest.survivors` with the final maxima.
+    With any lower bound of the final maxima it drops only entries the final filter
+    drops too (float32 subtraction is monotone), so a search may prune as it goes (bounded
+    memory) and keep the same survivors and bits."""
+    if not entries:
+        return entries
+    ids = np.concatenate([e[0] for e in entries])
+    other = np.concatenate([e[1] for e in entries])
+    vals = np.concatenate([e[2] for e in entries])
+    keep = vals >= best[ids] - delta
+    return [(ids[keep], other[keep], vals[keep])] if keep.any() else []
 
 
 class NumpyTiles:
