@@ -4,6 +4,16 @@ Usage: python bench/bench_index.py [--base 200000] [--add 20000] [--backends ivf
                                    [--queries 1000] [--store bench/_out/store_1m] [--no-rebuild]
        python bench/bench_index.py --latency-only 1000000 [--nprobe 12] [--rounds 3]
                                    [--cache /tmp/bench1m]  (build the 1M index once, reuse it)
+       python bench/bench_index.py --from-store 10000000 [--add 100000] [--batch-rows 262144]
+                                   [--index-dir DIR] [--keep] [--reuse]  (issue 15 item 4)
+
+``--from-store N``: an ``ivf`` index with float16 rows built from the float16 store of N
+rows (``_common.ensure_store(N, dtype="float16")``, built first if missing) by
+``DedupIndex.add_store`` in batches, with RSS sampled (``_common.MemSampler``: peak VmRSS
+and its anonymous / file-backed parts); then ``--add`` new rows (30% near-copies of store
+rows, 70% fresh) added in one ``add`` (timed, sampled); then the recall of the build's
+pairs on a sample of 1000 rows (``search.recall.measure_recall``) and of the add's new
+pairs on a sample of 2000 new rows (``exact_pairs_of_rows``), both against exact search.
 
 For each backend, in the same run on the same rows (``bench/synthetic.py``, D = 512,
 threshold 0.9; or ``--store``: base rows from an EmbeddingStore, new rows 30% near-copies
@@ -112,10 +122,26 @@ def main(argv: list[str] | None = None) -> None:
         "them on later runs with the same N, backend, nlist and niter (a 1M build takes "
         "minutes)",
     )
+    ap.add_argument(
+        "--from-store",
+        type=int,
+        default=None,
+        metavar="N",
+        help="build an ivf float16 index from the float16 store of N rows, add --add rows",
+    )
+    ap.add_argument("--batch-rows", type=int, default=None, help="--from-store: rows per add")
+    ap.add_argument("--index-dir", default=None, help="--from-store: where to build the index")
+    ap.add_argument("--keep", action="store_true", help="--from-store: keep the index")
+    ap.add_argument(
+        "--reuse", action="store_true", help="--from-store: reuse a complete --index-dir build"
+    )
     args = ap.parse_args(argv)
     print("\n".join(machine_lines()))
     if args.latency_only:
         latency_only(args)
+        return
+    if args.from_store:
+        from_store(args)
         return
     base, new, what = data(args)
     n, m = len(base), len(new)
@@ -271,6 +297,131 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(table(header, rows, left=(0,)))
     print("\n".join(notes))
+
+
+def from_store(args) -> None:
+    """Issue 15 item 4: build from an on-disk float16 store in bounded memory, add, recall."""
+    import json
+
+    from _common import MemSampler, ensure_store, status_kib
+
+    from dedup_index.index.core import STORE_BATCH_ROWS
+    from dedup_index.search.ivf import default_nlist
+    from dedup_index.search.recall import exact_pairs_of_rows, measure_recall
+    from dedup_index.store import EmbeddingStore
+
+    n, m = args.from_store, args.add
+    rec = ensure_store(n, dtype="float16")
+    print(f"store: {rec['path']} ({'reused' if rec['reused'] else 'built'})", flush=True)
+    folder = Path(args.index_dir or tempfile.mkdtemp(prefix="bench-index-store-")) / "i"
+    options = {"nlist": default_nlist(n)}
+    if args.nprobe is not None:
+        options["nprobe"] = args.nprobe
+    batch = args.batch_rows or STORE_BATCH_ROWS
+
+    def gib(kib: int) -> str:
+        return f"{kib / 2**20:.2f}"
+
+    def progress(done: int, total: int) -> None:
+        s = status_kib()
+        print(
+            f"  {done}/{total} rows, {time.perf_counter() - t0:.0f} s, RSS {gib(s['VmRSS'])} "
+            f"GiB (anon {gib(s['RssAnon'])}, file {gib(s['RssFile'])})",
+            flush=True,
+        )
+
+    reuse = args.reuse and (folder / "manifest.json").exists()
+    with MemSampler() as build_mem:
+        t0 = time.perf_counter()
+        if reuse:
+            index = DedupIndex.open(folder, mode="a")
+            print(f"index reused: {folder} ({len(index)} rows)", flush=True)
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            index = DedupIndex.create(
+                folder, 512, THRESHOLD, backend="ivf", dtype="float16", backend_options=options
+            )
+        if len(index) < n:
+            store = EmbeddingStore.open(rec["path"])
+            index.add_store(store, batch_rows=batch, start=len(index), progress=progress)
+            store.close()
+        build_s = time.perf_counter() - t0
+    stats = index.stats()
+    print(
+        f"built: {len(index)} rows in {build_s:.0f} s, {stats['ann_segments']} segments, "
+        f"{stats['nlist']} lists, {stats['pairs']} pairs, {stats['bytes_on_disk'] / 2**30:.2f} "
+        f"GiB on disk; peak RSS {gib(build_mem.peak['VmRSS'])} GiB (anon "
+        f"{gib(build_mem.peak['RssAnon'])}, file {gib(build_mem.peak['RssFile'])}; peak anon "
+        f"{gib(build_mem.peak_anon)})",
+        flush=True,
+    )
+    t1 = time.perf_counter()
+    build_recall = measure_recall(index._view.rows, THRESHOLD, index.pairs(), sample=1000)
+    print(f"build recall on a sample: {build_recall} ({time.perf_counter() - t1:.0f} s)")
+    # New rows: 30% near-copies of indexed rows, 70% fresh rows of the same generator.
+    rng = np.random.default_rng(3)
+    k = int(0.3 * m)
+    near = np.asarray(index._view.rows[np.sort(rng.choice(n, k, replace=False))])
+    near += 0.01 * rng.standard_normal(near.shape, dtype=np.float32)
+    fresh = clustered_unit_vectors(m - k, 512, seed=12345)
+    new = np.concatenate([near / np.linalg.norm(near, axis=1, keepdims=True), fresh])
+    new = new[rng.permutation(m)].astype(np.float32)
+    del near, fresh
+    n0 = len(index)
+    with MemSampler() as add_mem:
+        t0 = time.perf_counter()
+        added = index.add(new, keys=[f"new-{r}" for r in range(m)])
+        add_s = time.perf_counter() - t0
+    print(
+        f"added {m} rows in {add_s:.1f} s ({added.n_removed} removed); peak RSS "
+        f"{gib(add_mem.peak['VmRSS'])} GiB (anon {gib(add_mem.peak['RssAnon'])}, file "
+        f"{gib(add_mem.peak['RssFile'])}; peak anon {gib(add_mem.peak_anon)})",
+        flush=True,
+    )
+    t1 = time.perf_counter()
+    rows = index._view.rows
+    sample = n0 + np.sort(rng.choice(m, size=min(m, 2000), replace=False))
+    exact = exact_pairs_of_rows(rows, THRESHOLD, sample)
+    want = set(zip(exact.i.tolist(), exact.j.tolist(), strict=True))
+    pairs = index.pairs()
+    mine = np.isin(pairs.j, sample) | np.isin(pairs.i, sample)
+    got = set(zip(pairs.i[mine].tolist(), pairs.j[mine].tolist(), strict=True))
+    old_new = {p for p in want if p[0] < n0}
+    add_recall = len(got & want) / len(want) if want else 1.0
+    old_recall = len(got & old_new) / len(old_new) if old_new else 1.0
+    print(
+        f"add recall on {sample.size} new rows: {add_recall:.4f} of {len(want)} pairs "
+        f"(new-to-old {old_recall:.4f} of {len(old_new)}), precision "
+        f"{len(got & want) / max(1, len(got)):.4f} ({time.perf_counter() - t1:.0f} s)",
+        flush=True,
+    )
+    summary = {
+        "n": n,
+        "add": m,
+        "batch_rows": batch,
+        "options": options,
+        "build_s": round(build_s, 1),
+        "build_reused": reuse,
+        "build_peak_rss_gib": float(gib(build_mem.peak["VmRSS"])),
+        "build_peak_anon_gib": float(gib(build_mem.peak_anon)),
+        "build_peak_file_gib": float(gib(build_mem.peak["RssFile"])),
+        "build_recall": round(build_recall.recall, 4),
+        "build_recall_pairs": build_recall.n_exact,
+        "add_s": round(add_s, 1),
+        "add_peak_rss_gib": float(gib(add_mem.peak["VmRSS"])),
+        "add_peak_anon_gib": float(gib(add_mem.peak_anon)),
+        "add_recall": round(add_recall, 4),
+        "add_recall_new_to_old": round(old_recall, 4),
+        "add_recall_pairs": len(want),
+        "segments": stats["ann_segments"],
+        "nlist": stats["nlist"],
+        "disk_gib": round(stats["bytes_on_disk"] / 2**30, 2),
+    }
+    print(json.dumps(summary))
+    index.close()
+    if not args.keep:
+        shutil.rmtree(folder.parent if args.index_dir is None else folder, ignore_errors=True)
 
 
 def latency_only(args) -> None:

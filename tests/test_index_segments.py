@@ -198,17 +198,19 @@ def test_verify_names_a_damaged_rows_file(tmp_path):
 
 READER = textwrap.dedent(
     """
-    import json, sys, time, numpy as np
+    import json, os, sys, time, numpy as np
     from dedup_index.index import DedupIndex
     E = np.load(sys.argv[2])
     probe = E[[0, 1, 2, 160, 170, 190]]
     out = []
-    deadline = time.time() + float(sys.argv[3])
+    deadline = time.time() + 300  # a backstop; the test says when the writer is gone
     reader = DedupIndex.open(sys.argv[1])
-    while time.time() < deadline and len(out) < 2000:
+    while time.time() < deadline and not os.path.exists(sys.argv[3]):
         reader.refresh()
         hits = reader.query(probe)
         out.append([len(reader), reader.generation, [[k for k, _ in h] for h in hits]])
+        if len(out) == 1:
+            open(sys.argv[4], "w").close()  # answering: the writer may start
         time.sleep(0.002)
     print(json.dumps(out))
     """
@@ -236,12 +238,17 @@ def test_readers_see_one_committed_version_while_a_writer_adds_and_is_killed(tmp
     np.save(tmp_path / "E.npy", E)
     with DedupIndex.create(tmp_path / "i", 16, 0.99, backend="ivf", backend_options=IVF) as index:
         index.add(E[:100], keys=[f"k{r}" for r in range(100)])
+    # The reader reads until the writer is gone (a file says so), not for a fixed time: on
+    # a loaded machine the writer may not even start within seconds.
+    stop, ready = tmp_path / "writer-gone", tmp_path / "reader-ready"
+    paths = (tmp_path / "i", tmp_path / "E.npy", stop, ready)
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(tmp_path / "i"), str(tmp_path / "E.npy"), "6"],
+        [sys.executable, "-c", READER, *map(str, paths)],
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    while not ready.exists() and reader.poll() is None:
+        time.sleep(0.05)
     env = dict(os.environ, DEDUP_INDEX_CRASH_AT="compact_ann_written")
     writer = subprocess.run(
         [sys.executable, "-c", WRITER, str(tmp_path / "i"), str(tmp_path / "E.npy")],
@@ -250,7 +257,9 @@ def test_readers_see_one_committed_version_while_a_writer_adds_and_is_killed(tmp
         text=True,
     )
     assert writer.returncode == 77, writer.stderr
-    out, _ = reader.communicate(timeout=60)
+    time.sleep(0.5)  # a last look at what the killed writer left
+    stop.touch()
+    out, _ = reader.communicate(timeout=120)
     answers = json.loads(out)
     probe = E[[0, 1, 2, 160, 170, 190]]
     seen = set()

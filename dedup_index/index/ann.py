@@ -20,6 +20,16 @@ Append-only layout (an LSM tree in miniature):
 - :meth:`DedupIndex.compact` rebuilds one segment over every row with ``nlist`` grown to
   the row count (:func:`~dedup_index.search.ivf.default_nlist`).
 
+At 10M rows the segments do not fit in memory (20 GB of float32 lists), so:
+
+- a ``float16`` index keeps its IVF lists as float16 too (``IndexIVFScalarQuantizer``
+  ``QT_fp16`` without residuals: the codes *are* the stored rows, bit for bit, so every
+  product is the one an IVF-Flat segment over the rounded rows gives, at half the bytes);
+- a segment file of :data:`MMAP_BYTES` or more is opened memory-mapped (FAISS
+  ``IO_FLAG_MMAP``: its lists stay on disk and in the page cache), and the GEMM search
+  of a batch reads each list it needs with ``pread`` (:func:`read_list`), so scanning
+  every list of a 10 GB segment adds nothing to the process's resident memory.
+
 An :class:`AnnIndex` is immutable: :meth:`AnnIndex.with_segment` returns a new one
 sharing the old segments, so a query running on one keeps a consistent view while an
 add builds the next.
@@ -34,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..search.canonical import candidate_delta, canonical_scores
+from ..search.centroids import BALANCE_ROUNDS, balanced_centroids
 from ..search.cross import CrossResult, cross_search
 from ..search.flat import faiss_module
 from ..search.pairs import PairSet
@@ -45,12 +56,6 @@ NEAREST_K = 16
 TAIL_ROWS = 4096
 #: Queries per FAISS call (bounds the result buffers); HNSW takes fewer (see hnsw.py).
 QUERY_BLOCK = 4096
-#: Rounds of splitting the coarse lists that the sample shows over-full
-#: (:func:`balanced_centroids`).  One round left the lists at 1M clustered rows so uneven
-#: that a single-row query scanned 10x the mean list share (the "hub" lists near the
-#: data's common direction are probed by a third of all queries); three rounds at 200k:
-#: 2.3x fewer rows scanned at the same recall (bench/RESULTS.md, issue 15).
-BALANCE_ROUNDS = 3
 #: IVF lists probed per query unless ``backend_options["nprobe"]`` says otherwise.  At
 #: 1M clustered rows (three balancing rounds) 12 lists found the same query pairs as 16
 #: (recall 0.9991 of 1161) for three quarters of the scanning; 8 found 0.9974.
@@ -59,6 +64,11 @@ NPROBE = 12
 #: list times the list's vectors, one BLAS product per list, instead of FAISS scanning
 #: list by list for each query (the same rows compared, 10-20x faster on a batch).
 GEMM_QUERIES = 64
+#: Most scores one product of the GEMM search holds (queries x list rows; 16 MiB).
+TILE_ENTRIES = 1 << 22
+#: Segment files this large or larger are memory-mapped rather than read into memory
+#: (FAISS ``IO_FLAG_MMAP``); smaller ones are loaded whole (faster first queries).
+MMAP_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,25 @@ class Segment:
     start: int
     stop: int
     index: Any
+    #: The segment's file when its lists are memory-mapped from it (read with
+    #: ``pread`` by the GEMM search); None when the lists are in memory.
+    path: str | None = None
 
 
 class AnnIndex:
     """FAISS segments over rows ``0..covered-1`` of a DedupIndex, in order (immutable)."""
 
-    def __init__(self, kind: str, params: dict[str, Any], segments=()) -> None:
+    def __init__(
+        self, kind: str, params: dict[str, Any], segments=(), *, dtype: str = "float32"
+    ) -> None:
         if kind not in ANN_BACKENDS:
             raise ValueError(f"approximate backend must be one of {ANN_BACKENDS}; got {kind!r}")
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
         self.kind = kind
         self.params = dict(params)
+        #: The index's row dtype: new IVF segments of a float16 index hold float16 lists.
+        self.dtype = dtype
         self.segments: tuple[Segment, ...] = tuple(segments)
         for seg in self.segments:
             self._configure(seg.index)
@@ -132,22 +151,25 @@ class AnnIndex:
             quantizer = faiss.IndexFlatIP(centroids.shape[1])
             quantizer.add(centroids)
             d, lists = centroids.shape[1], centroids.shape[0]
+            fp16 = self.dtype == "float16"
         else:
             first = self.segments[0].index
             quantizer = faiss.clone_index(first.quantizer)
-            d, lists = first.d, first.nlist
-        index = faiss.IndexIVFFlat(quantizer, d, lists, faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        quantizer.this.disown()
-        index.is_trained = True
+            d, lists, fp16 = first.d, first.nlist, is_fp16(first)
+        index = new_ivf(quantizer, d, lists, fp16=fp16)
         for a in range(0, n, ADD_BLOCK):
             index.add(rows_of(rows, a, min(n, a + ADD_BLOCK)))
         return index
 
-    def with_segment(self, start: int, stop: int, index: Any) -> AnnIndex:
+    def with_segment(
+        self, start: int, stop: int, index: Any, path: str | os.PathLike | None = None
+    ) -> AnnIndex:
+        """A new AnnIndex with one more segment (rows ``[start, stop)``; ``path``: its
+        file, when ``index`` was memory-mapped from it by :meth:`read_segment`)."""
         if start != self.covered:
             raise ValueError(f"a new segment must start at row {self.covered}, not {start}")
-        return AnnIndex(self.kind, self.params, [*self.segments, Segment(start, stop, index)])
+        seg = Segment(start, stop, index, None if path is None else str(path))
+        return AnnIndex(self.kind, self.params, [*self.segments, seg], dtype=self.dtype)
 
     @staticmethod
     def segment_to_bytes(index: Any) -> bytes:
@@ -156,6 +178,27 @@ class AnnIndex:
     @staticmethod
     def segment_from_bytes(payload: bytes) -> Any:
         return faiss_module().deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+
+    @staticmethod
+    def write_segment(path: str | os.PathLike, index: Any) -> str:
+        """Write ``index`` to ``path`` atomically, streamed by FAISS (no serialised copy
+        in memory); returns the file's SHA-256 for the manifest."""
+        from ..files import atomic_write_with, sha256_file
+
+        faiss = faiss_module()
+        atomic_write_with(path, lambda tmp: faiss.write_index(index, tmp), suffix=".faiss")
+        return sha256_file(path)
+
+    @staticmethod
+    def read_segment(path: str | os.PathLike) -> tuple[Any, str | None]:
+        """A segment file as ``(index, mapped path or None)``: memory-mapped (its lists
+        read from the page cache, never copied into the process) from
+        :data:`MMAP_BYTES`, else read whole.  Check the file's checksum first."""
+        faiss = faiss_module()
+        path = str(path)
+        if os.path.getsize(path) >= MMAP_BYTES:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP), path
+        return faiss.read_index(path), None
 
     def _configure(self, index: Any) -> None:
         if self.kind == "ivf":
@@ -297,10 +340,7 @@ class AnnIndex:
         faiss = faiss_module()
         first = self.segments[0].index
         quantizer = faiss.clone_index(first.quantizer)
-        index = faiss.IndexIVFFlat(quantizer, first.d, first.nlist, faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        quantizer.this.disown()
-        index.is_trained = True
+        index = new_ivf(quantizer, first.d, first.nlist, fp16=is_fp16(first))
         lists = np.ascontiguousarray(lists, dtype=np.int64)
         index.add_core(rows.shape[0], faiss.swig_ptr(rows), None, faiss.swig_ptr(lists))
         self._configure(index)
@@ -385,8 +425,6 @@ class AnnIndex:
         near-best rows there are kept against its best *in the batch*, apart from its
         best among the segments' rows (so neither side's nearest is lost to the other).
         ``assign``: the queries' lists, when already known."""
-        import faiss
-
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         m = queries.shape[0]
         first = self.segments[0].index
@@ -396,7 +434,6 @@ class AnnIndex:
         order = np.argsort(flat, kind="stable")
         lists, starts = np.unique(flat[order], return_index=True)
         ends = np.r_[starts[1:], order.shape[0]]
-        d = queries.shape[1]
         segments = [*self.segments, batch] if batch is not None else list(self.segments)
         jobs = [
             (seg, lst, a, b)
@@ -405,6 +442,8 @@ class AnnIndex:
             if lst >= 0
         ]
 
+        readers = {id(seg): ListReader(seg.index, seg.path) for seg in segments}
+
         def run(chunk):
             """Products of one share of the lists: candidates and best scores (over the
             segments, and over the batch)."""
@@ -412,31 +451,40 @@ class AnnIndex:
             best = np.full(m, -np.inf, dtype=np.float32)
             best_in = np.full(m, -np.inf, dtype=np.float32)
             for seg, lst, a, b in chunk:
-                invlists = faiss.extract_index_ivf(seg.index).invlists
-                size = invlists.list_size(lst)
-                if size == 0:
+                vectors, ids = readers[id(seg)].read(lst)
+                if ids.shape[0] == 0:
                     continue
-                vectors = faiss.rev_swig_ptr(invlists.get_codes(lst), size * d * 4)
-                vectors = vectors.view(np.float32).reshape(size, d)
-                ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).astype(np.int64)
                 ids += seg.start
-                who = order[a:b] // assign.shape[1]
-                scores = queries[who] @ vectors.T
                 own = seg is batch
-                if own:  # a query never pairs with itself
-                    scores[who[:, None] == ids[None, :] - seg.start] = -np.inf
-                elif live is not None:
-                    scores[:, ~live[ids]] = -np.inf
-                if nearest:
-                    top = scores.max(axis=1)
-                    np.maximum.at(best_in if own else best, who, top)
-                    keep = (scores > radius) | (scores >= (top - delta)[:, None])
-                else:
-                    keep = scores > radius
-                qi, bi = np.nonzero(keep)
-                qs.append(who[qi])
-                bs.append(ids[bi])
-                ss.append(scores[qi, bi])
+                dead = None if own or live is None else ~live[ids]
+                everyone = order[a:b] // assign.shape[1]
+                # Queries in tiles of at most TILE_ENTRIES scores: rows unlike the data
+                # the quantizer was trained on crowd into a few lists, and a batch of
+                # them met itself there in one (m/3 x m/10) product (4.4 GB traced for
+                # 100k such rows at 1M).
+                step = max(1, TILE_ENTRIES // ids.shape[0])
+                for c in range(0, everyone.shape[0], step):
+                    who = everyone[c : c + step]
+                    scores = queries[who] @ vectors.T
+                    if own:  # a query never pairs with itself
+                        scores[who[:, None] == ids[None, :] - seg.start] = -np.inf
+                    elif dead is not None:
+                        scores[:, dead] = -np.inf
+                    if nearest:
+                        # Near-best entries against the running best of each query (not
+                        # this list's): a query probes nprobe lists in every segment, and
+                        # one entry per list kept until the end held m x nprobe x
+                        # segments entries (2.4 GB for a 262k-row batch at 10M rows).
+                        running = best_in if own else best
+                        np.maximum.at(running, who, scores.max(axis=1))
+                        keep = (scores > radius) | (scores >= (running[who] - delta)[:, None])
+                        keep &= scores > -np.inf  # never itself, nor a removed row
+                    else:
+                        keep = scores > radius
+                    qi, bi = np.nonzero(keep)
+                    qs.append(who[qi])
+                    bs.append(ids[bi])
+                    ss.append(scores[qi, bi])
             return qs, bs, ss, best, best_in
 
         # Many small products: single-threaded BLAS in one worker per core (a threaded
@@ -447,12 +495,16 @@ class AnnIndex:
         from threadpoolctl import threadpool_limits
 
         workers = max(1, min(os.cpu_count() or 1, len(jobs) // 16 or 1))
-        with threadpool_limits(limits=1, user_api="blas"):
-            if workers == 1:
-                results = [run(jobs)]
-            else:
-                with ThreadPoolExecutor(workers) as pool:
-                    results = list(pool.map(run, [jobs[w::workers] for w in range(workers)]))
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):
+                if workers == 1:
+                    results = [run(jobs)]
+                else:
+                    with ThreadPoolExecutor(workers) as pool:
+                        results = list(pool.map(run, [jobs[w::workers] for w in range(workers)]))
+        finally:
+            for reader in readers.values():
+                reader.close()
         qs = [x for r in results for x in r[0]]
         bs = [x for r in results for x in r[1]]
         ss = [x for r in results for x in r[2]]
@@ -470,62 +522,89 @@ class AnnIndex:
         return key // span, key % span
 
 
-def balanced_centroids(
-    rows, nlist: int, *, seed: int = 0, niter: int = 20, rounds: int = BALANCE_ROUNDS
-) -> np.ndarray:
-    """Coarse centroids whose lists are about equally full on clustered data.
-
-    Spherical k-means with ``nlist`` centroids on a sample (64 rows a list), then every
-    list holding more than twice the mean share of the sample is split by a k-means of its
-    own rows into ``ceil(size / mean)`` centroids.  Plain k-means on CLIP-like clustered
-    data leaves some lists 3x fuller than the mean (FAISS's imbalance factor 3.2 at 50k
-    rows): a query landing there scans 3x the rows.  Splitting the dense regions gives
-    them the lists their density asks for (the list count grows by the splits).  The
-    split centroids take rows from their neighbours too, so the sample is assigned again
-    and the check repeated, up to ``rounds`` times (until no list is over twice the mean)."""
-    from ..search.canonical import rows_of
-
+def new_ivf(quantizer: Any, d: int, nlist: int, *, fp16: bool) -> Any:
+    """An empty, trained IVF index on ``quantizer`` (which it takes ownership of), inner
+    product: IVF-Flat (float32 lists), or with ``fp16`` float16 lists
+    (``IndexIVFScalarQuantizer`` ``QT_fp16``, no residuals: each code is the row itself,
+    so a float16 index's rows are held exactly in half the bytes)."""
     faiss = faiss_module()
-    n, d = rows.shape
-    rng = np.random.default_rng(seed)
-    take = min(n, 64 * nlist)
-    pick = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
-    sample = np.ascontiguousarray(rows[pick] if take < n else rows_of(rows, 0, n), np.float32)
-    nlist = max(1, min(nlist, take))
-
-    def kmeans(x: np.ndarray, k: int, salt: int) -> np.ndarray:
-        km = faiss.Kmeans(
-            d,
-            k,
-            niter=niter,
-            spherical=True,
-            seed=seed + salt,
-            verbose=False,
-            min_points_per_centroid=1,
-            max_points_per_centroid=max(256, x.shape[0] // k + 1),
+    if fp16:
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
         )
-        km.train(x)
-        return km.centroids
+        index.by_residual = False
+    else:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.is_trained = True
+    return index
 
-    centroids = kmeans(sample, nlist, 0)
-    mean = take / nlist
-    for round_ in range(rounds):
-        index = faiss.IndexFlatIP(d)
-        index.add(centroids)
-        _, assign = index.search(sample, 1)
-        assign = assign.ravel()
-        sizes = np.bincount(assign, minlength=centroids.shape[0])
-        big = np.flatnonzero(sizes > 2 * mean)
-        if not big.size:
-            break
-        out = [centroids[sizes <= 2 * mean]]
-        for c in big:
-            members = sample[assign == c]
-            k = min(members.shape[0], int(np.ceil(members.shape[0] / mean)))
-            salt = 1 + int(c) + round_ * 1_000_003
-            out.append(kmeans(members, k, salt) if k > 1 else centroids[c : c + 1])
-        centroids = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
-    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+def is_fp16(index: Any) -> bool:
+    """Whether an IVF segment holds float16 lists (see :func:`new_ivf`)."""
+    ivf = faiss_module().extract_index_ivf(index)
+    return int(ivf.code_size) == 2 * int(ivf.d)
+
+
+class ListReader:
+    """Reads the inverted lists of one IVF segment (float32 or float16 lists) as float32
+    rows and int64 labels.  For a segment memory-mapped from ``path`` the lists are read
+    with ``pread`` (page cache, never the process's resident memory) instead of through
+    the mapping.  The FAISS handles are looked up once, not per list (a 10M-row add reads
+    hundreds of thousands of lists).  Use as a context manager (it holds ``path`` open)."""
+
+    def __init__(self, index: Any, path: str | None = None) -> None:
+        faiss = faiss_module()
+        self._faiss = faiss
+        ivf = faiss.extract_index_ivf(index)
+        self.d, self.code_size = int(ivf.d), int(ivf.code_size)
+        self.fp16 = self.code_size == 2 * self.d
+        self._invlists = ivf.invlists
+        self._fd = None
+        if path is not None:
+            self._lists = faiss.downcast_InvertedLists(ivf.invlists).lists
+            self._fd = os.open(path, os.O_RDONLY)
+
+    def __enter__(self) -> ListReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, lst: int) -> tuple[np.ndarray, np.ndarray]:
+        """List ``lst``: its rows (float32; a read-only view of FAISS's memory for
+        in-memory float32 lists, else a fresh array) and labels (a fresh int64 array)."""
+        d, code_size, faiss = self.d, self.code_size, self._faiss
+        size = int(self._invlists.list_size(lst))
+        if size == 0:
+            return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+        if self._fd is not None:
+            entry = self._lists.at(lst)
+            offset, capacity = int(entry.offset), int(entry.capacity)
+            codes = np.frombuffer(os.pread(self._fd, size * code_size, offset), np.uint8)
+            raw = os.pread(self._fd, size * 8, offset + capacity * code_size)
+            ids = np.frombuffer(raw, np.int64).copy()
+        else:
+            codes = faiss.rev_swig_ptr(self._invlists.get_codes(lst), size * code_size)
+            ids = faiss.rev_swig_ptr(self._invlists.get_ids(lst), size).astype(np.int64)
+        if self.fp16:
+            return codes.view(np.float16).reshape(size, d).astype(np.float32), ids
+        return codes.view(np.float32).reshape(size, d), ids
+
+
+def read_list(
+    index: Any, lst: int, path: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One list of an IVF segment as :class:`ListReader` reads it (``path``: the file
+    the segment is memory-mapped from, read with ``pread``)."""
+    with ListReader(index, None if path is None else str(path)) as reader:
+        return reader.read(lst)
 
 
 class _Rows:

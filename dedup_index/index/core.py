@@ -43,6 +43,12 @@ what one-shot :func:`~dedup_index.dedup_embeddings` of the concatenation gives. 
 Writers take an exclusive lock on ``.lock`` (a second writer gets :class:`IndexLockedError`
 at once).
 
+**Millions of rows.**  :meth:`DedupIndex.add_store` builds an index from an on-disk
+:class:`~dedup_index.store.EmbeddingStore` a batch at a time (one commit per batch), so
+memory follows the batch, not the store; a ``float16`` index keeps its rows and its IVF
+lists as float16, and FAISS segment files of :data:`~.ann.MMAP_BYTES` or more are
+memory-mapped rather than loaded (see :mod:`.ann`).
+
 A *verifying* index (``create(..., verify="geometric")``, or the first
 ``add_images(..., verify="geometric")`` on an empty one; recorded in the manifest) stores
 only the pairs that :mod:`dedup_index.verify` confirms, so the same holds on verified pairs:
@@ -91,8 +97,8 @@ from ..store import (
     write_pair_file,
     write_rows_segment,
 )
-from ..validation import check_choice, check_threshold, resolve_device
-from .ann import ANN_BACKENDS, AnnIndex, Segment
+from ..validation import check_choice, check_positive_int, check_threshold, resolve_device
+from .ann import ANN_BACKENDS, MMAP_BYTES, AnnIndex, Segment
 
 FORMAT = "dedup-index"
 VERSION = 2
@@ -117,6 +123,9 @@ ON_DUPLICATE_KEY = ("error", "skip")
 #: with the ``partitioned`` backend (GEMM tiles within clusters) instead of the exact
 #: ``blocked`` tiles: a 1M-row batch takes minutes instead of hours.
 ANN_BULK_ROWS = 20_000
+#: Rows per ``add`` of :meth:`DedupIndex.add_store`: 512 MiB of float32 queries at
+#: D = 512; the add's working memory is a small multiple of that, whatever the store's size.
+STORE_BATCH_ROWS = 262_144
 #: Seconds a file superseded by ``compact`` or ``remove`` is kept for readers still on
 #: the generation before (deleted by the first commit after that).
 RETAIN_SECONDS = 600.0
@@ -198,7 +207,9 @@ class _View:
     rows: SegmentedRows
     state: dict[str, np.ndarray]
     ann: AnnIndex | None
-    files: dict[str, Any]  # rows/ann file name -> loaded object, for reuse by refresh
+    # rows file name -> its rows; ann file name -> (FAISS index, mapped path or None);
+    # for reuse by refresh
+    files: dict[str, Any]
     keys: list[str] | None = None
     key_rows: dict[str, int] | None = None
 
@@ -585,6 +596,9 @@ class DedupIndex:
             verify=mode,
         )
         files = dict(view.files, **{rows_name: rows_file})
+        if ann is not None and ann_entries and ann_entries[-1]["file"] not in files:
+            seg = ann.segments[-1]
+            files[ann_entries[-1]["file"]] = (seg.index, seg.path)
         self._commit(generation, manifest, checksums, new_state, rows, ann, files, None)
         # Committed: the next view shares the key list and map, appended to in place
         # (O(batch), not O(N); an older view reads only its first rows of them).
@@ -608,6 +622,86 @@ class DedupIndex:
             verification=verification,
             verification_keys=verification_keys,
         )
+
+    def add_store(
+        self,
+        source: Any,
+        *,
+        batch_rows: int = STORE_BATCH_ROWS,
+        start: int = 0,
+        stop: int | None = None,
+        on_duplicate_key: str = "error",
+        progress: Any = None,
+    ) -> dict[str, Any]:
+        """Add the rows of an on-disk store, ``batch_rows`` at a time: how an index of
+        millions of rows is built without ever holding them in memory.
+
+        ``source``: an :class:`~dedup_index.store.EmbeddingStore`, the path of one
+        (opened read-only), or any ``(N, D)`` array-like with slicing (a memory-mapped
+        ``.npy``).  Each batch is one :meth:`add` (one commit): memory is bounded by the
+        batch, not the store (a float16 index keeps its rows, and its IVF lists, as
+        float16; large FAISS segments stay on disk, see :mod:`.ann`), a process killed
+        mid-way leaves every batch committed before it, and the decisions are those of
+        the same adds made by hand (with an exact backend: one-shot dedup of the rows).
+        Rows ``[start, stop)`` of the store are added; a build that was interrupted
+        goes on with ``start=len(index)`` (when the index was empty before it).  Keys are
+        the store's keys when it has them, else :meth:`add`'s default (the row numbers
+        in the index).  ``progress``: called with ``(rows added so far, rows to add)``
+        after each batch.  Returns ``{"rows", "removed", "batches", "seconds"}`` (no
+        per-row result: at 10M rows that would be the largest object in the process)."""
+
+        self._check_writable()
+        batch_rows = check_positive_int(batch_rows, "batch_rows")
+        if isinstance(source, (str, os.PathLike)):
+            source = EmbeddingStore.open(source, mode="r")
+        shape = getattr(source, "shape", None)
+        if shape is None or len(shape) != 2:
+            raise ValueError(
+                f"source must be an EmbeddingStore, its path, or an (N, D) array-like; got "
+                f"{type(source).__name__}"
+            )
+        total, dim = int(shape[0]), int(shape[1])
+        if dim != self.dim:
+            raise ValueError(
+                f"the index holds {self.dim}-dimensional embeddings; the store holds {dim}"
+            )
+        stop = total if stop is None else stop
+        if isinstance(start, bool) or not isinstance(start, int) or isinstance(stop, bool):
+            raise ValueError(f"start and stop must be integers; got {start!r}, {stop!r}")
+        if not 0 <= start <= stop <= total:
+            raise ValueError(
+                f"start={start}, stop={stop}: need 0 <= start <= stop <= {total} (the rows "
+                "of the store)"
+            )
+        keys_of = source.keys() if isinstance(source, EmbeddingStore) else None
+        t0 = time.perf_counter()
+        added = removed = batches = 0
+        for a in range(start, stop, batch_rows):
+            b = min(stop, a + batch_rows)
+            rows = np.asarray(source[a:b])
+            keys = None if keys_of is None else keys_of[a:b]
+            result = self.add(rows, keys=keys, on_duplicate_key=on_duplicate_key)
+            del rows
+            self._view.rows.release_pages()  # pages read through the maps leave the RSS
+            added += len(result.keys)
+            removed += result.n_removed
+            batches += 1
+            logger.info(
+                "add_store: rows %d-%d added (%d of %d), %.1f s",
+                a,
+                b - 1,
+                b - start,
+                stop - start,
+                time.perf_counter() - t0,
+            )
+            if progress is not None:
+                progress(b - start, stop - start)
+        return {
+            "rows": added,
+            "removed": removed,
+            "batches": batches,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def _verify_mode_for(self, verify: str | None) -> str:
         """The verification of the next add: ``verify`` (None: the index's own).  An
@@ -718,11 +812,11 @@ class DedupIndex:
             lists = nlist or self._manifest.get("backend_options", {}).get("nlist")
             index = empty.build_segment(rows, nlist=lists or default_nlist(n), fresh=True)
             name = f"ann/seg-{generation:06d}.faiss"
-            checksums[name] = atomic_write_bytes(self.path / name, AnnIndex.segment_to_bytes(index))
+            index, mapped = _write_segment(self.path, name, index, checksums)
             crash_point("compact_ann_written")
-            ann = empty.with_segment(0, n, index)
+            ann = empty.with_segment(0, n, index, mapped)
             entries = [{"file": name, "start": 0, "stop": n}]
-            files = {rows_name: rows_file, name: index}
+            files = {rows_name: rows_file, name: (index, mapped)}
         else:
             files = {rows_name: rows_file}
         manifest = dict(
@@ -919,10 +1013,10 @@ class DedupIndex:
         else:
             index = ann.build_segment(rows[start:n])
         name = f"ann/seg-{generation:06d}.faiss"
-        checksums[name] = atomic_write_bytes(self.path / name, AnnIndex.segment_to_bytes(index))
+        index, mapped = _write_segment(self.path, name, index, checksums)
         crash_point("ann_written")
         entries.append({"file": name, "start": start, "stop": n})
-        return ann.with_segment(start, n, index), entries
+        return ann.with_segment(start, n, index, mapped), entries
 
     def _commit(
         self,
@@ -1337,7 +1431,42 @@ def _changed_rows(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> np.
 
 
 def _empty_ann(manifest: dict[str, Any]) -> AnnIndex:
-    return AnnIndex(manifest["backend"], manifest.get("backend_options", {}))
+    return AnnIndex(
+        manifest["backend"],
+        manifest.get("backend_options", {}),
+        dtype=str(manifest.get("dtype", "float32")),
+    )
+
+
+def _write_segment(root: Path, name: str, index: Any, checksums: dict[str, str]):
+    """Write the FAISS segment ``root/name`` (streamed, atomically), record its SHA-256
+    in ``checksums``, and return ``(index, mapped path or None)``: a segment file of
+    :data:`~dedup_index.index.ann.MMAP_BYTES` or more is opened again memory-mapped and
+    the in-memory one dropped, so an index of millions of rows keeps its lists on disk."""
+    checksums[name] = AnnIndex.write_segment(root / name, index)
+    if (root / name).stat().st_size >= MMAP_BYTES:
+        return AnnIndex.read_segment(root / name)
+    return index, None
+
+
+def _load_segment(root: Path, name: str, checksums: dict[str, str]):
+    """A FAISS segment listed in the manifest, checked against its SHA-256, as
+    ``(index, mapped path or None)``: a large one memory-mapped (hashed by streaming
+    reads, never held in memory), a small one read whole."""
+    path = root / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise IndexCorruptError(f"{path} is missing (listed in {root / MANIFEST})") from None
+    if size < MMAP_BYTES:
+        return AnnIndex.segment_from_bytes(_verified_bytes(root, name, checksums)), None
+    want = checksums.get(name)
+    if want is not None and sha256_file(path) != want:
+        raise IndexCorruptError(f"{path} fails its checksum: the file is corrupted or truncated")
+    try:
+        return AnnIndex.read_segment(path)
+    except RuntimeError as err:  # FAISS: not a readable index file
+        raise IndexCorruptError(f"{path} is not a readable FAISS segment: {err}") from err
 
 
 def _rows_entry(rows_name: str, keys_name: str, count: int) -> dict[str, Any]:
@@ -1418,13 +1547,18 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
     if manifest["backend"] in ANN_BACKENDS and manifest["ann"]:
         segments = []
         for entry in manifest["ann"]:
-            index = old.get(entry["file"])
-            if index is None:
-                payload = _verified_bytes(root, entry["file"], manifest["checksums"])
-                index = AnnIndex.segment_from_bytes(payload)
-            files[entry["file"]] = index
-            segments.append(Segment(int(entry["start"]), int(entry["stop"]), index))
-        ann = AnnIndex(manifest["backend"], manifest.get("backend_options", {}), segments)
+            loaded = old.get(entry["file"])
+            if loaded is None:
+                loaded = _load_segment(root, entry["file"], manifest["checksums"])
+            files[entry["file"]] = loaded
+            index, mapped = loaded
+            segments.append(Segment(int(entry["start"]), int(entry["stop"]), index, mapped))
+        ann = AnnIndex(
+            manifest["backend"],
+            manifest.get("backend_options", {}),
+            segments,
+            dtype=str(manifest.get("dtype", "float32")),
+        )
     return _View(manifest, rows, state, ann, files)
 
 

@@ -18,11 +18,10 @@ one; a tile only adds entries when it raises or nearly ties the running maximum,
 costs a few entries per row), and the survivors are rescored in float64 at the end.
 
 On the CPU the row blocks are shared out to one worker thread per core, each running its
-own single-threaded GEMMs (:func:`_blas_one_thread`) and scanning its own tiles in chunks
-that stay in cache (:class:`_Worker`): the scan then costs about a tenth of the GEMM
-instead of a third of it, which is what makes the search run near the machine's GEMM
-rate (``bench/bench_exact.py``).  A bf16 tile stays bf16 until each chunk is widened
-just before its scan.
+own single-threaded GEMMs (:func:`blas_one_thread`) and scanning its own tiles in one
+compiled pass (:class:`_Worker`, :mod:`.scan`: numba, GIL released), which is what makes
+the search run near the machine's GEMM rate (``bench/bench_exact.py``).  A bf16 tile
+stays bf16: the scan reads its bits and widens them in registers.
 
 On a GPU (and with ``engine="torch"`` on the CPU, how the tests hold it) the tile loop is
 :class:`TorchTiles`: tiles sized from the device's free memory (:func:`gpu_tile`), the
@@ -45,16 +44,16 @@ import threading
 
 import numpy as np
 
-from .canonical import canonical_scores
+from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, rescore_candidates
 from .precision import Arithmetic, arithmetic, is_tensor
 from .tiles import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
-    DENSE_GATHER,
     NearBest,
     NumpyTiles,
     canonical_maxima,
+    fold_best,
     nonzero2d,
     prune_near,
     tighten,
@@ -71,13 +70,6 @@ WORKER_ROWS = 1024
 WORKER_COLS = 8192
 #: Up to this many rows one numpy tile does it all (partitions are mostly this small).
 SINGLE_TILE_ROWS = 1024
-#: Bytes of tile per chunk of the CPU scan: a chunk stays in the core's L2 cache while
-#: every pass (row and column maxima, the threshold test, the near-best gathers) runs.
-CHUNK_BYTES = 1 << 20
-#: The CPU loop drops, every this many finished row blocks, the kept near-best entries of
-#: columns that the columns' running maxima have left behind (bounded memory: with a
-#: wide bf16 window, keeping them all grew past 20 GB at 1M rows).
-PRUNE_EVERY = 8
 
 
 def choose_tile(
@@ -216,7 +208,7 @@ def blocked_search(
             sink.add(pairs)
             pairs = sink.finish()
         return pairs, nearest, earlier
-    workers = 1 if use_torch else _worker_count(threads)
+    workers = 1 if use_torch else worker_count(threads)
     if tile is None and not use_torch:
         tile = choose_tile(n, d, workers=workers)
     # The rows the GEMMs see (rounded when low precision), and the margins for them.
@@ -265,12 +257,13 @@ def blocked_search(
             )
     else:
         with arith.session(one_thread=True):
-            later, earlier = _search_numpy(
-                source, rows_per, cols_per, radius, window, workers, emit, arith
+            best_later, best_earlier = _search_numpy(
+                source, rows_per, cols_per, radius, window, workers, emit, arith, embeddings
             )
     del source
     pairs = rescore_candidates(embeddings, candidates, threshold) if sink is None else sink.finish()
-    best_later, best_earlier = canonical_maxima(embeddings, later, earlier, workers=workers)
+    if use_torch:
+        best_later, best_earlier = canonical_maxima(embeddings, later, earlier)
     nearest = np.maximum(np.maximum(best_later, best_earlier), 0.0)
     return pairs, nearest, best_earlier
 
@@ -510,23 +503,37 @@ class TorchTiles:
         return both[:n].copy(), both[n:].copy()
 
 
-def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, arith):
+def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, arith, stored):
     """The CPU tile loop: row blocks handed out in order to ``workers`` threads (the
-    caller's among them), each a :class:`_Worker`; ``(later, earlier)`` near-best entries,
-    merged in block order so the lists do not depend on the scheduling."""
+    caller's among them), each a :class:`_Worker`; returns the canonical ``(best later,
+    best earlier)`` per row (float64, ``-inf`` where none), rescored from ``stored`` (the
+    stored float32 rows; ``embeddings`` are the rows the tiles multiply).
+
+    The maxima are folded as they become final, not all at the end (bounded memory: at
+    1M rows the near-best entries held to the end took most of a 9.6 GiB peak): a row
+    block's own rows have met every later column when the block is done, so its row
+    entries are folded at once (:func:`~.tiles.fold_best`); a column's entries come from
+    the blocks at or before it, so they wait in :class:`_Columns` until every such block
+    is done.  Each row's (column's) fold sees all its entries, so the bits are those of
+    one fold at the end, whatever the scheduling."""
     n = embeddings.shape[0]
-    later = NearBest(n, delta)
-    earlier = NearBest(n, delta)
+    later32 = np.full(n, -np.inf, dtype=np.float32)  # rows' running float32 maxima
+    best_later = np.full(n, -np.inf)
+    best_earlier = np.full(n, -np.inf)
     starts = list(range(0, n, rows_per))
-    done: dict[int, tuple[list, list]] = {}
     crew = [
-        _Worker(embeddings, rows_per, cols_per, radius, delta, later.best, arith)
+        _Worker(embeddings, rows_per, cols_per, radius, delta, later32, arith)
         for _ in range(workers)
     ]
+    if n >= SEED_FROM:
+        seed = column_seed(stored, min(SEED_ROWS, n), arith.margin)
+        for worker in crew:
+            np.maximum(worker.col_best, seed, out=worker.col_best)
+    columns = _Columns(n, starts, crew, np.float32(delta), stored, best_earlier)
+    trim = HeapTrim()
     counter = iter(range(len(starts)))
     lock = threading.Lock()
     failed = threading.Event()
-    finished = [0]
 
     def run(worker: _Worker) -> None:
         try:
@@ -536,12 +543,14 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
                 if k is None:
                     return
                 a = starts[k]
-                found = worker.block(a, min(n, a + rows_per), emit)
-                with lock:
-                    done[k] = found
-                    finished[0] += 1
-                    if finished[0] % PRUNE_EVERY == 0:
-                        _prune_done(done, crew)
+                lat, ear = worker.block(a, min(n, a + rows_per), emit)
+                # Rows a:b have met every later column: final, folded now (disjoint rows:
+                # no other thread writes these entries of best_later).
+                fold_best(stored, lat, later32, delta, best_later)
+                del lat
+                columns.add(k, ear)
+                del ear
+                trim.maybe()
         except BaseException:
             failed.set()
             raise
@@ -551,59 +560,218 @@ def _search_numpy(embeddings, rows_per, cols_per, radius, delta, workers, emit, 
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        with _blas_one_thread(), ThreadPoolExecutor(workers - 1) as pool:
+        with blas_one_thread(), ThreadPoolExecutor(workers - 1) as pool:
             jobs = [pool.submit(run, w) for w in crew[1:]]
             try:
                 run(crew[0])
             finally:
                 for job in jobs:
                     job.result()
-    for k in range(len(starts)):
-        lat, ear = done.pop(k)
-        for rows, cols, vals in lat:
-            later.rows.append(rows)
-            later.cols.append(cols)
-            later.vals.append(vals)
-        for cols, rows, vals in ear:
-            earlier.rows.append(cols)
-            earlier.cols.append(rows)
-            earlier.vals.append(vals)
-    for worker in crew:
-        np.maximum(earlier.best, worker.col_best, out=earlier.best)
-    return later, earlier
+    columns.finish(workers)
+    return best_later, best_earlier
 
 
-def _prune_done(done: dict, crew: list) -> None:
-    """Prune the finished blocks' column entries against the columns' running maxima
-    over every worker (each worker's array only grows: any read is a lower bound)."""
-    bound = crew[0].col_best.copy()
-    for worker in crew[1:]:
-        np.maximum(bound, worker.col_best, out=bound)
-    delta = crew[0].delta
-    for k, (lat, ear) in done.items():
-        done[k] = (lat, prune_near(ear, bound, delta))
+#: Searches of at least this many rows start the columns' running maxima from
+#: :func:`column_seed` over the first :data:`SEED_ROWS` rows.
+SEED_FROM = 1 << 16
+SEED_ROWS = 1024
+
+
+def column_seed(stored, rows: int, margin: float) -> np.ndarray:
+    """Per column ``j``, a float32 value at most its final tile maximum over the earlier
+    rows, from the first ``rows`` rows (``-inf`` for the columns among them).
+
+    Why: the columns' running maxima start at ``-inf``, so the first row blocks gather
+    near-best entries for every column (15M column entries a block at 1M rows, most of
+    a 2.9 GiB early peak).  Started from this seed, a column gathers only entries that
+    may still be near its maximum.  The seed is a lower bound: for the sample row ``i``
+    with the best float32 product ``f`` (error ``<= candidate_delta`` from the canonical
+    score ``c``), the tile value is ``>= c - B >= f - candidate_delta - margin``
+    (``B < margin``), rounded down to float32.  A lower bound only raises the gather
+    bounds towards the final ones: the same survivors and bits."""
+    n, d = stored.shape
+    seed = np.full(n, -np.inf, dtype=np.float32)
+    if rows >= n:
+        return seed
+    sample = np.ascontiguousarray(stored[:rows], dtype=np.float32)
+    step = max(1, (16 << 20) // (4 * max(1, d)))
+    below = candidate_delta(d) + float(margin)
+    for a in range(rows, n, step):
+        cols = np.ascontiguousarray(stored[a : a + step], dtype=np.float32)
+        best = (sample @ cols.T).max(axis=0).astype(np.float64) - below
+        low = best.astype(np.float32)
+        seed[a : a + cols.shape[0]] = np.where(
+            low > best, np.nextafter(low, np.float32(-np.inf)), low
+        )
+    return seed
+
+
+class HeapTrim:
+    """Hands the C heap's free pages back to the OS (glibc ``malloc_trim``) at most every
+    :data:`TRIM_EVERY_S` seconds: a no-op where there is no glibc.
+
+    Why: the tile loop allocates and frees blocks of rows, tiles' gathers and entry
+    arrays of a few to tens of MiB over and over from several threads.  glibc raises its
+    mmap threshold each time such a block is freed, so later ones come from the heap
+    arenas, whose freed pages it keeps: the RSS of a 100k-row search from a store grew
+    to 1.0 GiB of anonymous memory this way, against 0.5 GiB with the threshold pinned
+    (``MALLOC_MMAP_THRESHOLD_``).  Trimming gets it back without touching any process
+    setting."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.trim = _malloc_trim()
+
+    def maybe(self) -> None:
+        import time
+
+        if self.trim is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= TRIM_EVERY_S:
+            self.last = now
+            self.trim(0)
+
+
+#: Seconds between two heap trims of :class:`HeapTrim` (one costs about a millisecond).
+TRIM_EVERY_S = 1.0
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, or no ctypes)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+#: :class:`_Columns` merges its newly added entries into the pending ones once they are
+#: at least this many (and at least as many as the pending ones: amortised linear work).
+MERGE_ENTRIES = 1 << 20
+#: Pending column entries kept after a merge, at most: above it the merge folds every
+#: column, final or not (memory bounded whatever ``N``; ~12 bytes an entry).
+PENDING_ENTRIES = 1 << 22
+
+
+class _Columns:
+    """Column (best-earlier) near-best entries of finished row blocks, held until their
+    columns are final, then folded canonically into ``out``.
+
+    Column ``j`` gets entries only from the row blocks starting at or before ``j``, so
+    once the leading blocks ``0..k-1`` are done, every column below ``starts[k]`` is
+    final: its float32 maximum is the maximum over the workers' ``col_best``, and all its
+    entries are here.  Blocks finish out of order: newly added entries wait in ``new``;
+    when they outnumber the pending ones (and :data:`MERGE_ENTRIES`), one thread merges
+    them, prunes the lot against the columns' running maxima (lower bounds of the final
+    ones: :func:`~.tiles.prune_near` drops only what the final filter drops), folds the
+    final columns and keeps the rest, indices as int32 when ``n`` allows (12 bytes an
+    entry).  Held entries: those within ``delta`` of a column's running maximum, at most
+    :data:`PENDING_ENTRIES` of them (beyond it every column is folded at once), plus at
+    most ``max(MERGE_ENTRIES, pending)`` not yet merged."""
+
+    def __init__(self, n, starts, crew, delta, stored, out) -> None:
+        self.n = n
+        self.starts = starts
+        self.crew = crew
+        self.delta = delta
+        self.stored = stored
+        self.out = out
+        self.index = np.int32 if n < 2**31 else np.int64
+        self.lock = threading.Lock()
+        self.new: list = []
+        self.new_size = 0
+        self.pending: list = []
+        self.pending_size = 0
+        self.done = np.zeros(len(starts), dtype=bool)
+        self.frontier = 0  # the leading blocks 0..frontier-1 are done
+        self.merging = False
+
+    def add(self, k: int, ear: list) -> None:
+        """Block ``k`` is done; ``ear``: its column entries ``[(col, row, value), ...]``."""
+        with self.lock:
+            self.new.extend(ear)
+            self.new_size += sum(e[0].shape[0] for e in ear)
+            self.done[k] = True
+            while self.frontier < len(self.starts) and self.done[self.frontier]:
+                self.frontier += 1
+            if self.merging or self.new_size < max(MERGE_ENTRIES, self.pending_size):
+                return
+            self.merging = True
+            work = self.pending + self.new
+            self.new, self.new_size, self.pending = [], 0, []
+            limit = self._limit()
+        kept: list = []
+        try:
+            kept = self._merge(work, limit)
+        finally:
+            with self.lock:
+                self.pending = kept
+                self.pending_size = sum(e[0].shape[0] for e in kept)
+                self.merging = False
+
+    def finish(self, workers: int = 1) -> None:
+        """Every block is done: fold every column still held."""
+        work = self.pending + self.new
+        self.pending, self.new = [], []
+        self._merge(work, self.n, workers)
+
+    def _limit(self) -> int:
+        return self.starts[self.frontier] if self.frontier < len(self.starts) else self.n
+
+    def _merge(self, work: list, limit: int, workers: int = 1) -> list:
+        """Prune ``work`` against the columns' running maxima, fold the columns below
+        ``limit`` (final), return the rest as one int32-indexed entry list."""
+        bound = self.crew[0].col_best.copy()
+        for worker in self.crew[1:]:  # each worker's maxima only grow: a lower bound
+            np.maximum(bound, worker.col_best, out=bound)
+        kept = prune_near(work, bound, self.delta)
+        del work
+        if not kept:
+            return []
+        cols, rows, vals = kept[0]
+        # Over the cap, every column is folded now, final or not: a column's canonical
+        # best is the max over its entries in any batches (each batch's cuts use real
+        # pair scores, lower bounds of the column's best), and the entry holding it
+        # survives every prune against lower bounds; folding early only rescores some
+        # entries a later, higher running maximum would have pruned.
+        final = cols < (limit if cols.shape[0] <= PENDING_ENTRIES else self.n)
+        if final.any():
+            entries = [(cols[final], rows[final], vals[final])]
+            fold_best(self.stored, entries, bound, self.delta, self.out, workers=workers)
+            del entries
+            keep = ~final
+            cols, rows, vals = cols[keep], rows[keep], vals[keep]
+        if not cols.shape[0]:
+            return []
+        return [(cols.astype(self.index), rows.astype(self.index), vals)]
 
 
 class _Worker:
-    """One CPU worker: GEMM tiles of its row blocks, each scanned while it is in cache.
+    """One CPU worker: GEMM tiles of its row blocks, each scanned by the fused kernel.
 
     Scanning a 64 MiB tile the plain way (row maxima, column maxima, the threshold test,
     the near-best gathers: :class:`NumpyTiles`) takes five or six passes over main
-    memory, a third of the GEMM's time at N = 50k.  Here a tile is scanned in chunks of
-    rows of :data:`CHUNK_BYTES`, every pass over a chunk while it is in the L2 cache, by
-    the worker that computed it (both cores scan).  A tile narrower than the block
-    computes on the diagonal only the rows that have a later column in it.
+    memory.  Here each tile goes through :class:`~.scan.TileScan` (one compiled pass, a
+    row at a time while it is in cache, GIL released: the workers scan in parallel), by
+    the worker that computed it.  A tile narrower than the block computes on the
+    diagonal only the rows that have a later column in it.
 
     The near-best gathers use running lower bounds, not the tile's final maxima: a row's
-    bound is its maximum so far (earlier tiles and this chunk), a column's is its maximum
-    over this worker's chunks so far (``col_best``; the workers' arrays are merged at the
-    end).  Every entry within ``delta`` of the final maximum is within ``delta`` of any
-    lower bound, so it is gathered; the few extra entries are dropped by
-    :meth:`NearBest.survivors`, which filters on the final maximum.  Same survivors, same
-    bits.  Rows of a block belong to one worker, so ``later_best`` is written race-free.
+    bound is its maximum so far (earlier tiles and this row of this tile), a column's is
+    its maximum over this worker's rows so far (``col_best``; the workers' arrays are
+    merged at the end).  Every entry within ``delta`` of the final maximum is within
+    ``delta`` of any lower bound, so it is gathered; the extra entries are dropped by
+    :meth:`NearBest.survivors`, which filters on the final maximum.  Same survivors,
+    same bits.  Rows of a block belong to one worker, so ``later_best`` is written
+    race-free.
     """
 
     def __init__(self, embeddings, rows_per, cols_per, radius, delta, later_best, arith) -> None:
+        from .scan import TileScan
+
         self.tiles = NumpyTiles(embeddings, rows_per, cols_per, arith)
         self.n = embeddings.shape[0]
         self.cols_per = cols_per
@@ -611,18 +779,15 @@ class _Worker:
         self.delta = np.float32(delta)
         self.later_best = later_best
         self.col_best = np.full(self.n, -np.inf, dtype=np.float32)
-        self.step = max(8, CHUNK_BYTES // (4 * cols_per))
-        self.masks: dict[tuple[int, int, int], np.ndarray] = {}
-        # oneDNN's bf16 GEMM writes bf16: the tile stays bf16 (half the bytes) and each
-        # chunk is widened to float32 into a cache-sized buffer just before its scan,
-        # instead of widening the whole tile through main memory first.
+        self.scan = TileScan(cols_per)
+        # oneDNN's bf16 GEMM writes bf16: the tile stays bf16 (half the bytes) and the
+        # scan reads its bits, widened in registers.
         self.raw = arith is not None and arith.kernel == "onednn"
         if self.raw:
             import torch
 
             self.torch = torch
             self.tile16 = torch.empty(rows_per * cols_per, dtype=torch.bfloat16)
-            self.chunk = np.empty(self.step * cols_per, dtype=np.float32)
 
     def block(self, a: int, b: int, emit) -> tuple[list, list]:
         """Rows ``a:b`` against themselves and every later row; pair candidates go to
@@ -642,83 +807,30 @@ class _Worker:
                 s = self.torch.mm(rows_a[:m], cols.T, out=out)
             else:
                 s = tiles.product(rows_a[:m], cols)
-            found = self._scan(s, a, c, lat, ear)
+            self.scan.scan(
+                s,
+                radius=self.radius,
+                delta=self.delta,
+                row_best=self.later_best[a : a + m],
+                col_best=self.col_best[c:e],
+                diag=a - c,  # columns c + k <= a + r: the row itself and earlier rows
+                row0=a,
+                col0=c,
+            )
+            found, near, far = self.scan.take()
             if found is not None:
                 emit(found)
+            if near is not None:
+                lat.append(near)
+            if far is not None:
+                ear.append(far)
         # The block's rows have met every later column: their maxima are final, so only
         # their survivors need keeping; columns keep what their running maxima allow.
         rows_kept = prune_near(lat, self.later_best, self.delta)
         return rows_kept, prune_near(ear, self.col_best, self.delta)
 
-    def _scan(self, s, a: int, c: int, lat: list, ear: list):
-        """One tile (rows ``a:``, columns ``c:``; float32 numpy, or a bf16 tensor widened
-        chunk by chunk), chunk by chunk; returns the pair candidates ``(i, j)`` above the
-        radius, or None."""
-        radius, delta = self.radius, self.delta
-        ra, rc = s.shape
-        run = self.col_best[c : c + rc]  # this worker's column maxima so far (a view)
-        found_i, found_j = [], []
-        for r0 in range(0, ra, self.step):
-            r1 = min(ra, r0 + self.step)
-            if self.raw:
-                sub = self.chunk[: (r1 - r0) * rc].reshape(r1 - r0, rc)
-                self.torch.from_numpy(sub).copy_(s[r0:r1])  # exact: bf16 -> float32
-            else:
-                sub = s[r0:r1]
-            reach = min(rc, a + r1 - c)  # columns c + k <= a + r: the row itself, earlier
-            if reach > 0:
-                np.copyto(sub[:, :reach], -np.inf, where=self._mask(r1 - r0, reach, a + r0 - c))
-            row_max = sub.max(axis=1)
-            hit = np.flatnonzero(row_max > radius)
-            if hit.size:
-                li, lj = nonzero2d(sub[hit] > radius)
-                found_i.append(hit[li] + (a + r0))
-                found_j.append(lj + c)
-            # Row direction: entries within delta of the row's maximum so far.
-            best = self.later_best[a + r0 : a + r1]
-            np.maximum(best, row_max, out=best)
-            bound = best - delta
-            sel = np.flatnonzero((row_max >= bound) & np.isfinite(row_max))
-            if sel.size:
-                li, lj, vals = _gather(sub, sel, bound[sel], columns=False)
-                lat.append((li + (a + r0), lj + c, vals))
-            # Column direction: entries within delta of the column's maximum so far.
-            col_max = sub.max(axis=0)
-            np.maximum(run, col_max, out=run)
-            bound = run - delta
-            sel = np.flatnonzero((col_max >= bound) & np.isfinite(col_max))
-            if sel.size:
-                lj, li, vals = _gather(sub, sel, bound[sel], columns=True)
-                ear.append((lj + c, li + (a + r0), vals))
-        if not found_i:
-            return None
-        return np.concatenate(found_i), np.concatenate(found_j)
 
-    def _mask(self, rows: int, cols: int, offset: int) -> np.ndarray:
-        """``k <= r + offset`` over ``rows x cols`` (cached: a few shapes repeat)."""
-        key = (rows, cols, offset)
-        mask = self.masks.get(key)
-        if mask is None:
-            mask = self.masks[key] = np.tri(rows, cols, k=offset, dtype=bool)
-        return mask
-
-
-def _gather(sub: np.ndarray, sel: np.ndarray, lo: np.ndarray, *, columns: bool):
-    """Entries ``>= lo`` of rows (or columns) ``sel`` of a chunk: ``(index along sel's
-    axis, index along the other axis, float32 value)``, indices int64."""
-    size = sub.shape[1] if columns else sub.shape[0]
-    if sel.size > DENSE_GATHER * size:  # one compare over the chunk beats a copy
-        bound = np.full(size, np.inf, dtype=np.float32)
-        bound[sel] = lo
-        li, lj = nonzero2d(sub >= (bound[None, :] if columns else bound[:, None]))
-        vals = sub[li, lj]
-        return (lj, li, vals) if columns else (li, lj, vals)
-    part = sub[:, sel].T if columns else sub[sel]
-    li, lj = nonzero2d(part >= lo[:, None])
-    return sel[li], lj, part[li, lj]
-
-
-def _worker_count(threads: int | None) -> int:
+def worker_count(threads: int | None) -> int:
     """CPU workers: ``threads`` if given, else the usable cores (at most 16)."""
     if threads is not None:
         count = int(threads)
@@ -734,7 +846,7 @@ def _worker_count(threads: int | None) -> int:
 
 
 @contextlib.contextmanager
-def _blas_one_thread():
+def blas_one_thread():
     """BLAS calls single-threaded for the duration (each worker runs its own GEMMs:
     OpenBLAS's own threads would spin against the workers)."""
     from threadpoolctl import threadpool_limits

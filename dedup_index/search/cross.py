@@ -12,7 +12,6 @@ same bits whichever runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
@@ -107,24 +106,22 @@ def cross_search(
         rows = DEFAULT_ROWS if rows is None else rows
         cols = DEFAULT_COLS if cols is None else cols
         rows, cols = min(rows, m), min(cols, n)  # a single query: a 1 x n tile, not more
-        q_tiles = NumpyTiles(q_rows, rows, cols, arith)
-        b_tiles = NumpyTiles(b_rows, rows, cols, arith)
-        with arith.session():
-            _cross_tiles(
-                q_tiles,
-                b_tiles,
-                m,
-                n,
-                rows,
-                cols,
-                radius,
-                base_live,
-                base_best,
-                q_near,
-                b_near,
-                found_q,
-                found_b,
-            )
+        _cross_tiles(
+            q_rows,
+            b_rows,
+            arith,
+            m,
+            n,
+            rows,
+            cols,
+            radius,
+            base_live,
+            base_best,
+            q_near,
+            b_near,
+            found_q,
+            found_b,
+        )
     q = np.concatenate(found_q) if found_q else empty
     b = np.concatenate(found_b) if found_b else empty
     return cross_result(queries, base, threshold, q, b, q_near, b_near)
@@ -141,9 +138,19 @@ class _Unmeasured:
         return self.rows[key]
 
 
+#: The CPU cross search uses one worker per core only when it has at least this many
+#: multiply-adds per worker (a single query's tile is not worth a thread).
+THREADED_WORK = 2e8
+#: Below this many multiply-adds (~0.1 s of float32 GEMM) a cross search in a process that
+#: has not loaded the compiled scan yet uses numpy's tile operations instead: starting
+#: numba (import, loading the cached kernel) costs 0.3-1 s, a one-image query ~1 ms.
+SCAN_MIN_WORK = 2e10
+
+
 def _cross_tiles(
-    q_tiles,
-    b_tiles,
+    q_rows,
+    b_rows,
+    arith,
     m,
     n,
     rows,
@@ -156,7 +163,97 @@ def _cross_tiles(
     found_q,
     found_b,
 ):
-    """The tile loop of :func:`cross_search`."""
+    """The CPU tile loop of :func:`cross_search`: the ``(query block, base block)`` tiles
+    handed out in order to one worker per core (each with its own single-threaded GEMM,
+    its own buffers and its own running maxima, merged at the end: :class:`_CrossWorker`),
+    or run in this thread for a small search."""
+    import sys
+
+    from .blocked import blas_one_thread, worker_count
+
+    d = q_rows.shape[1]
+    if float(m) * n * d < SCAN_MIN_WORK and "dedup_index.search.scan" not in sys.modules:
+        with arith.session():
+            _cross_numpy(
+                q_rows,
+                b_rows,
+                arith,
+                m,
+                n,
+                rows,
+                cols,
+                radius,
+                base_live,
+                base_best,
+                q_near,
+                b_near,
+                found_q,
+                found_b,
+            )
+        return
+    tasks = [(a, c) for a in range(0, m, rows) for c in range(0, n, cols)]
+    workers = min(worker_count(None), len(tasks), max(1, int(float(m) * n * d // THREADED_WORK)))
+    args = (q_rows, b_rows, arith, m, n, rows, cols, radius, base_live, base_best, q_near, b_near)
+    crew = [_CrossWorker(*args) for _ in range(workers)]
+    if workers == 1:
+        with arith.session():
+            crew[0].run(iter(tasks))
+    else:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        lock = threading.Lock()
+        todo = iter(tasks)
+
+        def next_task():
+            with lock:
+                return next(todo, None)
+
+        with arith.session(one_thread=True), blas_one_thread():
+            with ThreadPoolExecutor(workers - 1) as pool:
+                jobs = [pool.submit(w.run, next_task) for w in crew[1:]]
+                try:
+                    crew[0].run(next_task)
+                finally:
+                    for job in jobs:
+                        job.result()
+    for w in crew:  # merged in worker order; nothing downstream depends on the order
+        np.maximum(q_near.best, w.q_best, out=q_near.best)
+        found_q.extend(w.found_q)
+        found_b.extend(w.found_b)
+        q_near.rows.extend(w.q_lists[0])
+        q_near.cols.extend(w.q_lists[1])
+        q_near.vals.extend(w.q_lists[2])
+        if base_best:
+            np.maximum(b_near.best, w.b_best, out=b_near.best)
+            b_near.rows.extend(w.b_lists[0])
+            b_near.cols.extend(w.b_lists[1])
+            b_near.vals.extend(w.b_lists[2])
+
+
+def _cross_numpy(
+    q_rows,
+    b_rows,
+    arith,
+    m,
+    n,
+    rows,
+    cols,
+    radius,
+    base_live,
+    base_best,
+    q_near,
+    b_near,
+    found_q,
+    found_b,
+):
+    """The small-search tile loop: :class:`~.tiles.NumpyTiles`'s maxima, threshold test
+    and gathers into :meth:`~.tiles.NearBest.update` (the same candidates and survivors
+    as the compiled scan: tested to give the same bits)."""
+    from functools import partial
+
+    q_tiles = NumpyTiles(q_rows, rows, cols, arith)
+    b_tiles = NumpyTiles(b_rows, rows, cols, arith)
     for a in range(0, m, rows):
         e_a = min(m, a + rows)
         qa = q_tiles.block(a, e_a, second=False)
@@ -174,6 +271,88 @@ def _cross_tiles(
             q_near.update(np.arange(a, e_a), row_max, partial(q_tiles.gather, s, c, False))
             if base_best:
                 b_near.update(np.arange(c, e_c), col_max, partial(q_tiles.gather, s, a, True))
+
+
+class _CrossWorker:
+    """One worker of the CPU cross search: tiles scanned in one compiled pass each
+    (:class:`~.scan.TileScan`: candidates, the queries' and the base rows' running maxima
+    and near-best entries, gathered against running lower bounds as
+    :class:`~.tiles.NearBest` keeps them).  Its running maxima start from the trackers'
+    (``base_floor`` included) and are its own: each is a lower bound of the final maximum,
+    so every entry :meth:`~.tiles.NearBest.survivors` keeps is gathered, and the
+    survivors (filtered on the merged maxima) are the same bits.  A bf16 GEMM (oneDNN)
+    writes a bf16 tile that is scanned as it is."""
+
+    def __init__(
+        self, q_rows, b_rows, arith, m, n, rows, cols, radius, base_live, base_best, q_near, b_near
+    ) -> None:
+        from .scan import TileScan
+
+        self.q_tiles = NumpyTiles(q_rows, rows, cols, arith)
+        self.b_tiles = NumpyTiles(b_rows, rows, cols, arith)
+        self.scan = TileScan(cols)
+        self.m, self.n, self.rows, self.cols = m, n, rows, cols
+        self.radius = radius
+        self.delta = q_near.delta
+        self.base_live = base_live
+        self.base_best = base_best
+        self.q_best = q_near.best.copy()
+        self.b_best = b_near.best.copy() if base_best else None
+        self.found_q: list[np.ndarray] = []
+        self.found_b: list[np.ndarray] = []
+        self.q_lists: tuple[list, list, list] = ([], [], [])
+        self.b_lists: tuple[list, list, list] = ([], [], [])
+        self.tile16 = None
+        if arith is not None and arith.kernel == "onednn":
+            import torch
+
+            self.torch = torch
+            self.tile16 = torch.empty(rows * cols, dtype=torch.bfloat16)
+
+    def run(self, next_task) -> None:
+        """Tiles ``(a, c)`` from ``next_task()`` (an iterator's ``__next__`` or a callable
+        returning None when done)."""
+        if not callable(next_task):
+            todo = next_task
+
+            def next_task():
+                return next(todo, None)
+
+        last_a, qa = None, None
+        while (task := next_task()) is not None:
+            a, c = task
+            e_a, e_c = min(self.m, a + self.rows), min(self.n, c + self.cols)
+            if a != last_a:
+                qa, last_a = self.q_tiles.block(a, e_a, second=False), a
+            block = self.b_tiles.block(c, e_c, second=True)
+            if self.tile16 is not None:
+                out = self.tile16[: (e_a - a) * (e_c - c)].view(e_a - a, e_c - c)
+                s = self.torch.mm(qa, block.T, out=out)
+            else:
+                s = self.q_tiles.product(qa, block)
+            live = self.base_live
+            if live is not None and not live[c:e_c].all():
+                gone = np.flatnonzero(~live[c:e_c])
+                if self.tile16 is not None:
+                    gone = self.torch.from_numpy(gone)
+                s[:, gone] = -np.inf  # left out: as if absent
+            self.scan.scan(
+                s,
+                radius=self.radius,
+                delta=self.delta,
+                row_best=self.q_best[a:e_a],
+                col_best=self.b_best[c:e_c] if self.base_best else None,
+                row0=a,
+                col0=c,
+            )
+            found, near, far = self.scan.take()
+            if found is not None:
+                self.found_q.append(found[0])
+                self.found_b.append(found[1])
+            for lists, got in ((self.q_lists, near), (self.b_lists, far)):
+                if got is not None:
+                    for part, arr in zip(lists, got, strict=True):
+                        part.append(arr)
 
 
 def _cross_torch(

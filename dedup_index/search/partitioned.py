@@ -8,8 +8,16 @@ boundary still shares a partition.  (Joining the ``p`` nearest unconditionally m
 second choice of most rows: measured on CLIP-like data, one partition held 40% of the
 rows and the work was 16x that of the margin rule at the same recall.)
 
-Partitions grown beyond ``max_partition`` rows are split again the same way, so the work
-stays balanced.  Inside each partition the exact ``blocked`` search runs (upper-triangle
+The centroids are balanced on the k-means sample
+(:func:`~dedup_index.search.centroids.balanced_centroids`, shared with the IVF index): a
+list the sample shows over twice the mean is split by a k-means of its own sampled rows,
+so a Zipf-sized cluster gets as many centroids as its size asks for, and the whole
+collection is assigned once.  (Before, each oversize partition was split by a k-means and
+an assignment of its own rows: at 1M CLIP-like rows 572 splits, a 73k-row partition
+left, and 0.049 of the exact comparisons; balanced, the largest partition holds ~16k
+rows, mostly rows probing a hub, and the work is 0.005 of the exact comparisons at the
+same recall.)  Partitions still grown beyond ``max_partition`` rows are split again the
+old way.  Inside each partition the exact ``blocked`` search runs (upper-triangle
 GEMM tiles, canonical rescoring); pairs found in more than one partition are kept once.
 The cost is about ``p^2 N^2 D / C`` against ``N^2 D`` for exact search.
 
@@ -33,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .blocked import blocked_search
+from .centroids import SAMPLE_PER_LIST, balanced_centroids, spherical_kmeans
 from .flat import faiss_module
 from .pairs import PairSet, concat_pairsets
 from .precision import Arithmetic, arithmetic
@@ -52,6 +61,10 @@ MIN_TRAIN_PER_CENTROID = 39
 #: tile work (0.049 against 0.047 of the exact comparisons; 0.022 against 0.016 at 200k).
 SPLIT_TRAIN_PER_CENTROID = 64
 
+#: A row joins a further partition only if its centroid is within this cosine of the
+#: nearest one (see :func:`default_params`).
+DEFAULT_MARGIN = 0.02
+
 
 @dataclass(frozen=True)
 class PartitionParams:
@@ -67,12 +80,22 @@ class PartitionParams:
     sample: int
     seed: int = 0
     niter: int = 10
-    margin: float = 0.05
+    margin: float | None = None
 
     @property
     def exhaustive(self) -> bool:
         """Every row in every partition: the search is then exact."""
-        return self.n_probe >= self.n_clusters and self.margin >= 2.0
+        return self.n_probe >= self.n_clusters and self.margin is not None and self.margin >= 2.0
+
+    def margin_for(self, d: int) -> float:
+        """The margin at dimension ``d``: ``margin``, or when None :data:`DEFAULT_MARGIN`
+        scaled by ``sqrt(512 / d)`` (how far a near-copy's offset moves its centroid
+        scores: its projection on a direction shrinks as ``1 / sqrt(d)``; 0.02 at 512 is
+        what the 1M measurement needed, and the same rule gives ~0.06 at d = 48, where
+        0.02 missed 3% of the copies in ``tests/test_partitioned.py``)."""
+        if self.margin is not None:
+            return float(self.margin)
+        return DEFAULT_MARGIN * math.sqrt(512 / max(1, d))
 
 
 @dataclass
@@ -106,12 +129,20 @@ def default_params(
     sample: int | None = None,
     seed: int = 0,
 ) -> PartitionParams:
-    """Parameters from N: about 128 rows per centroid (``C`` at most 2048), ``p = 2``
-    (3 above 500k rows, where ``C`` is capped and partitions are larger: measured at 1M
-    with 64 rows a centroid, recall 0.985 with p = 2, 0.998 with p = 3) within a 0.05
-    margin, partitions split above 8x the mean size (at least 4096 rows), k-means on
-    :data:`MIN_TRAIN_PER_CENTROID` sampled rows per centroid (at least 10k; FAISS's
-    minimum, so it has nothing to warn about).
+    """Parameters from N: about 128 rows per centroid (``C`` at most 2048, before
+    balancing adds more), ``p = 2`` (3 above 500k rows, where ``C`` is capped and
+    partitions are larger: measured at 1M, recall 0.985 with p = 2, 0.998 with p = 3)
+    within a margin (``None``: :meth:`PartitionParams.margin_for`, 0.02 at D = 512),
+    partitions split above 8x the mean size (at least 4096 rows), k-means on
+    :data:`~.centroids.SAMPLE_PER_LIST` sampled rows per centroid (at least 10k; above
+    FAISS's minimum of 39, so it has nothing to warn about).
+
+    Margin 0.02, not 0.05: measured at 1M x 512 with balanced centroids and p = 3 (6000
+    sampled rows, 647 exact pairs), margins 0.01, 0.02, 0.03 and 0.05 all found 646;
+    the work was 0.0041, 0.0053, 0.0063 and 0.0083 of the exact comparisons (the
+    margin feeds the hub partitions).  C = 2048 rather than 1024 at 1M: 1024 (2261
+    centroids after balancing) needs 0.013 of the comparisons at the same recall, more
+    than the assignment it saves.
 
     Why 128 rows a centroid: k-means, not the tiles, is most of the work here (41% of a
     220k-row search at 64 rows and 20 training rows a centroid).  Giving FAISS its 39
@@ -123,8 +154,8 @@ def default_params(
     p = max(1, min(n_probe or (3 if n > 500_000 else 2), c))
     mean = p * n / c if c else n
     m = max_partition or max(4096, int(8 * mean))
-    s = sample or min(n, max(MIN_TRAIN_PER_CENTROID * c, 10_000))
-    return PartitionParams(c, p, m, s, seed, margin=0.05 if margin is None else margin)
+    s = sample or min(n, max(SAMPLE_PER_LIST * c, 10_000))
+    return PartitionParams(c, p, m, s, seed, margin=margin)
 
 
 def exhaustive_params(n_clusters: int = 4, seed: int = 0) -> PartitionParams:
@@ -159,7 +190,7 @@ def partitioned_search(
     if n < 2:
         return PairSet.empty(), nearest, earlier, info
     faiss = faiss_module(threads)
-    rows = np.arange(n, dtype=np.int64)
+    rows = np.arange(n, dtype=row_dtype(n))
     parts = _partition(faiss, embeddings, rows, params, info, depth=0)
     first_shared = _FirstShared(n, parts)
     arith = _partition_arithmetic(precision, parts, d)
@@ -179,17 +210,19 @@ def partitioned_search(
             continue
         info.pair_work += m * (m - 1) / 2
         pairs, near, early = blocked_search(
-            embeddings[members], threshold, threads=threads, precision=arith
+            read_rows(embeddings, members), threshold, threads=threads, precision=arith
         )
-        gi, gj = members[pairs.i], members[pairs.j]
+        gi = members[pairs.i].astype(np.int64)
+        gj = members[pairs.j].astype(np.int64)
         mine = first_shared(gi, gj) == k
         part_pairs = PairSet(gi[mine], gj[mine], pairs.s[mine])
         if sink is None:
             found.append(part_pairs)
         else:
             sink.add(part_pairs)
-        np.maximum.at(nearest, members, near)
-        np.maximum.at(earlier, members, early)
+        # members are distinct within a partition: plain fancy indexing, not ufunc.at
+        nearest[members] = np.maximum(nearest[members], near)
+        earlier[members] = np.maximum(earlier[members], early)
     if progress is not None and reported < n:
         progress(n - reported)
     info.partitions = len(parts)
@@ -222,26 +255,81 @@ def _partition_arithmetic(precision, parts: list[np.ndarray], d: int) -> Arithme
     return arithmetic(precision, d, work=sum(work))
 
 
+def row_dtype(n: int) -> type:
+    """The dtype of row ids among ``n`` rows: int32 below 2^31 rows (half the memory of
+    the partitions' row lists at 10M rows), else int64."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def read_rows(embeddings, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (ascending, distinct) of an array or store as one float32 array:
+    one slice read when they are contiguous, else one gather (a store's reads stay
+    within its bounded memory maps).  Memory: the rows read, nothing more."""
+    if rows.size and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
+        out = embeddings[int(rows[0]) : int(rows[-1]) + 1]
+    else:
+        out = embeddings[rows]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 class _FirstShared:
-    """For row pairs, the lowest-numbered partition holding both rows."""
+    """For row pairs, the lowest-numbered partition holding both rows.
+
+    Each row's partitions are one ascending run of a flat int32 list (``offsets`` into
+    ``lists``, CSR): 4 bytes a membership and 8 a row, whatever the most partitions a
+    single row joined (a dense ``(N, widest)`` table was 10M x 9+ int64s at 10M rows).
+    The first common entry of two sorted runs is found by a merge (numba)."""
 
     def __init__(self, n: int, parts: list[np.ndarray]) -> None:
         counts = np.zeros(n, dtype=np.int64)
         for members in parts:
             counts[members] += 1
-        width = max(1, int(counts.max(initial=1)))
-        self.table = np.full((n, width), -1, dtype=np.int64)
-        fill = np.zeros(n, dtype=np.int64)
-        for k, members in enumerate(parts):  # ascending k: each row's list is sorted
-            self.table[members, fill[members]] = k
+        self.offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.offsets[1:])
+        del counts
+        self.lists = np.empty(int(self.offsets[-1]), dtype=np.int32)
+        fill = self.offsets[:-1].copy()
+        for k, members in enumerate(parts):  # ascending k: each row's run is sorted
+            self.lists[fill[members]] = k
             fill[members] += 1
 
     def __call__(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        a = self.table[i][:, :, None]
-        b = self.table[j][:, None, :]
-        shared = (a == b) & (a >= 0)
-        big = np.iinfo(np.int64).max
-        return np.where(shared, a, big).min(axis=(1, 2))
+        """Per pair ``(i[t], j[t])``, the lowest partition holding both (int64 max if none)."""
+        i = np.ascontiguousarray(i, dtype=np.int64)
+        j = np.ascontiguousarray(j, dtype=np.int64)
+        return _first_common_kernel()(self.offsets, self.lists, i, j)
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _first_common_kernel():
+    """The compiled merge of :class:`_FirstShared` (numba imported on first use only)."""
+    if "first_common" not in _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def first_common(offsets, lists, i, j):  # pragma: no cover - compiled
+            out = np.empty(i.shape[0], dtype=np.int64)
+            big = np.iinfo(np.int64).max
+            for t in range(i.shape[0]):
+                a, a1 = offsets[i[t]], offsets[i[t] + 1]
+                b, b1 = offsets[j[t]], offsets[j[t] + 1]
+                best = big
+                while a < a1 and b < b1:
+                    x, y = lists[a], lists[b]
+                    if x == y:
+                        best = x
+                        break
+                    if x < y:
+                        a += 1
+                    else:
+                        b += 1
+                out[t] = best
+            return out
+
+        _KERNELS["first_common"] = first_common
+    return _KERNELS["first_common"]
 
 
 def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]:
@@ -251,8 +339,17 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     p = min(params.n_probe, c)
     if c <= 1 or params.exhaustive:
         return [rows] * max(1, c if params.exhaustive else 1)
-    centroids = _train(faiss, embeddings, rows, c, params, depth)
-    assign = _assign(faiss, embeddings, rows, centroids, p, params.margin)
+    if depth == 0 and n == embeddings.shape[0]:
+        # The whole collection: balanced on the k-means sample, assigned once (below).
+        per_list = max(1, -(-params.sample // c))
+        centroids = balanced_centroids(
+            embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
+        )
+        c = centroids.shape[0]
+        p = min(params.n_probe, c)
+    else:
+        centroids = _train(faiss, embeddings, rows, c, params, depth)
+    assign = _assign(faiss, embeddings, rows, centroids, p, params.margin_for(embeddings.shape[1]))
     flat = assign.ravel()
     joined = flat >= 0
     order = np.argsort(flat[joined], kind="stable")
@@ -289,22 +386,18 @@ def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
     rng = np.random.default_rng(params.seed + 7919 * depth)
     take = min(rows.size, max(params.sample, MIN_TRAIN_PER_CENTROID * c))
     pick = np.sort(rng.choice(rows, size=take, replace=False)) if take < rows.size else rows
-    sample = np.ascontiguousarray(embeddings[pick], dtype=np.float32)
-    km = faiss.Kmeans(
-        sample.shape[1],
+    sample = read_rows(embeddings, pick)
+    return spherical_kmeans(
+        sample,
         c,
-        niter=params.niter,
-        spherical=True,
         seed=params.seed + depth,
-        verbose=False,
+        niter=params.niter,
         # FAISS prints a warning to stderr below this many points per centroid; when
         # every row is already in the sample there is nothing more to give it (and the
         # partitions are searched exactly, recall measured), so ask for what there is.
-        min_points_per_centroid=max(1, min(MIN_TRAIN_PER_CENTROID, take // c)),
-        max_points_per_centroid=max(256, take // c + 1),
+        min_points=max(1, min(MIN_TRAIN_PER_CENTROID, take // c)),
+        max_points=max(256, take // c + 1),
     )
-    km.train(sample)
-    return km.centroids
 
 
 def _assign(faiss, embeddings, rows, centroids, p, margin, block: int = 16384) -> np.ndarray:
@@ -316,21 +409,47 @@ def _assign(faiss, embeddings, rows, centroids, p, margin, block: int = 16384) -
     sets to a few centroids each, where FAISS's per-call cost dominated (30k rows to 15
     centroids: 0.18 s, about 100x the GEMM; 578 splits at 1M rows).  Which of two
     equally near centroids wins does not matter: every partition is searched exactly."""
-    del faiss  # the signature stays the trainer's; the selection is numpy's
+    del faiss  # the signature stays the trainer's; the selection is compiled
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    c = centroids.shape[0]
-    out = np.empty((rows.size, p), dtype=np.int64)
+    out = np.empty((rows.size, p), dtype=np.int32)
+    top = _top_within_kernel()
     for a in range(0, rows.size, block):
-        x = np.ascontiguousarray(embeddings[rows[a : a + block]], dtype=np.float32)
+        x = read_rows(embeddings, rows[a : a + block])
         sims = x @ centroids.T
-        if p < c:
-            top = np.argpartition(-sims, p - 1, axis=1)[:, :p]
-        else:
-            top = np.broadcast_to(np.arange(c), (x.shape[0], c)).copy()
-        vals = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")
-        labels = np.take_along_axis(top, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        labels[vals < vals[:, :1] - margin] = -1
-        out[a : a + block] = labels
+        top(sims, np.float32(margin), out[a : a + block])
     return out
+
+
+def _top_within_kernel():
+    """The compiled top-``p`` selection of :func:`_assign` (numba, imported on first use):
+    per row of ``sims``, the columns of its ``p`` largest values, largest first (ties:
+    the lower column), -1 for those below the largest minus ``margin``.  One pass over
+    the row with a ``p``-long insertion list: at 1M rows x 2k centroids the numpy
+    ``argpartition`` + sorts it replaces took longer than the GEMM."""
+    if "top_within" not in _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def top_within(sims, margin, out):  # pragma: no cover - compiled
+            m, c = sims.shape
+            p = out.shape[1]
+            vals = np.empty(p, dtype=np.float32)
+            cols = np.empty(p, dtype=np.int64)
+            for r in range(m):
+                vals[:] = -np.inf
+                cols[:] = -1
+                for k in range(c):
+                    v = sims[r, k]
+                    if v > vals[p - 1]:
+                        t = p - 1
+                        while t > 0 and vals[t - 1] < v:
+                            vals[t] = vals[t - 1]
+                            cols[t] = cols[t - 1]
+                            t -= 1
+                        vals[t] = v
+                        cols[t] = k
+                for t in range(p):
+                    out[r, t] = cols[t] if vals[t] >= vals[0] - margin else -1
+
+        _KERNELS["top_within"] = top_within
+    return _KERNELS["top_within"]

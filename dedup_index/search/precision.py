@@ -269,32 +269,45 @@ class Arithmetic:
 
     def prepare(self, embeddings) -> tuple[Any, Arithmetic]:
         """``(rows, arithmetic)``: the rows the tiles multiply and the arithmetic to use
-        for them.  fp32: ``embeddings`` itself.  A low precision on an in-memory array: a
-        rounded copy made in one pass that also measures the largest rounding error, and
-        a copy of this arithmetic carrying it (``row_error``: the tighter bound).  On a
-        store: a view that rounds the rows it is asked for, and this arithmetic (the
-        a-priori bound).  The torch kernel on a GPU rounds on the device; the error is
-        still measured here when the rows are in memory."""
+        for them.  fp32: ``embeddings`` itself.  A low precision: the largest rounding
+        error is measured in one chunked pass, and the arithmetic returned carries it
+        (``row_error``: the tighter bound, a narrower window, fewer near-best entries);
+        the rows are a rounded copy made in that same pass when it is small (an
+        in-memory array whose copy takes at most :data:`WHOLE_COPY_BYTES`), else a view
+        that rounds the rows it is asked for (:class:`RoundedRows`: a memmap, a store,
+        or a large array is never copied whole, so memory stays bounded at any ``N``).
+        Rows that are neither an array nor a store (anything else indexable, e.g. the
+        base of a cross search, read a block at a time) are not measured: the a-priori
+        bound.  The torch kernel on a GPU rounds on the device; the error is still
+        measured here when the rows are in memory."""
         import dataclasses
 
         if self.name == "fp32":
             return embeddings, self
         tensor = self.kernel == "onednn"
-        if not isinstance(embeddings, np.ndarray):  # unmeasured rows: the a-priori bound
+        is_array = isinstance(embeddings, np.ndarray)
+        if not is_array and not hasattr(embeddings, "iter_blocks"):  # not measured
             rows = RoundedRows(embeddings, self.name, tensor) if self.rounds else embeddings
             return rows, dataclasses.replace(self, row_error=None)
-        if tensor:  # bf16 rows in torch (exact: they are rounded to bf16 first)
+        n, d = embeddings.shape
+        whole = (
+            is_array
+            and not isinstance(embeddings, np.memmap)
+            and n * d * (2 if tensor else 4) <= WHOLE_COPY_BYTES
+        )
+        out = None
+        if whole and tensor:  # bf16 rows in torch (exact: they are rounded to bf16 first)
             import torch
 
             out = torch.empty(embeddings.shape, dtype=torch.bfloat16)
-        else:
-            out = np.empty(embeddings.shape, dtype=np.float32) if self.rounds else None
-        step = max(1, (4 << 20) // max(1, 4 * embeddings.shape[1]))
+        elif whole and self.rounds:
+            out = np.empty(embeddings.shape, dtype=np.float32)
+        step = max(1, (4 << 20) // max(1, 4 * d))
 
         def part(a: int) -> float:
             chunk = np.asarray(embeddings[a : a + step], dtype=np.float32)
             rounded = round_to(self.name, chunk)
-            if tensor:
+            if tensor and out is not None:
                 out[a : a + step] = torch.from_numpy(rounded).to(torch.bfloat16)
             elif out is not None:
                 out[a : a + step] = rounded
@@ -304,7 +317,7 @@ class Arithmetic:
             sq = float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0))
             return math.sqrt(sq * (1 + 2 * chunk.shape[1] * _U32))
 
-        starts = range(0, embeddings.shape[0], step)
+        starts = range(0, n, step)
         threads = min(len(starts), _cores())
         if threads > 1:  # numpy and torch release the GIL: the cores share the chunks
             from concurrent.futures import ThreadPoolExecutor
@@ -313,7 +326,12 @@ class Arithmetic:
                 err = max(pool.map(part, starts), default=0.0)
         else:
             err = max(map(part, starts), default=0.0)
-        rows = out if out is not None else embeddings
+        if out is not None:
+            rows = out
+        elif self.rounds:
+            rows = RoundedRows(embeddings, self.name, tensor)
+        else:
+            rows = embeddings
         return rows, dataclasses.replace(self, row_error=max(err, self.row_error or 0.0))
 
     def product(self, rows_a: np.ndarray, rows_c: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -415,6 +433,13 @@ def _reduced(m, fmt: str):
 def _set_reduced(m, fmt: str, value) -> None:
     if value is not None and hasattr(m, f"allow_{fmt}_reduced_precision_reduction"):
         setattr(m, f"allow_{fmt}_reduced_precision_reduction", value)
+
+
+#: A low-precision search copies an in-memory array's rounded rows whole up to this many
+#: bytes of copy (a 256k x 512 bf16 matrix); above it, and for memmaps and stores, the
+#: rows are rounded as each block is read (:class:`RoundedRows`), so the copy never
+#: grows with ``N`` (it was 1 GB at 1M x 512).
+WHOLE_COPY_BYTES = 256 << 20
 
 
 class RoundedRows:

@@ -18,18 +18,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .canonical import candidate_delta, canonical_scores
+from .canonical import candidate_delta
 from .precision import is_tensor
 
 __all__ = [
     "DEFAULT_COLS",
     "DEFAULT_ROWS",
     "DENSE_GATHER",
-    "RESCORE_PAIRS",
     "NearBest",
     "NumpyTiles",
     "canonical_best",
     "canonical_maxima",
+    "fold_best",
     "nonzero2d",
     "prune_near",
     "rescore_keys",
@@ -42,9 +42,6 @@ __all__ = [
 #: The tile shape never changes a bit of the result (maxima are decided canonically).
 DEFAULT_ROWS = 2048
 DEFAULT_COLS = 8192
-#: Pairs per canonical rescoring call in :func:`rescore_keys`: the float64 scratch (a few
-#: arrays of ``pairs * D * 8`` bytes) stays in cache; the bits do not depend on it.
-RESCORE_PAIRS = 512
 #: Above this share of relevant rows (columns), one compare over the whole tile beats
 #: copying the selected rows (columns) out first (same entries either way).
 DENSE_GATHER = 0.15
@@ -198,23 +195,15 @@ def nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def canonical_maxima(embeddings, later: NearBest, earlier: NearBest, *, workers: int = 1):
-    """Canonical best-later and best-earlier score per row, from the near-best survivors.
-
-    Each pair is rescored once (the later entry ``(i, j)`` of row ``i`` is the earlier
-    entry of row ``j``); the rescoring is cut into cache-sized calls, shared by
-    ``workers`` threads (:func:`rescore_keys`).  Returns float64 arrays, ``-inf`` for a
-    row with no later (earlier) row."""
+    """Canonical best-later and best-earlier score per row, from the near-best survivors
+    (:func:`fold_best` in each direction; the rescoring shared by ``workers`` threads).
+    Returns float64 arrays, ``-inf`` for a row with no later (earlier) row."""
     n = later.best.shape[0]
-    li, lj = tighten(embeddings, *later.survivors(True), window=later.delta, workers=workers)
-    ej, ei = tighten(embeddings, *earlier.survivors(True), window=earlier.delta, workers=workers)
-    lo = np.concatenate([li, ei])
-    hi = np.concatenate([lj, ej])
-    key = _unique(lo * n + hi)
-    scores = rescore_keys(embeddings, key // n, key % n, workers)
     best_later = np.full(n, -np.inf)
     best_earlier = np.full(n, -np.inf)
-    np.maximum.at(best_later, li, scores[np.searchsorted(key, li * n + lj)])
-    np.maximum.at(best_earlier, ej, scores[np.searchsorted(key, ei * n + ej)])
+    for near, out in ((later, best_later), (earlier, best_earlier)):
+        entries = list(zip(near.rows, near.cols, near.vals, strict=True))
+        fold_best(embeddings, entries, near.best, near.delta, out, workers=workers)
     return best_later, best_earlier
 
 
@@ -224,25 +213,53 @@ def canonical_best(own, other, near: NearBest) -> np.ndarray:
 
     The cross searches' maxima (queries against a base, each side in turn): a canonical
     score is the same bits whichever matrix is ``own``, so both sides agree."""
-    rows, partners = tighten(own, *near.survivors(True), window=near.delta, other=other)
     out = np.full(near.best.shape[0], -np.inf)
-    if rows.size:
-        np.maximum.at(out, rows, canonical_scores(own, rows, partners, other=other))
+    entries = list(zip(near.rows, near.cols, near.vals, strict=True))
+    fold_best(own, entries, near.best, near.delta, out, other=other)
     return out
 
 
-def _unique(keys: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (a sort and a compare: numpy's hash-based ``unique`` took
-    ~1 s for 1.5M keys here)."""
-    keys = np.sort(keys)
-    if keys.size > 1:
-        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-    return keys
+def fold_best(
+    embeddings,
+    entries: list,
+    best: np.ndarray,
+    window,
+    out: np.ndarray,
+    *,
+    other=None,
+    workers: int = 1,
+) -> None:
+    """Raise ``out[row]`` to the canonical maximum of each row's near-best entries.
+
+    ``entries``: ``[(row, partner, tile value), ...]``, near-best entries gathered
+    against lower bounds of the rows' final tile maxima; ``best``: such a lower bound
+    (the final maxima, or running ones); ``partner`` indexes ``other`` (default
+    ``embeddings``).  The entries within ``window`` of ``best`` survive
+    (:func:`prune_near`), :func:`tighten` cuts them down, and the rest are rescored
+    canonically.  Every cut drops only entries strictly below some real pair's
+    canonical score of the same row, and every prune only entries below the final
+    maximum minus ``window``: the entry holding a row's canonical maximum survives in
+    whichever call it comes, and ``out`` only ever holds real pair scores.  So a search
+    may fold a row's entries in any number of batches (as blocks finish: bounded
+    memory, :func:`~.blocked.blocked_search`) and get the bits of one fold at the end;
+    batches holding all of a row's entries against its final maximum rescore fewest."""
+    kept = prune_near(entries, best, np.float32(window))
+    if not kept:
+        return
+    rows, partners, vals = kept[0]
+    rows = rows.astype(np.int64, copy=False)
+    partners = partners.astype(np.int64, copy=False)
+    rows, partners = tighten(
+        embeddings, rows, partners, vals, window=window, other=other, workers=workers
+    )
+    if rows.size:
+        second = embeddings if other is None else other
+        np.maximum.at(out, rows, rescore_keys(embeddings, rows, partners, workers, other=second))
 
 
-#: Pairs per float32 dot-product call of :func:`tighten`: the gathered rows (2 x 512 KiB at
-#: D = 512) stay in L2; 2048 (8 MiB) made the call ~1.4x slower at N = 30k.
-TIGHTEN_PAIRS = 256
+#: Pairs per thread's share below which :func:`tighten` and :func:`rescore_keys` stay on
+#: the calling thread (a thread's start costs more than that much compiled work).
+THREAD_PAIRS = 16384
 
 
 def tighten(
@@ -259,86 +276,82 @@ def tighten(
     cut down to those within the float32 window of their row's best float32 score.
 
     Each survivor's float32 dot product (any summation order: error ``<= gamma_D R^2``,
-    the float32 bound) is computed, and per row only the entries within
-    :func:`~.canonical.candidate_delta` (over twice that bound) of the row's best float32
-    value among its survivors stay.  The entry holding the row's canonical maximum is
-    among the survivors (:mod:`.precision`), so it stays too: the canonical maxima are
-    unchanged, from far fewer float64 rescorings.  With a float32 ``window`` already
-    (float32 tiles) the survivors come back as they are.  ``workers`` threads share the
-    dot products (in-memory rows; the same values either way).
+    the float32 bound; :func:`~.rescore.dots32`) is computed, and per row only the
+    entries within :func:`~.canonical.candidate_delta` (over twice that bound) of the
+    row's best float32 value among its survivors stay.  The entry holding the row's
+    canonical maximum is among the survivors (:mod:`.precision`), so it stays too: the
+    canonical maxima are unchanged, from far fewer float64 rescorings.  With a float32
+    ``window`` already (float32 tiles) the survivors come back as they are.  ``workers``
+    threads share the dot products (the same values either way).
 
-    ``values``, the survivors' low-precision tile values, allow a first cut: the float32
-    product ``f`` of each row's top entry (largest value) is computed first; the
-    canonical maximum is at least ``f - B32``, and an entry of value ``s`` is at most
-    ``s + B`` canonically (``B <= margin = window / 2``, :mod:`.precision`), so entries
-    with ``s < f - window / 2 - candidate_delta / 2`` (``candidate_delta >= 2 B32``) are
-    strictly below the row's canonical maximum and are dropped before the float32
-    products (about half of them on clustered rows).  The entry holding the maximum
-    always stays, and so does the top entry (the best float32 value among the dropped
-    ones is below ``f``), so the canonical maxima are unchanged."""
+    ``values``, the survivors' low-precision tile values, allow a first cut: the
+    canonical score ``c`` of each row's top entry (largest value) is computed first; the
+    row's canonical maximum is at least ``c``, and an entry of value ``s`` is at most
+    ``s + B`` canonically (``B < margin = window / 2``, :mod:`.precision`), so entries
+    with ``s < c - window / 2`` are strictly below the row's canonical maximum and are
+    dropped before the float32 products (most of them on clustered rows).  The entry
+    holding the maximum always stays, and so does the top entry (``s >= c - B``), so the
+    canonical maxima are unchanged."""
+    from .rescore import canonical_pairs, dots32
+
     second = embeddings if other is None else other
     w32 = candidate_delta(embeddings.shape[1])
     if window <= w32 or rows.size == 0:
         return rows, partners
-
-    def dots(r: np.ndarray, p: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-        for k in range(lo, hi, TIGHTEN_PAIRS):
-            stop = min(hi, k + TIGHTEN_PAIRS)
-            a = np.asarray(embeddings[r[k:stop]], dtype=np.float32)
-            b = np.asarray(second[p[k:stop]], dtype=np.float32)
-            out[k:stop] = np.einsum("ij,ij->i", a, b)
-
-    if values is not None and rows.size > 0:
-        top_of = np.full(int(rows.max()) + 1, -np.inf, dtype=np.float32)
-        np.maximum.at(top_of, rows, values)
-        at_top = np.flatnonzero(values == top_of[rows])
-        first = at_top[np.unique(rows[at_top], return_index=True)[1]]  # one per row
-        top = np.empty(first.size, dtype=np.float32)
-        dots(rows[first], partners[first], top, 0, first.size)
-        cut = np.full(top_of.size, np.inf)
-        cut[rows[first]] = top.astype(np.float64) - window / 2 - w32 / 2
-        keep = values.astype(np.float64) >= cut[rows]
-        rows, partners = rows[keep], partners[keep]
+    base = int(rows.min())
+    span = int(rows.max()) - base + 1  # per-row arrays over the rows' own range
+    local = rows - base
+    if values is not None:
+        top_of = np.full(span, -np.inf, dtype=np.float32)
+        np.maximum.at(top_of, local, values)
+        at_top = np.flatnonzero(values == top_of[local])
+        first = at_top[np.unique(local[at_top], return_index=True)[1]]  # one per row
+        top = canonical_pairs(embeddings, second, rows[first], partners[first])
+        cut = np.full(span, np.inf)
+        cut[local[first]] = top - float(window) / 2
+        keep = values.astype(np.float64) >= cut[local]
+        rows, partners, local = rows[keep], partners[keep], local[keep]
     scores = np.empty(rows.size, dtype=np.float32)
 
     def part(lo: int, hi: int) -> None:
-        dots(rows, partners, scores, lo, hi)
+        scores[lo:hi] = dots32(embeddings, second, rows[lo:hi], partners[lo:hi])
 
-    in_memory = isinstance(embeddings, np.ndarray) and isinstance(second, np.ndarray)
-    if workers > 1 and in_memory and rows.size > 8 * TIGHTEN_PAIRS * workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        cuts = np.linspace(0, rows.size, workers + 1).astype(np.int64)
-        with ThreadPoolExecutor(workers) as pool:
-            spans = zip(cuts[:-1], cuts[1:], strict=True)
-            for job in [pool.submit(part, int(lo), int(hi)) for lo, hi in spans]:
-                job.result()
-    else:
-        part(0, rows.size)
-    top = int(rows.max()) + 1
-    best = np.full(top, -np.inf, dtype=np.float32)
-    np.maximum.at(best, rows, scores)
-    keep = scores >= best[rows] - np.float32(w32)
+    _shared(part, rows.size, workers)
+    best = np.full(span, -np.inf, dtype=np.float32)
+    np.maximum.at(best, local, scores)
+    keep = scores >= best[local] - np.float32(w32)
     return rows[keep], partners[keep]
 
 
-def rescore_keys(embeddings, i: np.ndarray, j: np.ndarray, workers: int = 1) -> np.ndarray:
-    """``canonical_scores(embeddings, i, j)`` in calls of :data:`RESCORE_PAIRS` pairs
-    (its float64 scratch then stays in cache: ~2.5x faster), over ``workers`` threads
-    when it is worth it.  The same bits: each pair's score depends on that pair alone."""
+def rescore_keys(
+    embeddings, i: np.ndarray, j: np.ndarray, workers: int = 1, *, other=None
+) -> np.ndarray:
+    """``canonical_scores(embeddings, i, j, other)`` (the compiled kernel,
+    :func:`~.rescore.canonical_pairs`), shared by ``workers`` threads when it is worth
+    it.  The same bits: each pair's score depends on that pair alone."""
+    from .rescore import canonical_pairs
+
+    second = embeddings if other is None else other
     out = np.empty(i.shape[0], dtype=np.float64)
-    spans = [(k, min(i.shape[0], k + RESCORE_PAIRS)) for k in range(0, i.shape[0], RESCORE_PAIRS)]
 
     def part(lo: int, hi: int) -> None:
-        out[lo:hi] = canonical_scores(embeddings, i[lo:hi], j[lo:hi])
+        out[lo:hi] = canonical_pairs(embeddings, second, i[lo:hi], j[lo:hi])
 
-    if workers > 1 and len(spans) > 4 * workers and isinstance(embeddings, np.ndarray):
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            for job in [pool.submit(part, lo, hi) for lo, hi in spans]:
-                job.result()
-    else:
-        for lo, hi in spans:
-            part(lo, hi)
+    _shared(part, i.shape[0], workers)
     return out
+
+
+def _shared(part: Callable[[int, int], None], size: int, workers: int) -> None:
+    """``part(lo, hi)`` over ``[0, size)``, cut among ``workers`` threads when each gets
+    at least :data:`THREAD_PAIRS` (the compiled kernels release the GIL)."""
+    workers = max(1, min(workers, size // THREAD_PAIRS))
+    if workers == 1:
+        part(0, size)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = np.linspace(0, size, workers + 1).astype(np.int64)
+    with ThreadPoolExecutor(workers) as pool:
+        spans = zip(cuts[:-1], cuts[1:], strict=True)
+        for job in [pool.submit(part, int(lo), int(hi)) for lo, hi in spans]:
+            job.result()

@@ -70,6 +70,7 @@ from .blocks import (
     check_gather,
     check_range,
     digest,
+    hashed_bytes,
     n_blocks,
 )
 
@@ -93,6 +94,18 @@ _READ_VERSIONS = (1, 2)
 #: Rows per shard file.  Files grow as rows are appended; this only caps one file's size
 #: (512 MiB at D = 512 float32).
 DEFAULT_SHARD_ROWS = 262_144
+#: Most bytes of shard pages reads may touch through the memory maps before the maps are
+#: dropped (and made again on the next read).  A mapped page a read touched counts in the
+#: process's RSS (``RssFile``) for as long as its map lives, so without a bound a search
+#: streaming a 10 GB store would hold all 10 GB in its RSS (1M x 512 float32: 2.1 of a
+#: 3.1 GB peak).  Unmapping drops only this process's view: the pages stay in the OS page
+#: cache, and mapping a shard again costs about a millisecond.
+MAX_MAPPED_BYTES = 512 << 20
+#: Bytes of a shard one row read through a map may bring into the RSS, beyond the row:
+#: the kernel maps a whole page-cache folio per fault (measured here, kernel 6.18: 1 MiB
+#: per touch of a 256 MiB float16 shard), so a gather of scattered rows maps nearly all
+#: of each shard it touches; the bound then holds per shard (maps dropped between them).
+_FOLIO = 2 << 20
 
 MANIFEST = "manifest.json"
 KEYS_FILE = "keys.jsonl"
@@ -167,6 +180,7 @@ class EmbeddingStore:
         self._key_index: dict[str, int] | None = None
         self._offsets: list[int] = []
         self._maps: list[np.ndarray | None] = []
+        self._touched = 0  # bytes reads may have touched through the maps since made
         self._checked: list[np.ndarray] = []  # per shard: which blocks were hashed and matched
         self._closed = False
         for k in range(self._n_shards):
@@ -772,7 +786,9 @@ class EmbeddingStore:
         blocks = 0
         for k in range(self._n_shards):
             self._checked[k][:] = False
+            hashed = hashed_bytes()
             self._verify_rows(k, 0, self._rows_in_shard(k))
+            self._touch(0, hashed)
             blocks += self._checked[k].shape[0]
         if self._has_keys:
             self._read_keys()
@@ -828,7 +844,7 @@ class EmbeddingStore:
         mm = self._maps[k]
         if mm is None:
             mm = np.memmap(
-                self._path / shard_name(k, self._version),
+                str(self._path / shard_name(k, self._version)),  # str: numpy resolves a Path
                 dtype=self._storage,
                 mode="r",
                 offset=self._offsets[k],
@@ -836,6 +852,16 @@ class EmbeddingStore:
             )
             self._maps[k] = mm
         return mm
+
+    def _touch(self, nbytes: int, hashed_before: int) -> None:
+        """Count what a read just touched through the maps (``nbytes``, an upper bound,
+        plus what it hashed); past :data:`MAX_MAPPED_BYTES` drop every map, so the
+        mapped pages in this process's RSS stay under about that bound however much of
+        the store is read.  Called after a read, when its rows are copied out."""
+        self._touched += nbytes + hashed_bytes() - hashed_before
+        if self._touched > MAX_MAPPED_BYTES:
+            self._maps = [None] * len(self._maps)
+            self._touched = 0
 
     def _read_block(self, k: int, b: int, f: Any = None) -> bytes:
         """The committed bytes of block ``b`` of shard ``k``, checked against its hash."""
@@ -877,6 +903,7 @@ class EmbeddingStore:
 
     def _range(self, a: int, b: int) -> np.ndarray:
         out = np.empty((b - a, self._dim), dtype=np.float32)
+        hashed = hashed_bytes()
         r = a
         while r < b:
             k, r0 = divmod(r, self._shard_rows)
@@ -884,6 +911,8 @@ class EmbeddingStore:
             self._verify_rows(k, r0, r0 + take)
             out[r - a : r - a + take] = self._map(k)[r0 : r0 + take]
             r += take
+            self._touch(take * self._row_bytes + 2 * _FOLIO, hashed)
+            hashed = hashed_bytes()
         return out
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
@@ -899,10 +928,12 @@ class EmbeddingStore:
             idx = np.where(idx < 0, idx + n, idx)
         shard = idx // self._shard_rows
         lo, hi = int(shard.min()), int(shard.max())
+        hashed = hashed_bytes()
         if lo == hi:
             local = idx - lo * self._shard_rows
             self._verify_gather(lo, local)
             out[:] = self._map(lo)[local]
+            self._touch(self._gather_touch(lo, local.shape[0]), hashed)
             return out
         order = np.argsort(shard, kind="stable")
         ordered = shard[order]
@@ -913,7 +944,13 @@ class EmbeddingStore:
             local = idx[pos] - k * self._shard_rows
             self._verify_gather(k, local)
             out[pos] = self._map(k)[local]
+            self._touch(self._gather_touch(k, local.shape[0]), hashed)
+            hashed = hashed_bytes()
         return out
+
+    def _gather_touch(self, k: int, rows: int) -> int:
+        """Bytes a gather of ``rows`` scattered rows of shard ``k`` may have mapped."""
+        return min(self._rows_in_shard(k) * self._row_bytes, rows * (self._row_bytes + _FOLIO))
 
     def _verify_gather(self, k: int, local: np.ndarray) -> None:
         """Hash the not yet checked blocks of shard ``k`` holding rows ``local``."""

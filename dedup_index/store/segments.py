@@ -114,8 +114,11 @@ def write_rows_segment(
     block_bytes = block_rows * row_bytes
     with open(path, "rb") as f:
         whole.update(f.read(offset))
+        left = n * row_bytes
         for _ in range(0, n_blocks(n, block_rows), HASH_CHUNK_BLOCKS):
-            data = f.read(HASH_CHUNK_BLOCKS * block_bytes)
+            # At most what is left: read(k) allocates k bytes first (64 MiB per add).
+            data = f.read(min(HASH_CHUNK_BLOCKS * block_bytes, left))
+            left -= len(data)
             blocks = HashingThread(b"", data, block_bytes)  # both hashes at once
             whole.update(data)
             digests += blocks.result()
@@ -285,6 +288,11 @@ class BlockCheckedRows:
     def _check_gather(self, idx: np.ndarray) -> None:
         check_gather(self._rows, idx, self._digests, self._checked, self._block_rows, self._corrupt)
 
+    def release_pages(self) -> None:
+        """Map the file again (:func:`remap`): the pages reads touched leave this
+        process's RSS; blocks already checked stay checked."""
+        self._rows = remap(self._rows)
+
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         self._check_range(0, self.shape[0])
         arr = np.asarray(self._rows)
@@ -324,9 +332,32 @@ class CheckedRows:
     def __getitem__(self, key: Any) -> np.ndarray:
         return self._check()[key]
 
+    def release_pages(self) -> None:
+        """Map the file again (:func:`remap`): the pages reads touched leave this
+        process's RSS."""
+        self._rows = remap(self._rows)
+
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         arr = np.asarray(self._check())
         return arr if dtype is None else arr.astype(dtype, copy=False)
+
+
+def remap(arr: Any) -> Any:
+    """A fresh read-only map of the ``.npy`` file that ``arr`` (``np.load(...,
+    mmap_mode="r")``) maps, the same rows, so the old map (and with it every page reads
+    touched, counted in the process's RSS as ``RssFile`` while it lives) can go: the
+    pages stay in the OS page cache.  ``arr`` itself when it is no map, or its file is
+    gone (a retired segment keeps its old map) or changed shape."""
+    filename = getattr(arr, "filename", None)
+    if not isinstance(arr, np.memmap) or filename is None:
+        return arr
+    try:
+        fresh = np.load(filename, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return arr
+    if fresh.shape != arr.shape or fresh.dtype != arr.dtype or fresh.offset != arr.offset:
+        return arr
+    return fresh
 
 
 def _open_rows(path: Path, count: int, dim: int) -> np.ndarray:
@@ -369,6 +400,16 @@ class SegmentedRows:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def release_pages(self) -> None:
+        """Drop the pages reads touched through the parts' memory maps from this
+        process's RSS (each part mapped again: :func:`remap`); the rows are unchanged.
+        A long writer (:meth:`DedupIndex.add_store`) calls it between batches: a mapped
+        page a read touched otherwise stays in the RSS as long as its map lives."""
+        for part in self._parts:
+            if hasattr(part, "release_pages"):
+                part.release_pages()
+        self._parts = tuple(remap(part) for part in self._parts)
 
     def with_part(self, part: Any) -> SegmentedRows:
         """A new view with ``part`` appended (this one is unchanged)."""

@@ -1,0 +1,318 @@
+"""An index built from an on-disk store in bounded batches (``DedupIndex.add_store``),
+float16 rows and IVF lists, FAISS segments memory-mapped from disk (issue 15 item 4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedup_index import dedup_embeddings
+from dedup_index.index import DedupIndex, core
+from dedup_index.index import ann as ann_module
+from dedup_index.store import EmbeddingStore
+
+IVF = {"nlist": 8, "nprobe": 64, "tail_rows": 16}  # exhaustive: every list probed
+
+
+def unit_rows(n: int, d: int, seed: int = 0, copies: float = 0.25) -> np.ndarray:
+    """Random unit rows with a share of noisy near-copies (pairs at 0.95)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, d))
+    k = int(copies * n)
+    near = base[rng.choice(n, k)] + rng.uniform(0.01, 0.2) * rng.standard_normal((k, d))
+    E = np.concatenate([base, near])[rng.permutation(n + k)]
+    return (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+
+
+def float16_store(path, E: np.ndarray, keys: list[str] | None = None) -> EmbeddingStore:
+    store = EmbeddingStore.create(path, E.shape[1], dtype="float16")
+    store.append(E, keys=keys)
+    store.close()
+    return EmbeddingStore.open(path)
+
+
+@pytest.fixture
+def mapped(monkeypatch):
+    """Every FAISS segment file memory-mapped (the 10M path at test size)."""
+    monkeypatch.setattr(core, "MMAP_BYTES", 1)
+    monkeypatch.setattr(ann_module, "MMAP_BYTES", 1)
+
+
+@pytest.mark.parametrize("backend, options", [("blocked", {}), ("ivf", IVF)])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_an_index_built_from_a_float16_store_equals_the_in_memory_index(
+    tmp_path, monkeypatch, backend, options, mmap
+):
+    """Batches from a float16 store give the pairs, decisions and scores of one ``add``
+    of the same rows in memory, and of the dense oracle on the rows the index stores;
+    the index keeps float16 rows (and float16 IVF lists), and a reopened index, its
+    segments memory-mapped or not, answers the same."""
+    if mmap:
+        monkeypatch.setattr(core, "MMAP_BYTES", 1)
+        monkeypatch.setattr(ann_module, "MMAP_BYTES", 1)
+    monkeypatch.setattr(core, "ANN_BULK_ROWS", 200)  # bulk IVF adds at test size
+    E = unit_rows(1200, 32)
+    keys = [f"img-{r}" for r in range(len(E))]
+    store = float16_store(tmp_path / "s", E, keys)
+    E16 = store.to_array()  # the store's rows, as float32
+    assert np.array_equal(E16, E.astype(np.float16).astype(np.float32))
+    threshold = 0.95
+    kwargs = dict(backend=backend, dtype="float16", backend_options=options)
+    with DedupIndex.create(tmp_path / "a", 32, threshold, **kwargs) as built:
+        done = built.add_store(store, batch_rows=350)
+        assert done["rows"] == len(E) and done["batches"] == 5
+        assert built.keys() == keys
+        got = built.pairs(), built.decisions()
+        assert built.stats()["dtype"] == "float16"
+        S = built.embeddings()  # the add's unit rows, rounded to float16 as stored
+        assert np.array_equal(S, S.astype(np.float16).astype(np.float32))
+        if backend == "ivf":
+            segments = built._view.ann.segments
+            assert len(segments) == 5
+            assert all(ann_module.is_fp16(s.index) for s in segments)
+            assert all((s.path is not None) == mmap for s in segments)
+    with DedupIndex.create(tmp_path / "b", 32, threshold, **kwargs) as whole:
+        whole.add(E16, keys=keys)
+        one = whole.pairs(), whole.decisions()
+        assert np.array_equal(whole.embeddings(), S)
+    ref = dedup_embeddings(S, threshold, backend="dense", normalize=False)
+    for pairs, state in (got, one):
+        assert pairs.equals(ref.pairs)
+        assert np.array_equal(state["keep"], ref.keep)
+        assert np.array_equal(state["duplicate_of"], ref.duplicate_of)
+    if backend == "blocked":  # exact: every nearest score too
+        assert np.array_equal(got[1]["nearest"], one[1]["nearest"])
+        assert np.array_equal(got[1]["nearest"], ref.max_similarity)
+    with DedupIndex.open(tmp_path / "a") as reader:
+        assert reader.pairs().equals(ref.pairs)
+        hits = reader.query(S[:50])
+        assert len(ref.pairs) > 20
+        for q, found in enumerate(hits):
+            want = {keys[j] for i, j in zip(ref.pairs.i, ref.pairs.j, strict=True) if i == q}
+            want |= {keys[i] for i, j in zip(ref.pairs.i, ref.pairs.j, strict=True) if j == q}
+            assert {k for k, _ in found} - {keys[q]} == want
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 2**16),
+    batch_rows=st.integers(20, 400),
+    start=st.integers(0, 300),
+    backend=st.sampled_from(["blocked", "ivf"]),
+)
+def test_add_store_in_any_batches_equals_the_oracle(
+    tmp_path_factory, mapped, seed, batch_rows, start, backend
+):
+    """Whatever the batch size, and after rows added by hand first (a resumed build:
+    ``start=len(index)``), the index equals dense one-shot dedup of the rows it stores
+    (the store's, as :meth:`DedupIndex.add` takes them: unit, rounded to float16)."""
+    E = unit_rows(300, 16, seed=seed)
+    n = len(E)
+    start = min(start, n)
+    root = tmp_path_factory.mktemp("st")
+    store = float16_store(root / "s", E)
+    with DedupIndex.create(
+        root / "i", 16, 0.95, backend=backend, dtype="float16", backend_options=IVF
+    ) as index:
+        if start:
+            index.add(store[:start])
+        index.add_store(store, batch_rows=batch_rows, start=len(index))
+        assert len(index) == n
+        S = index.embeddings()
+        ref = dedup_embeddings(S, 0.95, backend="dense", normalize=False)
+        assert index.pairs().equals(ref.pairs)
+        assert np.array_equal(index.decisions()["keep"], ref.keep)
+
+
+def test_add_store_validates_its_arguments(tmp_path):
+    E = unit_rows(40, 8)
+    store = float16_store(tmp_path / "s", E)
+    with DedupIndex.create(tmp_path / "i", 8, 0.95) as index:
+        with pytest.raises(ValueError, match="batch_rows must be an integer >= 1, got 0"):
+            index.add_store(store, batch_rows=0)
+        with pytest.raises(ValueError, match=r"start=10, stop=5: need 0 <= start <= stop <= 50"):
+            index.add_store(store, start=10, stop=5)
+        with pytest.raises(ValueError, match="holds 8-dimensional embeddings; the store holds 4"):
+            index.add_store(np.zeros((3, 4), np.float32))
+        with pytest.raises(ValueError, match="an EmbeddingStore, its path, or an"):
+            index.add_store([1, 2, 3])
+        assert index.add_store(tmp_path / "s", stop=20)["rows"] == 20  # a path, a range
+        assert len(index) == 20
+    with DedupIndex.open(tmp_path / "i") as reader:
+        with pytest.raises(Exception, match="read-only"):
+            reader.add_store(store)
+
+
+def test_mapped_segments_read_lists_with_pread_as_faiss_holds_them(tmp_path, mapped):
+    """A memory-mapped segment's lists read with ``pread`` are, row for row and label
+    for label, what FAISS holds (float16 and float32 lists), and FAISS's own range
+    search on the mapped segment finds what the in-memory one finds."""
+    import faiss
+
+    E = unit_rows(2000, 32)
+    for dtype in ("float16", "float32"):
+        empty = ann_module.AnnIndex("ivf", {"nlist": 16, "nprobe": 16}, dtype=dtype)
+        rows = E.astype(dtype).astype(np.float32)
+        index = empty.build_segment(rows, fresh=True)
+        assert ann_module.is_fp16(index) == (dtype == "float16")
+        path = tmp_path / f"seg-{dtype}.faiss"
+        empty.write_segment(path, index)
+        loaded, where = empty.read_segment(path)
+        assert where == str(path)
+        with ann_module.ListReader(loaded, where) as reader:
+            for lst in range(index.nlist):
+                v0, i0 = ann_module.read_list(index, lst)
+                v1, i1 = reader.read(lst)
+                assert np.array_equal(i0, i1) and np.array_equal(v0, v1)
+                assert np.array_equal(v1, rows[i1])  # the codes are the rows themselves
+                assert ann_module.read_list(loaded, lst, path)[1].shape == i1.shape
+        loaded.nprobe = index.nprobe = 16
+        a = index.range_search(rows[:20], 0.9)
+        b = loaded.range_search(rows[:20], 0.9)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(np.sort(a[2]), np.sort(b[2]))
+        assert isinstance(
+            faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded).invlists),
+            faiss.OnDiskInvertedLists,
+        )
+
+
+def store_build_peak(root, n: int, d: int = 512, batch: int = 4096) -> int:
+    """Python-side peak memory (numpy arrays included: tracemalloc) of building a
+    float16 IVF index from a float16 store of ``n`` random unit rows."""
+    rng = np.random.default_rng(n)
+    store = EmbeddingStore.create(root / "s", d, dtype="float16")
+    for a in range(0, n, 8192):
+        x = rng.standard_normal((min(8192, n - a), d)).astype(np.float32)
+        store.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    store.close()
+    store = EmbeddingStore.open(root / "s")
+    options = {"nlist": 32, "nprobe": 4, "tail_rows": 0}
+    with DedupIndex.create(
+        root / "i", d, 0.9, backend="ivf", dtype="float16", backend_options=options
+    ) as index:
+        tracemalloc.start()
+        try:
+            index.add_store(store, batch_rows=batch)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(index) == n
+        assert all(s.path is not None for s in index._view.ann.segments)
+    return peak
+
+
+@pytest.mark.slow
+def test_add_store_memory_is_bounded_by_the_batch_not_the_store(tmp_path, mapped):
+    """Building from a store three times larger raises the peak memory by a small part
+    of the extra rows' float32 size (only the per-row state and keys grow with N): rows
+    are read a batch at a time and the FAISS lists live in memory-mapped segment files
+    (their pages are the kernel's page cache, outside the process's allocations)."""
+    small, large, d = 12_288, 36_864, 512
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    p_small = store_build_peak(tmp_path / "a", small, d)
+    p_large = store_build_peak(tmp_path / "b", large, d)
+    extra = (large - small) * d * 4  # 50 MB
+    assert p_large - p_small < extra / 4, (p_small, p_large, extra)
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from dedup_index.index import DedupIndex
+    from dedup_index.index import ann, core
+    core.MMAP_BYTES = ann.MMAP_BYTES = 1
+    with DedupIndex.open(sys.argv[1], mode="a") as index:
+        index.add_store(sys.argv[2], batch_rows=70, start=len(index))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "point, committed",
+    [("rows_appended:3", 140), ("ann_written:2", 70), ("manifest_written:3", 210)],
+)
+def test_a_killed_store_build_keeps_its_committed_batches_and_resumes(tmp_path, point, committed):
+    """A build killed in its third batch leaves the batches committed before it
+    readable; the next writer goes on from ``len(index)`` and ends at the oracle."""
+    E = unit_rows(240, 16, seed=3)
+    float16_store(tmp_path / "s", E)
+    options = dict(IVF, tail_rows=0)
+    DedupIndex.create(
+        tmp_path / "i", 16, 0.95, backend="ivf", dtype="float16", backend_options=options
+    ).close()
+    args = [sys.executable, "-c", CHILD, str(tmp_path / "i"), str(tmp_path / "s")]
+    env = dict(os.environ, DEDUP_INDEX_CRASH_AT=point)
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert done.returncode == 77, done.stderr
+    with DedupIndex.open(tmp_path / "i") as reader:
+        n = len(reader)
+        assert n == committed
+        ref = dedup_embeddings(reader.embeddings(), 0.95, backend="dense", normalize=False)
+        assert reader.pairs().equals(ref.pairs)
+        assert np.array_equal(reader.decisions()["keep"], ref.keep)
+        assert reader.verify()["files"] > 0
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with DedupIndex.open(tmp_path / "i") as reader:
+        assert len(reader) == len(E)
+        ref = dedup_embeddings(reader.embeddings(), 0.95, backend="dense", normalize=False)
+        assert reader.pairs().equals(ref.pairs)
+        assert np.array_equal(reader.decisions()["keep"], ref.keep)
+        assert reader.keys() == [str(r) for r in range(len(E))]
+
+
+def rss_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_release_pages_drops_what_reads_mapped_and_keeps_the_rows(tmp_path):
+    """Rows read through an index's memory maps stay in the process's RSS while the map
+    lives; ``SegmentedRows.release_pages`` (called between ``add_store`` batches) maps
+    the files again: the RSS falls back, the rows read the same, checked blocks stay
+    checked."""
+    from dedup_index.store import SegmentedRows, open_rows_file, write_rows_segment
+
+    n, d = 32_768, 512  # 32 MiB of float16 per file
+    rng = np.random.default_rng(0)
+    names = []
+    for k in range(2):
+        rows = rng.standard_normal((n, d)).astype(np.float16)
+        sums = write_rows_segment(tmp_path, f"rows-{k}.npy", rows, "float16")
+        names.append((f"rows-{k}.npy", sums))
+    parts = [
+        open_rows_file(
+            tmp_path / name,
+            n,
+            d,
+            sums[name],
+            blocks=tmp_path / name.replace(".npy", ".blocks.json"),
+            blocks_sha256=sums[name.replace(".npy", ".blocks.json")],
+        )
+        for name, sums in names
+    ]
+    rows = SegmentedRows(parts, d)
+    before = rss_file_bytes()
+    first = rows[rng.integers(0, 2 * n, 20_000)].sum() + rows[0 : 2 * n : 7].sum()
+    grown = rss_file_bytes() - before
+    assert grown > 32 << 20  # most of both files mapped in
+    rows.release_pages()
+    assert rss_file_bytes() - before < grown / 4
+    again = rows[rng.integers(0, 2 * n, 10)]
+    assert np.isfinite(first) and again.shape == (10, d)
+    assert np.array_equal(rows[5:9], np.concatenate([parts[0][5:9]]))
+    assert all(p._checked.all() for p in parts)  # nothing hashed twice
