@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from dedup_index import dedup_embeddings
 from dedup_index.search import as_unit_float32
-from dedup_index.search.partitioned import PartitionParams, _assign, partitioned_search
+from dedup_index.search.partitioned import (
+    REGION_ROWS,
+    PartitionParams,
+    _assign,
+    default_params,
+    partitioned_search,
+)
 from dedup_index.search.recall import measure_recall
 from dedup_index.testing import dense_clusters
 
@@ -74,19 +80,23 @@ def test_a_pair_on_a_partition_border_is_found_by_probing_the_next_partition():
     assert found == {1: False, 2: True}
 
 
+def _skewed_with_copies(seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    big = dense_clusters(rng, 1, 1500, 48, 0.6)
+    rest = dense_clusters(rng, 30, 100, 48, 0.6)
+    base = np.concatenate([big, rest])
+    src = rng.choice(len(base), 300, replace=False)
+    copies = base[src] + 0.02 * rng.standard_normal((300, 48)).astype(np.float32)
+    return as_unit_float32(np.concatenate([base, copies])[rng.permutation(len(base) + 300)])
+
+
 def test_skewed_clusters_get_balanced_partitions_and_keep_recall():
     """Zipf-like cluster sizes (one cluster a third of the rows): the balanced centroids
     give the big cluster several partitions, so no partition holds much of it, while
     the planted copies are still found (recall >= 0.99, every reported pair exact) with
     ``n_probe = 3``, the default above 500k rows (2 finds 0.97 here: inside the big
     cluster many centroids are about equally near)."""
-    rng = np.random.default_rng(3)
-    big = dense_clusters(rng, 1, 1500, 48, 0.6)
-    rest = dense_clusters(rng, 30, 100, 48, 0.6)
-    base = np.concatenate([big, rest])
-    src = rng.choice(len(base), 300, replace=False)
-    copies = base[src] + 0.02 * rng.standard_normal((300, 48)).astype(np.float32)
-    E = as_unit_float32(np.concatenate([base, copies])[rng.permutation(len(base) + 300)])
+    E = _skewed_with_copies()
     params = PartitionParams(n_clusters=24, n_probe=3, max_partition=10**9, sample=len(E))
     pairs, nearest, _, info = partitioned_search(E, 0.9, params=params, threads=1)
     assert info.splits == 0  # balanced by the centroids alone, no recursive split
@@ -97,3 +107,47 @@ def test_skewed_clusters_get_balanced_partitions_and_keep_recall():
         assert truth[(i, j)] == s
     assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.99
     assert np.all(nearest <= exact.max_similarity)
+
+
+def test_regions_partition_each_region_on_its_own_and_report_each_pair_once():
+    """``n_regions``: the collection is cut into regions first (rows near a region border
+    join both, by the margin rule), then each region is partitioned on its own.  Every
+    pair reported is exact and reported once although rows sit in two regions; recall
+    stays >= 0.99 on Zipf-like clusters; the nearest scores are lower bounds."""
+    E = _skewed_with_copies()
+    params = PartitionParams(
+        n_clusters=8, n_probe=3, max_partition=10**9, sample=len(E), n_regions=3
+    )
+    pairs, nearest, earlier, info = partitioned_search(E, 0.9, params=params, threads=1)
+    assert len(info.regions) >= 3 and sum(info.regions) > len(E)  # borders joined twice
+    assert info.partitions >= len(info.regions)
+    keys = list(zip(pairs.i.tolist(), pairs.j.tolist(), strict=True))
+    assert len(keys) == len(set(keys))
+    exact = dedup_embeddings(E, 0.9, backend="blocked", normalize=False)
+    truth = {(i, j): s for i, j, s in zip(exact.pairs.i, exact.pairs.j, exact.pairs.s, strict=True)}
+    for i, j, s in zip(pairs.i, pairs.j, pairs.s, strict=True):
+        assert truth[(i, j)] == s
+    assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.99
+    assert np.all(nearest <= exact.max_similarity)
+    assert np.all(earlier <= exact.max_earlier_similarity)
+    # every row in every region and every partition: exact, and the same as blocked
+    everything = PartitionParams(
+        n_clusters=2, n_probe=3, max_partition=10**9, sample=len(E), margin=2.0, n_regions=3
+    )
+    assert everything.exhaustive
+    got = dedup_embeddings(
+        E, 0.9, backend="partitioned", backend_options={"params": everything}, normalize=False
+    )
+    assert np.array_equal(got.max_similarity, exact.max_similarity)
+    assert got.pairs.i.tolist() == exact.pairs.i.tolist()
+
+
+def test_default_params_cut_large_collections_into_regions_of_a_million_rows():
+    """Up to 1.5M rows one level, as measured at 1M; above, regions of ~1M rows, each
+    with the 1M parameters (so the tile work and the assignment stay linear in N)."""
+    one = default_params(1_000_000)
+    assert one.n_regions == 1 and one.n_clusters == 2048 and one.n_probe == 3
+    ten = default_params(10_000_000)
+    assert ten.n_regions == round(10_000_000 / REGION_ROWS) == 10
+    assert (ten.n_clusters, ten.n_probe, ten.sample) == (one.n_clusters, 3, one.sample)
+    assert default_params(10_000_000, n_regions=4).n_regions == 4

@@ -383,6 +383,7 @@ _REGISTRY: dict[str, Backend] = {
                 "max_partition",
                 "sample",
                 "seed",
+                "n_regions",
                 "precision",
             ),
         ),
@@ -481,8 +482,8 @@ def search(
     ``engine`` (blocked); ``precision`` (blocked, partitioned, ray: the tile arithmetic,
     :data:`~dedup_index.search.precision.PRECISIONS`, the same results whichever);
     ``query_block``, ``db_block``, ``k`` (flat); ``params`` or
-    ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``
-    (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
+    ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``,
+    ``n_regions`` (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
     ``ef_construction``, ``ef_search`` (hnsw); ``address``, ``work_dir``, ``tile_rows``,
     ``threads_per_task``, ``max_retries``, ``gpus_per_task``, ``engine`` (ray).  ``device``:
     None, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` of this process

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,17 @@ SPLIT_TRAIN_PER_CENTROID = 64
 #: nearest one (see :func:`default_params`).
 DEFAULT_MARGIN = 0.02
 
+#: Collections above this many rows are cut into regions first (:func:`default_params`).
+REGIONS_ABOVE = 1_500_000
+
+#: Rows a region holds, about: the size whose one-level partitioning was measured (1M x
+#: 512 in 85 s at recall 0.998, bench/RESULTS.md).
+REGION_ROWS = 1_000_000
+
+#: Sampled rows per region the regions' k-means trains on (at least 39 a centroid, the
+#: FAISS minimum; a few thousand per centroid place the region borders well).
+REGION_SAMPLE_PER_LIST = 4096
+
 
 @dataclass(frozen=True)
 class PartitionParams:
@@ -72,7 +83,11 @@ class PartitionParams:
     joins a further partition only if its centroid is within this cosine of the
     nearest one; 2 or more means always), ``max_partition`` (rows above which a
     partition is split again), ``sample`` (k-means training rows; raised to
-    :data:`MIN_TRAIN_PER_CENTROID` a centroid where the rows allow), ``niter``."""
+    :data:`MIN_TRAIN_PER_CENTROID` a centroid where the rows allow), ``niter``,
+    ``n_regions`` (above 1: the collection is first cut into this many regions, each
+    row joining its nearest ones by the same ``n_probe``/``margin`` rule, and each
+    region is partitioned on its own with ``n_clusters``, ``max_partition`` and
+    ``sample`` per region; see :func:`default_params`)."""
 
     n_clusters: int
     n_probe: int
@@ -81,11 +96,13 @@ class PartitionParams:
     seed: int = 0
     niter: int = 10
     margin: float | None = None
+    n_regions: int = 1
 
     @property
     def exhaustive(self) -> bool:
         """Every row in every partition: the search is then exact."""
-        return self.n_probe >= self.n_clusters and self.margin is not None and self.margin >= 2.0
+        every = self.n_probe >= max(self.n_clusters, self.n_regions)
+        return every and self.margin is not None and self.margin >= 2.0
 
     def margin_for(self, d: int) -> float:
         """The margin at dimension ``d``: ``margin``, or when None :data:`DEFAULT_MARGIN`
@@ -108,6 +125,7 @@ class PartitionInfo:
     splits: int = 0
     pair_work: float = 0.0  # sum of m^2 / 2 over partitions: row pairs compared
     sizes: list[int] = field(default_factory=list, repr=False)
+    regions: list[int] = field(default_factory=list)  # rows joining each region
     precision: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def summary(self, n: int) -> str:
@@ -128,8 +146,11 @@ def default_params(
     max_partition: int | None = None,
     sample: int | None = None,
     seed: int = 0,
+    n_regions: int | None = None,
 ) -> PartitionParams:
-    """Parameters from N: about 128 rows per centroid (``C`` at most 2048, before
+    """Parameters from N: above :data:`REGIONS_ABOVE` rows, ``N /`` :data:`REGION_ROWS`
+    regions, each then partitioned as below as if it were the whole collection.
+    Per region (or the whole collection): about 128 rows per centroid (``C`` at most 2048, before
     balancing adds more), ``p = 2`` (3 above 500k rows, where ``C`` is capped and
     partitions are larger: measured at 1M, recall 0.985 with p = 2, 0.998 with p = 3)
     within a margin (``None``: :meth:`PartitionParams.margin_for`, 0.02 at D = 512),
@@ -148,14 +169,25 @@ def default_params(
     220k-row search at 64 rows and 20 training rows a centroid).  Giving FAISS its 39
     training rows at 64 rows a centroid made the search 1.5x slower; half the centroids
     trained on the same number of rows took the time of before, with recall 1.0000
-    against 0.9974 (380 sampled pairs, 220k clustered rows; bench/RESULTS.md issue 15)."""
-    c = n_clusters or max(1, min(2048, round(n / 128)))
-    c = max(1, min(c, n)) if n else 1
-    p = max(1, min(n_probe or (3 if n > 500_000 else 2), c))
-    mean = p * n / c if c else n
+    against 0.9974 (380 sampled pairs, 220k clustered rows; bench/RESULTS.md issue 15).
+
+    Why regions: the tile work is about ``N^2 / C`` and the assignment ``N C``, so one
+    level cannot keep both linear in N; with ``C`` capped at 2048 a 10M collection's
+    partitions were ~120k rows (100x the 1M tile work), and splitting them again after
+    the fact lost recall (0.988 at 2M).  Regions of ~1M rows, each partitioned exactly
+    as the measured 1M collection, keep both near linear: a pair is missed only if a
+    region border or a partition border separates it, and a row near a region border
+    joins both regions by the same margin rule."""
+    r = n_regions or (round(n / REGION_ROWS) if n > REGIONS_ABOVE else 1)
+    r = max(1, min(r, n)) if n else 1
+    per = math.ceil(n / r)  # rows a region, before rows near a border join two
+    c = n_clusters or max(1, min(2048, round(per / 128)))
+    c = max(1, min(c, per)) if per else 1
+    p = max(1, min(n_probe or (3 if n > 500_000 else 2), max(c, r)))
+    mean = min(p, c) * per / c if c else per
     m = max_partition or max(4096, int(8 * mean))
-    s = sample or min(n, max(SAMPLE_PER_LIST * c, 10_000))
-    return PartitionParams(c, p, m, s, seed, margin=margin)
+    s = sample or min(per, max(SAMPLE_PER_LIST * c, 10_000))
+    return PartitionParams(c, p, m, s, seed, margin=margin, n_regions=r)
 
 
 def exhaustive_params(n_clusters: int = 4, seed: int = 0) -> PartitionParams:
@@ -337,27 +369,24 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     n = rows.size
     c = min(params.n_clusters, n)
     p = min(params.n_probe, c)
+    if depth == 0 and params.n_regions > 1 and not params.exhaustive:
+        return _partition_regions(faiss, embeddings, rows, params, info)
     if c <= 1 or params.exhaustive:
         return [rows] * max(1, c if params.exhaustive else 1)
-    if depth == 0 and n == embeddings.shape[0]:
-        # The whole collection: balanced on the k-means sample, assigned once (below).
+    if depth == 0:
+        # The whole collection (or one region): balanced on the k-means sample, assigned
+        # once (below).
         per_list = max(1, -(-params.sample // c))
         centroids = balanced_centroids(
-            embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
+            _subset(embeddings, rows), c, seed=params.seed, niter=params.niter, per_list=per_list
         )
         c = centroids.shape[0]
         p = min(params.n_probe, c)
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
-    assign = _assign(faiss, embeddings, rows, centroids, p, params.margin_for(embeddings.shape[1]))
-    flat = assign.ravel()
-    joined = flat >= 0
-    order = np.argsort(flat[joined], kind="stable")
-    members = np.repeat(rows, p)[joined][order]
-    bounds = np.searchsorted(flat[joined][order], np.arange(c + 1))
+    groups = _groups(embeddings, rows, centroids, p, params.margin_for(embeddings.shape[1]))
     out: list[np.ndarray] = []
-    for k in range(c):
-        part = np.sort(members[bounds[k] : bounds[k + 1]])
+    for part in groups:
         if part.size > params.max_partition and depth < 3 and part.size < n:
             info.splits += 1
             c_sub = max(2, math.ceil(2 * p * part.size / params.max_partition))
@@ -379,6 +408,65 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
         elif part.size:
             out.append(part)
     return out
+
+
+def _partition_regions(faiss, embeddings, rows, params, info) -> list[np.ndarray]:
+    """The partitions of every region in turn: ``params.n_regions`` balanced centroids
+    cut ``rows`` into regions (a row joins its nearest region and up to ``n_probe - 1``
+    more within the margin), then each region is partitioned on its own, as a whole
+    collection of its size would be (``n_clusters``, ``max_partition`` and ``sample``
+    are per region)."""
+    d = embeddings.shape[1]
+    per_list = max(
+        MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, rows.size // params.n_regions)
+    )
+    centroids = balanced_centroids(
+        _subset(embeddings, rows),
+        params.n_regions,
+        seed=params.seed + 104_729,
+        niter=params.niter,
+        per_list=per_list,
+    )
+    p = min(params.n_probe, centroids.shape[0])
+    regions = _groups(embeddings, rows, centroids, p, params.margin_for(d))
+    info.regions = [int(r.size) for r in regions]
+    out: list[np.ndarray] = []
+    for k, region in enumerate(regions):
+        local = replace(params, n_regions=1, seed=params.seed + 1 + k)
+        out.extend(_partition(faiss, embeddings, region, local, info, depth=0))
+    return out
+
+
+def _groups(embeddings, rows, centroids, p, margin) -> list[np.ndarray]:
+    """Per centroid, the ascending row ids of ``rows`` that join it (:func:`_assign`);
+    empty groups left out."""
+    c = centroids.shape[0]
+    flat = _assign(None, embeddings, rows, centroids, p, margin).ravel()
+    joined = flat >= 0
+    order = np.argsort(flat[joined], kind="stable")
+    members = np.repeat(rows, p)[joined][order]
+    bounds = np.searchsorted(flat[joined][order], np.arange(c + 1))
+    del order, joined
+    groups = [np.sort(members[bounds[k] : bounds[k + 1]]) for k in range(c)]
+    return [g for g in groups if g.size]
+
+
+class _Subset:
+    """Rows ``rows`` (ascending) of an array or store, indexable like an array of
+    ``len(rows)`` rows: what :func:`~.centroids.balanced_centroids` samples from when it
+    trains on one region."""
+
+    def __init__(self, embeddings, rows: np.ndarray) -> None:
+        self.embeddings, self.rows = embeddings, rows
+        self.shape = (rows.size, embeddings.shape[1])
+
+    def __getitem__(self, index) -> np.ndarray:
+        return read_rows(self.embeddings, self.rows[index])
+
+
+def _subset(embeddings, rows: np.ndarray):
+    """``embeddings`` itself when ``rows`` are all of its rows, else a :class:`_Subset`."""
+    return embeddings if rows.size == embeddings.shape[0] else _Subset(embeddings, rows)
 
 
 def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
