@@ -448,6 +448,14 @@ TASKS = {"build_store": _build_store, "dedup": _dedup}
 
 def _worker_main(arg: str) -> None:
     spec = json.loads(arg)
+    if os.environ.get("DEDUP_BENCH_LOG"):  # a long run's progress, readable while it runs
+        import logging
+
+        logging.basicConfig(
+            filename=os.environ["DEDUP_BENCH_LOG"],
+            level=logging.INFO,
+            format="%(asctime)s %(name)s %(message)s",
+        )
     if spec.get("task") == "dedup":
         import faiss  # noqa: F401  (import order as in the library: numpy, then faiss)
     print(json.dumps(TASKS[spec["task"]](spec)), flush=True)

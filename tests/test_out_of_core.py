@@ -105,7 +105,7 @@ def test_float16_store_through_partitioned_equals_its_rows_in_memory(
     store = _float16_store(path, x, shard_rows)
     rows = store[:]  # float32 of the float16 values: what every stage computes on
     assert not np.array_equal(rows, x)  # the rounding happened
-    params = PartitionParams(n_clusters=4, n_probe=2, max_partition=250, sample=len(x), seed=seed)
+    params = PartitionParams(n_clusters=4, n_probe=2, max_partition=100, sample=len(x), seed=seed)
     opts = {"params": params}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(store_module, "MAX_MAPPED_BYTES", mapped_shards * shard_rows * 32 * 2)

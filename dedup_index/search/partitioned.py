@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,15 +65,16 @@ SPLIT_TRAIN_PER_CENTROID = 64
 #: nearest one (see :func:`default_params`).
 DEFAULT_MARGIN = 0.02
 
-#: Collections above this many rows are cut into regions first (:func:`default_params`).
+#: Collections above this many rows are cut into regions first (:func:`default_params`,
+#: :func:`_regions`).
 REGIONS_ABOVE = 1_500_000
 
 #: Rows a region holds, about: the size whose one-level partitioning was measured (1M x
 #: 512 in 85 s at recall 0.998, bench/RESULTS.md).
 REGION_ROWS = 1_000_000
 
-#: Sampled rows per region the regions' k-means trains on (at least 39 a centroid, the
-#: FAISS minimum; a few thousand per centroid place the region borders well).
+#: Sampled rows per region the regions' own k-means trains on (at least 39 a centroid,
+#: the FAISS minimum; a few thousand per region place the coarse borders well).
 REGION_SAMPLE_PER_LIST = 4096
 
 
@@ -84,10 +85,10 @@ class PartitionParams:
     nearest one; 2 or more means always), ``max_partition`` (rows above which a
     partition is split again), ``sample`` (k-means training rows; raised to
     :data:`MIN_TRAIN_PER_CENTROID` a centroid where the rows allow), ``niter``,
-    ``n_regions`` (above 1: the collection is first cut into this many regions, each
-    row joining its nearest ones by the same ``n_probe``/``margin`` rule, and each
-    region is partitioned on its own with ``n_clusters``, ``max_partition`` and
-    ``sample`` per region; see :func:`default_params`)."""
+    ``n_regions`` (above 1: coarse regions first, each with ``n_clusters`` centroids
+    of its own for a region of ``N / n_regions`` rows, trained on ``sample`` of its rows;
+    a row is compared with the centroids of its ``n_probe`` nearest regions only; see
+    :func:`_regions`)."""
 
     n_clusters: int
     n_probe: int
@@ -125,7 +126,7 @@ class PartitionInfo:
     splits: int = 0
     pair_work: float = 0.0  # sum of m^2 / 2 over partitions: row pairs compared
     sizes: list[int] = field(default_factory=list, repr=False)
-    regions: list[int] = field(default_factory=list)  # rows joining each region
+    regions: list[int] = field(default_factory=list)  # rows whose nearest region it is
     precision: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def summary(self, n: int) -> str:
@@ -149,7 +150,7 @@ def default_params(
     n_regions: int | None = None,
 ) -> PartitionParams:
     """Parameters from N: above :data:`REGIONS_ABOVE` rows, ``N /`` :data:`REGION_ROWS`
-    regions, each then partitioned as below as if it were the whole collection.
+    regions, each with the centroids a 1M collection gets (:func:`_regions`).
     Per region (or the whole collection): about 128 rows per centroid (``C`` at most 2048, before
     balancing adds more), ``p = 2`` (3 above 500k rows, where ``C`` is capped and
     partitions are larger: measured at 1M, recall 0.985 with p = 2, 0.998 with p = 3)
@@ -174,10 +175,11 @@ def default_params(
     Why regions: the tile work is about ``N^2 / C`` and the assignment ``N C``, so one
     level cannot keep both linear in N; with ``C`` capped at 2048 a 10M collection's
     partitions were ~120k rows (100x the 1M tile work), and splitting them again after
-    the fact lost recall (0.988 at 2M).  Regions of ~1M rows, each partitioned exactly
-    as the measured 1M collection, keep both near linear: a pair is missed only if a
-    region border or a partition border separates it, and a row near a region border
-    joins both regions by the same margin rule."""
+    the fact lost recall (0.988 at 2M).  With ~1M-row regions, each holding the
+    centroids of a 1M collection, ``C`` grows with N while each row is compared with
+    the centroids of a few regions only.  (Partitioning each region on its own, a row
+    joining regions by the margin rule, was tried first: coarse centroids are about
+    equally near most rows, so at 10M rows joined 2.9 regions each, 29M in all.)"""
     r = n_regions or (round(n / REGION_ROWS) if n > REGIONS_ABOVE else 1)
     r = max(1, min(r, n)) if n else 1
     per = math.ceil(n / r)  # rows a region, before rows near a border join two
@@ -230,9 +232,16 @@ def partitioned_search(
     found: list[PairSet] = []
     # Progress in rows: partition k's share of all pair work, scaled to N rows in all.
     work = np.cumsum([m.size * (m.size - 1) / 2 for m in parts], dtype=np.float64)
+    logger.info(
+        "partitioned: %d partitions, searching them (%s)", len(parts), arith.info()["precision"]
+    )
     reported = 0
+    tenth = 1
     for k, members in enumerate(parts):
         m = members.size
+        if work[-1] > 0 and work[k] >= tenth * work[-1] / 10:  # a long search says where it is
+            logger.info("partitioned: %d%% of the tile work done", 10 * tenth)
+            tenth = int(10 * work[k] / work[-1]) + 1
         if progress is not None and k and work[-1] > 0:  # partitions before k are done
             done = int(n * work[k - 1] / work[-1])
             progress(done - reported)
@@ -369,24 +378,25 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     n = rows.size
     c = min(params.n_clusters, n)
     p = min(params.n_probe, c)
-    if depth == 0 and params.n_regions > 1 and not params.exhaustive:
-        return _partition_regions(faiss, embeddings, rows, params, info)
-    if c <= 1 or params.exhaustive:
+    margin = params.margin_for(embeddings.shape[1])
+    if params.exhaustive or (c <= 1 and params.n_regions <= 1):
         return [rows] * max(1, c if params.exhaustive else 1)
-    if depth == 0:
-        # The whole collection (or one region): balanced on the k-means sample, assigned
-        # once (below).
+    if depth == 0 and params.n_regions > 1 and n == embeddings.shape[0]:
+        centroids, assign = _regions(embeddings, params, info, margin)
+        p = assign.shape[1]
+    elif depth == 0 and n == embeddings.shape[0]:
+        # The whole collection: balanced on the k-means sample, assigned once.
         per_list = max(1, -(-params.sample // c))
         centroids = balanced_centroids(
-            _subset(embeddings, rows), c, seed=params.seed, niter=params.niter, per_list=per_list
+            embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
         )
-        c = centroids.shape[0]
-        p = min(params.n_probe, c)
+        p = min(params.n_probe, centroids.shape[0])
+        assign = _assign(None, embeddings, rows, centroids, p, margin)
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
-    groups = _groups(embeddings, rows, centroids, p, params.margin_for(embeddings.shape[1]))
+        assign = _assign(None, embeddings, rows, centroids, p, margin)
     out: list[np.ndarray] = []
-    for part in groups:
+    for part in _groups(rows, assign, centroids.shape[0]):
         if part.size > params.max_partition and depth < 3 and part.size < n:
             info.splits += 1
             c_sub = max(2, math.ceil(2 * p * part.size / params.max_partition))
@@ -405,43 +415,95 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
                 out.extend(pieces)
             else:
                 out.append(part)
-        elif part.size:
+        else:
             out.append(part)
     return out
 
 
-def _partition_regions(faiss, embeddings, rows, params, info) -> list[np.ndarray]:
-    """The partitions of every region in turn: ``params.n_regions`` balanced centroids
-    cut ``rows`` into regions (a row joins its nearest region and up to ``n_probe - 1``
-    more within the margin), then each region is partitioned on its own, as a whole
-    collection of its size would be (``n_clusters``, ``max_partition`` and ``sample``
-    are per region)."""
-    d = embeddings.shape[1]
-    per_list = max(
-        MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, rows.size // params.n_regions)
-    )
-    centroids = balanced_centroids(
-        _subset(embeddings, rows),
+def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of every region, and each row's nearest ones, for a collection cut into
+    ``params.n_regions`` regions: ``(centroids (C, d), assign (N, p))`` as
+    :func:`_assign` gives them, over all regions' centroids together.
+
+    The regions are balanced coarse centroids; each row's nearest region is its home.
+    Each region trains its own balanced centroids (``n_clusters`` for a region of the
+    expected size, proportionally more or fewer) on a sample of its home rows.  Then
+    every row is compared with the centroids of its ``n_probe`` nearest regions only
+    (not all ``C``: the assignment stays linear in N) and joins its nearest centroid and
+    up to ``n_probe - 1`` more within ``margin``, whichever region they belong to.  So a
+    partition is one centroid's rows from anywhere in the collection, and a row joins
+    about as many partitions as in a one-level search; only a row whose nearest centroids
+    lie outside its nearest regions is placed less well (measured by the recall)."""
+    n, d = embeddings.shape
+    rows = np.arange(n, dtype=row_dtype(n))
+    per_list = max(MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, n // params.n_regions))
+    coarse = balanced_centroids(
+        embeddings,
         params.n_regions,
         seed=params.seed + 104_729,
         niter=params.niter,
         per_list=per_list,
     )
-    p = min(params.n_probe, centroids.shape[0])
-    regions = _groups(embeddings, rows, centroids, p, params.margin_for(d))
-    info.regions = [int(r.size) for r in regions]
-    out: list[np.ndarray] = []
-    for k, region in enumerate(regions):
-        local = replace(params, n_regions=1, seed=params.seed + 1 + k)
-        out.extend(_partition(faiss, embeddings, region, local, info, depth=0))
-    return out
+    r = coarse.shape[0]
+    home = _assign(None, embeddings, rows, coarse, 1, 0.0).ravel()
+    sizes = np.bincount(home, minlength=r)
+    info.regions = [int(s) for s in sizes]
+    rows_per_centroid = max(1.0, math.ceil(n / params.n_regions) / params.n_clusters)
+    per_centroid = max(1, params.sample // params.n_clusters)
+    rng = np.random.default_rng(params.seed + 15_485_863)
+    fine: list[np.ndarray] = []
+    for k in range(r):
+        if not sizes[k]:
+            fine.append(np.empty((0, d), dtype=np.float32))
+            continue
+        mine = np.flatnonzero(home == k).astype(rows.dtype)
+        c = max(1, min(int(sizes[k]), round(sizes[k] / rows_per_centroid)))
+        take = min(mine.size, max(per_centroid * c, MIN_TRAIN_PER_CENTROID * c))
+        pick = np.sort(rng.choice(mine, size=take, replace=False)) if take < mine.size else mine
+        fine.append(
+            balanced_centroids(
+                read_rows(embeddings, pick),
+                c,
+                seed=params.seed + 1 + k,
+                niter=params.niter,
+                per_list=max(1, take // c),
+            )
+        )
+    del home
+    starts = np.zeros(r + 1, dtype=np.int64)
+    np.cumsum([f.shape[0] for f in fine], out=starts[1:])
+    logger.info(
+        "partitioned: %d regions of %d-%d rows (nearest region), %d centroids in all",
+        r,
+        int(sizes.min()),
+        int(sizes.max()),
+        int(starts[-1]),
+    )
+    q = min(params.n_probe, r)
+    p = min(params.n_probe, int(starts[-1]))
+    assign = np.empty((n, p), dtype=np.int32)
+    merge = _top_merge_kernel()
+    block = 65536
+    for a in range(0, n, block):
+        x = read_rows(embeddings, rows[a : a + block])
+        near = _assign(None, x, np.arange(x.shape[0]), coarse, q, 2.0)
+        vals = np.full((x.shape[0], p), -np.inf, dtype=np.float32)
+        cols = np.full((x.shape[0], p), -1, dtype=np.int32)
+        for k in range(r):
+            if not fine[k].shape[0]:
+                continue
+            sel = np.flatnonzero((near == k).any(axis=1))
+            if sel.size:
+                merge(x[sel] @ fine[k].T, int(starts[k]), sel, vals, cols)
+        assign[a : a + x.shape[0]] = _within(vals, cols, margin)
+    return np.concatenate(fine), assign
 
 
-def _groups(embeddings, rows, centroids, p, margin) -> list[np.ndarray]:
-    """Per centroid, the ascending row ids of ``rows`` that join it (:func:`_assign`);
-    empty groups left out."""
-    c = centroids.shape[0]
-    flat = _assign(None, embeddings, rows, centroids, p, margin).ravel()
+def _groups(rows, assign, c) -> list[np.ndarray]:
+    """Per centroid ``0..c-1``, the ascending row ids of ``rows`` that join it
+    (``assign``: :func:`_assign`'s table for ``rows``); empty groups left out."""
+    p = assign.shape[1]
+    flat = assign.ravel()
     joined = flat >= 0
     order = np.argsort(flat[joined], kind="stable")
     members = np.repeat(rows, p)[joined][order]
@@ -449,24 +511,6 @@ def _groups(embeddings, rows, centroids, p, margin) -> list[np.ndarray]:
     del order, joined
     groups = [np.sort(members[bounds[k] : bounds[k + 1]]) for k in range(c)]
     return [g for g in groups if g.size]
-
-
-class _Subset:
-    """Rows ``rows`` (ascending) of an array or store, indexable like an array of
-    ``len(rows)`` rows: what :func:`~.centroids.balanced_centroids` samples from when it
-    trains on one region."""
-
-    def __init__(self, embeddings, rows: np.ndarray) -> None:
-        self.embeddings, self.rows = embeddings, rows
-        self.shape = (rows.size, embeddings.shape[1])
-
-    def __getitem__(self, index) -> np.ndarray:
-        return read_rows(self.embeddings, self.rows[index])
-
-
-def _subset(embeddings, rows: np.ndarray):
-    """``embeddings`` itself when ``rows`` are all of its rows, else a :class:`_Subset`."""
-    return embeddings if rows.size == embeddings.shape[0] else _Subset(embeddings, rows)
 
 
 def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
@@ -500,44 +544,53 @@ def _assign(faiss, embeddings, rows, centroids, p, margin, block: int = 16384) -
     del faiss  # the signature stays the trainer's; the selection is compiled
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     out = np.empty((rows.size, p), dtype=np.int32)
-    top = _top_within_kernel()
+    merge = _top_merge_kernel()
     for a in range(0, rows.size, block):
         x = read_rows(embeddings, rows[a : a + block])
-        sims = x @ centroids.T
-        top(sims, np.float32(margin), out[a : a + block])
+        m = x.shape[0]
+        vals = np.full((m, p), -np.inf, dtype=np.float32)
+        cols = np.full((m, p), -1, dtype=np.int32)
+        merge(x @ centroids.T, 0, np.arange(m), vals, cols)
+        out[a : a + m] = _within(vals, cols, margin)
     return out
 
 
-def _top_within_kernel():
+def _within(vals: np.ndarray, cols: np.ndarray, margin: float) -> np.ndarray:
+    """``cols`` with -1 where a row's value is below its best (column 0) minus ``margin``
+    (float32, as the selection compares) or no centroid was seen."""
+    bound = vals[:, :1] - np.float32(margin)
+    return np.where((vals >= bound) & (cols >= 0), cols, np.int32(-1))
+
+
+def _top_merge_kernel():
     """The compiled top-``p`` selection of :func:`_assign` (numba, imported on first use):
-    per row of ``sims``, the columns of its ``p`` largest values, largest first (ties:
-    the lower column), -1 for those below the largest minus ``margin``.  One pass over
-    the row with a ``p``-long insertion list: at 1M rows x 2k centroids the numpy
-    ``argpartition`` + sorts it replaces took longer than the GEMM."""
-    if "top_within" not in _KERNELS:
+    rows ``sel[t]`` of the running lists ``vals``/``cols`` (largest first) take the
+    columns ``offset + k`` of ``sims[t]`` that rank among their ``p`` largest (ties: the
+    one seen first, i.e. the lower column).  One pass over the row with a ``p``-long
+    insertion list: at 1M rows x 2k centroids the numpy ``argpartition`` + sorts it
+    replaces took longer than the GEMM.  Called once per block of centroids, it merges
+    blocks: the regions' centroids are offered region by region."""
+    if "top_merge" not in _KERNELS:
         import numba
 
         @numba.njit(nogil=True, cache=True)
-        def top_within(sims, margin, out):  # pragma: no cover - compiled
+        def top_merge(sims, offset, sel, vals, cols):  # pragma: no cover - compiled
             m, c = sims.shape
-            p = out.shape[1]
-            vals = np.empty(p, dtype=np.float32)
-            cols = np.empty(p, dtype=np.int64)
-            for r in range(m):
-                vals[:] = -np.inf
-                cols[:] = -1
+            p = vals.shape[1]
+            for t in range(m):
+                r = sel[t]
+                last = vals[r, p - 1]
                 for k in range(c):
-                    v = sims[r, k]
-                    if v > vals[p - 1]:
-                        t = p - 1
-                        while t > 0 and vals[t - 1] < v:
-                            vals[t] = vals[t - 1]
-                            cols[t] = cols[t - 1]
-                            t -= 1
-                        vals[t] = v
-                        cols[t] = k
-                for t in range(p):
-                    out[r, t] = cols[t] if vals[t] >= vals[0] - margin else -1
+                    v = sims[t, k]
+                    if v > last:
+                        i = p - 1
+                        while i > 0 and vals[r, i - 1] < v:
+                            vals[r, i] = vals[r, i - 1]
+                            cols[r, i] = cols[r, i - 1]
+                            i -= 1
+                        vals[r, i] = v
+                        cols[r, i] = offset + k
+                        last = vals[r, p - 1]
 
-        _KERNELS["top_within"] = top_within
-    return _KERNELS["top_within"]
+        _KERNELS["top_merge"] = top_merge
+    return _KERNELS["top_merge"]
