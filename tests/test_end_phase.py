@@ -120,6 +120,65 @@ def test_folding_rows_batch_by_batch_gives_the_bits_of_one_fold(seed, batches):
     assert np.array_equal(whole, spread)
 
 
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # one constant, set alike
+)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    window=st.sampled_from([1.2e-4, 0.004, 0.017]),
+    workers=st.sampled_from([1, 2, 3]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_the_compiled_fold_keeps_the_survivors_of_the_numpy_steps(
+    seed, window, workers, dtype, monkeypatch
+):
+    """``rescore.fold_entries`` (one compiled pass per step) raises every row to the bits
+    the numpy steps give (``prune_near``, ``tighten``, ``rescore_keys``,
+    ``np.maximum.at``), for float32 and low-precision windows, on rows whose partners
+    crowd within the window (ties included), split over threads by row range."""
+    from dedup_index.search import rescore
+    from dedup_index.search.canonical import candidate_delta
+    from dedup_index.search.tiles import prune_near, rescore_keys, tighten
+
+    monkeypatch.setattr(rescore, "FOLD_THREAD_ENTRIES", 16)
+    rng = np.random.default_rng(seed)
+    d, n, m = 24, 60, 900
+    base = as_unit_float32(rng.standard_normal((n, d)))
+    near = as_unit_float32(base[rng.integers(0, n, m)] + 0.05 * rng.standard_normal((m, d)))
+    near[::7] = near[1::7][: near[::7].shape[0]]  # repeated partners: equal scores
+    E = np.concatenate([base, near]).astype(dtype)
+    rows = rng.integers(0, n, m)
+    partners = np.arange(n, n + m)
+    exact = canonical_scores(E, rows, partners)
+    values = (exact + rng.uniform(-window / 4, window / 4, m)).astype(np.float32)
+    values[::5] = np.float32(np.round(values[::5], 2))  # ties in the tile values
+    best = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(best, rows, values)
+    best -= np.float32(rng.uniform(0, window / 2))  # a running lower bound
+    w = np.float32(window)
+    want = np.full(n, -np.inf)
+    kept = prune_near([(rows, partners, values)], best, w)
+    if kept:
+        r, p, v = kept[0]
+        r, p = tighten(E, r.astype(np.int64), p.astype(np.int64), v, window=w)
+        np.maximum.at(want, r, rescore_keys(E, r, p))
+    got = np.full(n, -np.inf)
+    rescore.fold_entries(E, E, rows, partners, values, best, w, candidate_delta(d), got, workers)
+    assert np.array_equal(_bits(got), _bits(want))
+    via = np.full(n, -np.inf)
+    fold_best(
+        E,
+        [(rows[:400], partners[:400], values[:400]), (rows[400:], partners[400:], values[400:])],
+        best,
+        w,
+        via,
+        workers=workers,
+    )
+    assert np.array_equal(_bits(via), _bits(want))
+
+
 def _rows(seed: int, n: int, d: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     parts = [mixed_adversarial(seed, n // 2, d, THRESHOLD)]

@@ -243,6 +243,30 @@ def fold_best(
     may fold a row's entries in any number of batches (as blocks finish: bounded
     memory, :func:`~.blocked.blocked_search`) and get the bits of one fold at the end;
     batches holding all of a row's entries against its final maximum rescore fewest."""
+    if not entries:
+        return
+    second = embeddings if other is None else other
+    from .rescore import fold_entries, kernel_rows
+
+    if kernel_rows(embeddings) and kernel_rows(second):  # the same steps, compiled
+        ids, partners, vals = (
+            entries[0]
+            if len(entries) == 1
+            else (np.concatenate(c) for c in zip(*entries, strict=True))
+        )
+        fold_entries(
+            embeddings,
+            second,
+            ids,
+            partners,
+            vals,
+            best,
+            window,
+            candidate_delta(embeddings.shape[1]),
+            out,
+            workers,
+        )
+        return
     kept = prune_near(entries, best, np.float32(window))
     if not kept:
         return
@@ -253,7 +277,6 @@ def fold_best(
         embeddings, rows, partners, vals, window=window, other=other, workers=workers
     )
     if rows.size:
-        second = embeddings if other is None else other
         np.maximum.at(out, rows, rescore_keys(embeddings, rows, partners, workers, other=second))
 
 
