@@ -824,10 +824,10 @@ class _Worker:
                 lat.append(near)
             if far is not None:
                 ear.append(far)
-        # The block's rows have met every later column: their maxima are final, so only
-        # their survivors need keeping; columns keep what their running maxima allow.
-        rows_kept = prune_near(lat, self.later_best, self.delta)
-        return rows_kept, prune_near(ear, self.col_best, self.delta)
+        # The block's rows have met every later column: the caller folds their entries
+        # at once (fold_best prunes them against the final maxima itself); columns keep
+        # what their running maxima allow until they are final.
+        return lat, prune_near(ear, self.col_best, self.delta)
 
 
 def worker_count(threads: int | None) -> int:

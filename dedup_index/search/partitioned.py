@@ -73,6 +73,10 @@ REGIONS_ABOVE = 1_500_000
 #: 512 in 85 s at recall 0.998, bench/RESULTS.md).
 REGION_ROWS = 1_000_000
 
+#: Groups of centroids a row's assignment compares it with, when the centroids are many
+#: (:func:`_regions`): of about ``sqrt(C)`` groups.
+ASSIGN_GROUPS = 10
+
 #: Sampled rows per region the regions' own k-means trains on (at least 39 a centroid,
 #: the FAISS minimum; a few thousand per region place the coarse borders well).
 REGION_SAMPLE_PER_LIST = 4096
@@ -428,12 +432,13 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     The regions are balanced coarse centroids; each row's nearest region is its home.
     Each region trains its own balanced centroids (``n_clusters`` for a region of the
     expected size, proportionally more or fewer) on a sample of its home rows.  Then
-    every row is compared with the centroids of its ``n_probe`` nearest regions only
-    (not all ``C``: the assignment stays linear in N) and joins its nearest centroid and
-    up to ``n_probe - 1`` more within ``margin``, whichever region they belong to.  So a
-    partition is one centroid's rows from anywhere in the collection, and a row joins
-    about as many partitions as in a one-level search; only a row whose nearest centroids
-    lie outside its nearest regions is placed less well (measured by the recall)."""
+    every row is compared with the centroids of its :data:`ASSIGN_GROUPS` nearest
+    groups of centroids only (not all ``C``: the assignment stays linear in N) and joins
+    its nearest centroid and up to ``n_probe - 1`` more within ``margin``, whichever
+    region they come from.  So a partition is one centroid's rows from anywhere in the
+    collection, and a row joins about as many partitions as in a one-level search; only
+    a row whose nearest centroids lie outside its nearest groups is placed less well
+    (logged on a sample; its cost is measured by the recall)."""
     n, d = embeddings.shape
     rows = np.arange(n, dtype=row_dtype(n))
     per_list = max(MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, n // params.n_regions))
@@ -479,24 +484,56 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
         int(sizes.max()),
         int(starts[-1]),
     )
-    q = min(params.n_probe, r)
-    p = min(params.n_probe, int(starts[-1]))
+    centroids = np.concatenate(fine)
+    del fine
+    # The assignment searches the centroids like an IVF index: grouped by a k-means of
+    # the centroids themselves, each row compares with the groups' centroids, then with
+    # the centroids of its ASSIGN_GROUPS nearest groups only.  (Comparing each row with
+    # every centroid of its 3 nearest regions was ~20k products a row at 10M rows:
+    # 26 min for the assignment alone.)
+    c_all = centroids.shape[0]
+    g = max(1, min(c_all, round(math.sqrt(c_all))))
+    heads = spherical_kmeans(
+        centroids, g, seed=params.seed + 3, niter=params.niter, max_points=c_all // g + 1
+    )
+    owner = _assign(None, centroids, np.arange(c_all), heads, 1, 0.0).ravel()
+    order = np.argsort(owner, kind="stable")  # centroids renumbered group by group
+    centroids = np.ascontiguousarray(centroids[order])
+    first = np.searchsorted(owner[order], np.arange(g + 1))
+    q = min(ASSIGN_GROUPS, g)
+    p = min(params.n_probe, c_all)
     assign = np.empty((n, p), dtype=np.int32)
     merge = _top_merge_kernel()
     block = 65536
     for a in range(0, n, block):
         x = read_rows(embeddings, rows[a : a + block])
-        near = _assign(None, x, np.arange(x.shape[0]), coarse, q, 2.0)
-        vals = np.full((x.shape[0], p), -np.inf, dtype=np.float32)
-        cols = np.full((x.shape[0], p), -1, dtype=np.int32)
-        for k in range(r):
-            if not fine[k].shape[0]:
-                continue
-            sel = np.flatnonzero((near == k).any(axis=1))
-            if sel.size:
-                merge(x[sel] @ fine[k].T, int(starts[k]), sel, vals, cols)
-        assign[a : a + x.shape[0]] = _within(vals, cols, margin)
-    return np.concatenate(fine), assign
+        m = x.shape[0]
+        near = _assign(None, x, np.arange(m), heads, q, 2.0).ravel()
+        by_group = np.argsort(near, kind="stable")
+        bounds = np.searchsorted(near[by_group], np.arange(g + 1))
+        vals = np.full((m, p), -np.inf, dtype=np.float32)
+        cols = np.full((m, p), -1, dtype=np.int32)
+        for k in range(g):
+            sel = by_group[bounds[k] : bounds[k + 1]] // q  # ascending rows probing k
+            if sel.size and first[k + 1] > first[k]:
+                merge(x[sel] @ centroids[first[k] : first[k + 1]].T, int(first[k]), sel, vals, cols)
+        assign[a : a + m] = _within(vals, cols, margin)
+        if a == 0:  # how often the nearest centroid is found, on the first block
+            check = x[: min(m, 2048)]
+            truth = np.argmax(check @ centroids.T, axis=1)
+            found = float(np.mean(cols[: check.shape[0], 0] == truth))
+            logger.info(
+                "partitioned: %d centroids in %d groups, %d probed a row; the nearest "
+                "centroid found for %.4f of %d rows",
+                c_all,
+                g,
+                q,
+                found,
+                check.shape[0],
+            )
+        if a and (a // block) % 16 == 0:
+            logger.info("partitioned: %d of %d rows assigned", a, n)
+    return centroids, assign
 
 
 def _groups(rows, assign, c) -> list[np.ndarray]:
