@@ -75,7 +75,7 @@ REGION_ROWS = 1_000_000
 
 #: Groups of centroids a row's assignment compares it with, when the centroids are many
 #: (:func:`_regions`): of about ``sqrt(C)`` groups.
-ASSIGN_GROUPS = 10
+ASSIGN_GROUPS = 16
 
 #: Sampled rows per region the regions' own k-means trains on (at least 39 a centroid,
 #: the FAISS minimum; a few thousand per region place the coarse borders well).
@@ -493,9 +493,12 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     # 26 min for the assignment alone.)
     c_all = centroids.shape[0]
     g = max(1, min(c_all, round(math.sqrt(c_all))))
-    heads = spherical_kmeans(
-        centroids, g, seed=params.seed + 3, niter=params.niter, max_points=c_all // g + 1
+    # Balanced: a group many rows probe must not hold many centroids (plain k-means of
+    # the centroids made "hub" groups of thousands near the data's common direction).
+    heads = balanced_centroids(
+        centroids, g, seed=params.seed + 3, niter=params.niter, per_list=max(1, c_all // g)
     )
+    g = heads.shape[0]
     owner = _assign(None, centroids, np.arange(c_all), heads, 1, 0.0).ravel()
     order = np.argsort(owner, kind="stable")  # centroids renumbered group by group
     centroids = np.ascontiguousarray(centroids[order])
@@ -515,18 +518,24 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
         cols = np.full((m, p), -1, dtype=np.int32)
         for k in range(g):
             sel = by_group[bounds[k] : bounds[k + 1]] // q  # ascending rows probing k
-            if sel.size and first[k + 1] > first[k]:
-                merge(x[sel] @ centroids[first[k] : first[k + 1]].T, int(first[k]), sel, vals, cols)
+            if not sel.size or first[k + 1] == first[k]:
+                continue
+            mine = centroids[first[k] : first[k + 1]]
+            step = max(1, (32 << 20) // (4 * mine.shape[0]))  # products of <= 32 MiB
+            for b in range(0, sel.size, step):
+                part = sel[b : b + step]
+                merge(x[part] @ mine.T, int(first[k]), part, vals, cols)
         assign[a : a + m] = _within(vals, cols, margin)
         if a == 0:  # how often the nearest centroid is found, on the first block
             check = x[: min(m, 2048)]
             truth = np.argmax(check @ centroids.T, axis=1)
             found = float(np.mean(cols[: check.shape[0], 0] == truth))
             logger.info(
-                "partitioned: %d centroids in %d groups, %d probed a row; the nearest "
-                "centroid found for %.4f of %d rows",
+                "partitioned: %d centroids in %d groups (largest %d), %d probed a row; the "
+                "nearest centroid found for %.4f of %d rows",
                 c_all,
                 g,
+                int(np.diff(first).max()),
                 q,
                 found,
                 check.shape[0],
