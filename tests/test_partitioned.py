@@ -143,12 +143,12 @@ def test_regions_give_each_row_the_nearest_centroids_of_its_nearest_regions():
     assert got.pairs.i.tolist() == exact.pairs.i.tolist()
 
 
-def test_default_params_cut_large_collections_into_regions_of_a_million_rows():
-    """Up to 1.5M rows one level, as measured at 1M; above, regions of ~1M rows, each
-    with the 1M parameters (so the tile work and the assignment stay linear in N)."""
+def test_default_params_keep_one_level_and_give_regions_their_own_centroids():
+    """One level unless regions are asked for; with ``n_regions``, each region gets the
+    centroids of a collection of its size (so the 1M parameters for 1M-row regions)."""
     one = default_params(1_000_000)
     assert one.n_regions == 1 and one.n_clusters == 2048 and one.n_probe == 3
-    ten = default_params(10_000_000)
-    assert ten.n_regions == round(10_000_000 / REGION_ROWS) == 10
+    assert default_params(10_000_000).n_regions == 1
+    ten = default_params(10_000_000, n_regions=10_000_000 // REGION_ROWS)
+    assert ten.n_regions == 10
     assert (ten.n_clusters, ten.n_probe, ten.sample) == (one.n_clusters, 3, one.sample)
-    assert default_params(10_000_000, n_regions=4).n_regions == 4

@@ -201,9 +201,12 @@ def test_preprocessor_reads_the_config_and_pickles():
     assert pickle.loads(pickle.dumps(pre)) == pre
     assert pre.draft_scale(4000, 3000) == 4  # 750 >= 2 * 336
     assert pre.draft_scale(1000, 700) == 1
-    assert Preprocessor.from_config({**cfg, "size": {"height": 64, "width": 32}}).draft_scale(
-        1000, 300
-    ) == 2  # a fixed size: both sides cover twice the larger target side
+    assert (
+        Preprocessor.from_config({**cfg, "size": {"height": 64, "width": 32}}).draft_scale(
+            1000, 300
+        )
+        == 2
+    )  # a fixed size: both sides cover twice the larger target side
     with pytest.raises(ValueError, match="longest_edge"):
         Preprocessor.from_config({**cfg, "size": {"shortest_edge": 224, "longest_edge": 300}})
     with pytest.raises(ValueError, match="draft_factor"):
@@ -254,9 +257,7 @@ def _mixed_values(tmp_path: Path) -> list:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_failures_are_reported_exactly_as_the_loader_reports_them(
-    tmp_path, encoder, num_workers
-):
+def test_failures_are_reported_exactly_as_the_loader_reports_them(tmp_path, encoder, num_workers):
     values = _mixed_values(tmp_path)
     options = {"image_root": tmp_path, "max_pixels": 1_000_000}
     expected = [try_load_image(v, **options) for v in values]

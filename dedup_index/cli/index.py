@@ -439,8 +439,7 @@ def _read_npy(args: argparse.Namespace, index: Any):
         raise UsageError(f"cannot read embeddings from {source}: {exc}") from None
     if embeddings.ndim != 2 or embeddings.shape[1] != index.dim:
         raise UsageError(
-            f"{source} holds an array of shape {embeddings.shape}; the index needs "
-            f"(N, {index.dim})"
+            f"{source} holds an array of shape {embeddings.shape}; the index needs (N, {index.dim})"
         )
     if args.keys:
         keys = _read_keys(args.keys, len(embeddings))

@@ -308,9 +308,7 @@ def command(args: argparse.Namespace) -> int:
         if args.report:
             from ..report import write_report
 
-            failures = [
-                (image_key(image_values.iat[p], p), str(f), p) for p, f in report.failures
-            ]
+            failures = [(image_key(image_values.iat[p], p), str(f), p) for p, f in report.failures]
             note = report.threshold_note()
             write_report(
                 staged.path(args.report),

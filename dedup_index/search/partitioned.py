@@ -65,12 +65,10 @@ SPLIT_TRAIN_PER_CENTROID = 64
 #: nearest one (see :func:`default_params`).
 DEFAULT_MARGIN = 0.02
 
-#: Collections above this many rows are cut into regions first (:func:`default_params`,
-#: :func:`_regions`).
-REGIONS_ABOVE = 1_500_000
-
-#: Rows a region holds, about: the size whose one-level partitioning was measured (1M x
-#: 512 in 85 s at recall 0.998, bench/RESULTS.md).
+#: Rows a region should hold when ``n_regions`` is asked for (:func:`_regions`): the size
+#: whose one-level partitioning was measured (1M x 512 in 85 s at recall 0.998,
+#: bench/RESULTS.md).  Regions are not the default yet: at 10M rows their assignment
+#: found a row's nearest centroid for only 89-99% of rows (bench/RESULTS.md).
 REGION_ROWS = 1_000_000
 
 #: Groups of centroids a row's assignment compares it with, when the centroids are many
@@ -153,8 +151,8 @@ def default_params(
     seed: int = 0,
     n_regions: int | None = None,
 ) -> PartitionParams:
-    """Parameters from N: above :data:`REGIONS_ABOVE` rows, ``N /`` :data:`REGION_ROWS`
-    regions, each with the centroids a 1M collection gets (:func:`_regions`).
+    """Parameters from N (``n_regions``: regions of ``N / n_regions`` rows, each with the
+    centroids a collection of that size gets, :func:`_regions`; default one level).
     Per region (or the whole collection): about 128 rows per centroid (``C`` at most 2048, before
     balancing adds more), ``p = 2`` (3 above 500k rows, where ``C`` is capped and
     partitions are larger: measured at 1M, recall 0.985 with p = 2, 0.998 with p = 3)
@@ -184,7 +182,7 @@ def default_params(
     the centroids of a few regions only.  (Partitioning each region on its own, a row
     joining regions by the margin rule, was tried first: coarse centroids are about
     equally near most rows, so at 10M rows joined 2.9 regions each, 29M in all.)"""
-    r = n_regions or (round(n / REGION_ROWS) if n > REGIONS_ABOVE else 1)
+    r = n_regions or 1
     r = max(1, min(r, n)) if n else 1
     per = math.ceil(n / r)  # rows a region, before rows near a border join two
     c = n_clusters or max(1, min(2048, round(per / 128)))

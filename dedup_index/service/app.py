@@ -25,7 +25,6 @@ row count, dimension and finite values (422), the API key of writes (401, header
 ``X-API-Key``, compared in constant time).
 """
 
-
 import contextlib
 import hmac
 import json
