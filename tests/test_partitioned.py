@@ -36,7 +36,7 @@ def test_top_p_within_margin_equals_a_stable_sort(seed, m, c, p, margin):
     rng = np.random.default_rng(seed)
     rows = rng.integers(-2, 3, size=(m, 4)).astype(np.float32)
     cents = rng.integers(-2, 3, size=(c, 4)).astype(np.float32)
-    got = _assign(None, rows, np.arange(m), cents, p, margin)
+    got = _assign(rows, np.arange(m), cents, p, margin)
     sims = rows @ cents.T
     want = np.argsort(-sims, axis=1, kind="stable")[:, :p]
     vals = np.take_along_axis(sims, want, axis=1)
@@ -90,6 +90,19 @@ def _skewed_with_copies(seed: int = 3) -> np.ndarray:
     return as_unit_float32(np.concatenate([base, copies])[rng.permutation(len(base) + 300)])
 
 
+def _exact_with_recall(E: np.ndarray, pairs, nearest: np.ndarray):
+    """The exact search of ``E`` at 0.9, after checking ``pairs`` against it: each pair's
+    score is the exact one, recall >= 0.99, and ``nearest`` never exceeds the exact
+    nearest scores."""
+    exact = dedup_embeddings(E, 0.9, backend="blocked", normalize=False)
+    truth = {(i, j): s for i, j, s in zip(exact.pairs.i, exact.pairs.j, exact.pairs.s, strict=True)}
+    for i, j, s in zip(pairs.i, pairs.j, pairs.s, strict=True):
+        assert truth[(i, j)] == s
+    assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.99
+    assert np.all(nearest <= exact.max_similarity)
+    return exact
+
+
 def test_skewed_clusters_get_balanced_partitions_and_keep_recall():
     """Zipf-like cluster sizes (one cluster a third of the rows): the balanced centroids
     give the big cluster several partitions, so no partition holds much of it, while
@@ -101,12 +114,7 @@ def test_skewed_clusters_get_balanced_partitions_and_keep_recall():
     pairs, nearest, _, info = partitioned_search(E, 0.9, params=params, threads=1)
     assert info.splits == 0  # balanced by the centroids alone, no recursive split
     assert info.largest < 0.5 * 1500, info.summary(len(E))
-    exact = dedup_embeddings(E, 0.9, backend="blocked", normalize=False)
-    truth = {(i, j): s for i, j, s in zip(exact.pairs.i, exact.pairs.j, exact.pairs.s, strict=True)}
-    for i, j, s in zip(pairs.i, pairs.j, pairs.s, strict=True):
-        assert truth[(i, j)] == s
-    assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.99
-    assert np.all(nearest <= exact.max_similarity)
+    _exact_with_recall(E, pairs, nearest)
 
 
 def test_regions_give_each_row_the_nearest_centroids_of_its_nearest_regions():
@@ -124,12 +132,7 @@ def test_regions_give_each_row_the_nearest_centroids_of_its_nearest_regions():
     assert info.partitions >= len(info.regions)
     keys = list(zip(pairs.i.tolist(), pairs.j.tolist(), strict=True))
     assert len(keys) == len(set(keys))
-    exact = dedup_embeddings(E, 0.9, backend="blocked", normalize=False)
-    truth = {(i, j): s for i, j, s in zip(exact.pairs.i, exact.pairs.j, exact.pairs.s, strict=True)}
-    for i, j, s in zip(pairs.i, pairs.j, pairs.s, strict=True):
-        assert truth[(i, j)] == s
-    assert measure_recall(E, 0.9, pairs, sample=len(E)).recall >= 0.99
-    assert np.all(nearest <= exact.max_similarity)
+    exact = _exact_with_recall(E, pairs, nearest)
     assert np.all(earlier <= exact.max_earlier_similarity)
     # every row in every region and every partition: exact, and the same as blocked
     everything = PartitionParams(

@@ -393,10 +393,10 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
             embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
         )
         p = min(params.n_probe, centroids.shape[0])
-        assign = _assign(None, embeddings, rows, centroids, p, margin)
+        assign = _assign(embeddings, rows, centroids, p, margin)
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
-        assign = _assign(None, embeddings, rows, centroids, p, margin)
+        assign = _assign(embeddings, rows, centroids, p, margin)
     out: list[np.ndarray] = []
     for part in _groups(rows, assign, centroids.shape[0]):
         if part.size > params.max_partition and depth < 3 and part.size < n:
@@ -448,7 +448,7 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
         per_list=per_list,
     )
     r = coarse.shape[0]
-    home = _assign(None, embeddings, rows, coarse, 1, 0.0).ravel()
+    home = _assign(embeddings, rows, coarse, 1, 0.0).ravel()
     sizes = np.bincount(home, minlength=r)
     info.regions = [int(s) for s in sizes]
     rows_per_centroid = max(1.0, math.ceil(n / params.n_regions) / params.n_clusters)
@@ -500,7 +500,7 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     heads = spherical_kmeans(
         centroids, g, seed=params.seed + 3, niter=params.niter, max_points=c_all // g + 1
     )
-    owner = _assign(None, centroids, np.arange(c_all), heads, 1, 0.0).ravel()
+    owner = _assign(centroids, np.arange(c_all), heads, 1, 0.0).ravel()
     order = np.argsort(owner, kind="stable")  # centroids renumbered group by group
     centroids = np.ascontiguousarray(centroids[order])
     first = np.searchsorted(owner[order], np.arange(g + 1))
@@ -512,7 +512,7 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     for a in range(0, n, block):
         x = read_rows(embeddings, rows[a : a + block])
         m = x.shape[0]
-        near = _assign(None, x, np.arange(m), heads, q, 2.0).ravel()
+        near = _assign(x, np.arange(m), heads, q, 2.0).ravel()
         by_group = np.argsort(near, kind="stable")
         bounds = np.searchsorted(near[by_group], np.arange(g + 1))
         vals = np.full((m, p), -np.inf, dtype=np.float32)
@@ -579,16 +579,15 @@ def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
     )
 
 
-def _assign(faiss, embeddings, rows, centroids, p, margin, block: int = 16384) -> np.ndarray:
+def _assign(embeddings, rows, centroids, p, margin, block: int = 16384) -> np.ndarray:
     """Each row's nearest centroid and up to ``p - 1`` more within ``margin`` of it,
     ``(len(rows), p)``, -1 where a row does not join.
 
-    One float32 GEMM per block and a top-``p`` selection in numpy, not a FAISS
+    One float32 GEMM per block and a compiled top-``p`` selection, not a FAISS
     ``IndexFlatIP`` search: the splits of oversize partitions assign hundreds of small
     sets to a few centroids each, where FAISS's per-call cost dominated (30k rows to 15
     centroids: 0.18 s, about 100x the GEMM; 578 splits at 1M rows).  Which of two
     equally near centroids wins does not matter: every partition is searched exactly."""
-    del faiss  # the signature stays the trainer's; the selection is compiled
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     out = np.empty((rows.size, p), dtype=np.int32)
     merge = _top_merge_kernel()
