@@ -316,3 +316,90 @@ def test_release_pages_drops_what_reads_mapped_and_keeps_the_rows(tmp_path):
     assert np.isfinite(first) and again.shape == (10, d)
     assert np.array_equal(rows[5:9], np.concatenate([parts[0][5:9]]))
     assert all(p._checked.all() for p in parts)  # nothing hashed twice
+
+
+ONE_PASS_CHILD = textwrap.dedent(
+    """
+    import sys
+    from dedup_index.index import DedupIndex, core
+    core.ONE_PASS_SEGMENT_ROWS = 1000
+    with DedupIndex.open(sys.argv[1], mode="a") as index:
+        index.add_store(sys.argv[2], one_pass=True)
+    """
+)
+
+
+def _one_pass_index(tmp_path, monkeypatch, n: int = 4000, d: int = 32):
+    monkeypatch.setattr(core, "ONE_PASS_SEGMENT_ROWS", 1500)  # several segments
+    monkeypatch.setattr(core, "ONE_PASS_MAPPED_BYTES", 1 << 16)  # pages dropped often
+    E = unit_rows(n, d, seed=4)
+    keys = [f"img-{r}" for r in range(len(E))]
+    store = float16_store(tmp_path / "s", E, keys)
+    index = DedupIndex.create(
+        tmp_path / "i", d, 0.95, backend="ivf", dtype="float16", backend_options={"nprobe": 8}
+    )
+    return index, store, keys
+
+
+def test_a_one_pass_store_build_finds_the_pairs_and_takes_adds(tmp_path, monkeypatch):
+    """``add_store(one_pass=True)``: rows stored as ``add`` stores them, in several rows
+    files and float16 FAISS segments on the partitioning's centroids; every pair exact,
+    recall >= 0.99 of the oracle's, decisions those of the policy on the pairs found;
+    a reopened index answers queries and takes an add whose new pairs are found."""
+    from dedup_index.policy import decide
+    from dedup_index.search import as_unit_float32
+    from dedup_index.search.recall import exact_pairs_of_rows
+
+    index, store, keys = _one_pass_index(tmp_path, monkeypatch)
+    n = len(keys)
+    with index:
+        done = index.add_store(store, one_pass=True)
+        assert done["rows"] == n and done["batches"] == 1
+        assert index.keys() == keys and len(index) == n
+        S = index.embeddings()
+        want = as_unit_float32(store.to_array()).astype(np.float16).astype(np.float32)
+        assert np.array_equal(S, want)  # as add() stores them
+        segments = index._view.ann.segments
+        spans = [(a, min(n, a + 1500)) for a in range(0, n, 1500)]
+        assert [(s.start, s.stop) for s in segments] == spans and len(spans) == 4
+        assert all(ann_module.is_fp16(s.index) for s in segments)
+        assert len({s.index.nlist for s in segments}) == 1 and segments[0].index.nlist > 8
+        pairs, state = index.pairs(), index.decisions()
+    ref = dedup_embeddings(S, 0.95, backend="dense", normalize=False)
+    truth = {(i, j): s for i, j, s in zip(ref.pairs.i, ref.pairs.j, ref.pairs.s, strict=True)}
+    found = list(zip(pairs.i.tolist(), pairs.j.tolist(), pairs.s.tolist(), strict=True))
+    assert len(truth) > 300 and all(truth[(i, j)] == s for i, j, s in found)
+    assert len(found) >= 0.99 * len(truth)
+    decided = decide(n, pairs, "reference")
+    assert np.array_equal(state["keep"], decided.keep)
+    assert np.array_equal(state["duplicate_of"], decided.duplicate_of)
+    with DedupIndex.open(tmp_path / "i", mode="a") as again:
+        assert again.pairs().equals(pairs)
+        hits = again.query(S[:40])
+        assert all(keys[q] in {k for k, _ in h} for q, h in enumerate(hits))
+        rng = np.random.default_rng(9)
+        new = S[rng.choice(n, 300, replace=False)] + 0.01 * rng.standard_normal((300, 32))
+        again.add(new.astype(np.float32), keys=[f"new-{r}" for r in range(300)])
+        rows = again._view.rows
+        exact = exact_pairs_of_rows(rows, 0.95, np.arange(n, n + 300))
+        got = set(zip(again.pairs().i.tolist(), again.pairs().j.tolist(), strict=True))
+        want_new = set(zip(exact.i.tolist(), exact.j.tolist(), strict=True))
+        assert len(want_new) >= 300 and len(got & want_new) >= 0.99 * len(want_new)
+
+
+def test_a_killed_one_pass_build_leaves_an_empty_index_and_runs_again(tmp_path, monkeypatch):
+    """Nothing is committed before the end: killed after its pairs or its segments, the
+    index reads as empty (its files unlisted), and the next build completes."""
+    index, store, keys = _one_pass_index(tmp_path, monkeypatch, n=1600)
+    index.close()
+    args = [sys.executable, "-c", ONE_PASS_CHILD, str(tmp_path / "i"), str(tmp_path / "s")]
+    for point in ("pairs_written", "ann_written"):
+        env = dict(os.environ, DEDUP_INDEX_CRASH_AT=point)
+        done = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert done.returncode == 77, done.stderr
+        with DedupIndex.open(tmp_path / "i") as reader:
+            assert len(reader) == 0 and reader.generation == 0
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with DedupIndex.open(tmp_path / "i") as reader:
+        assert reader.keys() == keys and len(reader._view.ann.segments) == 2

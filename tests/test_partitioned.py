@@ -4,6 +4,7 @@ and pairs across a partition border."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +12,10 @@ from dedup_index import dedup_embeddings
 from dedup_index.search import as_unit_float32
 from dedup_index.search.partitioned import (
     REGION_ROWS,
+    REGIONS_FROM_ROWS,
     PartitionParams,
     _assign,
+    assign_many,
     default_params,
     partitioned_search,
 )
@@ -117,17 +120,20 @@ def test_skewed_clusters_get_balanced_partitions_and_keep_recall():
     _exact_with_recall(E, pairs, nearest)
 
 
-def test_regions_give_each_row_the_nearest_centroids_of_its_nearest_regions():
-    """``n_regions``: coarse regions first, each with centroids of its own; a row is
-    compared with the centroids of its nearest regions only and joins the nearest of
-    them by the margin rule, whichever region they belong to.  Every pair reported is
-    exact and reported once; recall stays >= 0.99 on Zipf-like clusters; the nearest
-    scores are lower bounds."""
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_regions_give_each_row_its_nearest_centroids_of_all_regions(precision):
+    """``n_regions``: coarse regions first, each with centroids of its own; every row is
+    compared with all regions' centroids (in bf16 when asked: the assignment's own
+    candidates rescored in float32) and joins the nearest by the margin rule, whichever
+    region they belong to.  Every pair reported is exact and reported once; recall
+    stays >= 0.99 on Zipf-like clusters; the nearest scores are lower bounds."""
     E = _skewed_with_copies()
     params = PartitionParams(
         n_clusters=8, n_probe=3, max_partition=10**9, sample=len(E), n_regions=3
     )
-    pairs, nearest, earlier, info = partitioned_search(E, 0.9, params=params, threads=1)
+    pairs, nearest, earlier, info = partitioned_search(
+        E, 0.9, params=params, threads=1, precision=precision
+    )
     assert len(info.regions) >= 3 and sum(info.regions) == len(E)  # each row's nearest
     assert info.partitions >= len(info.regions)
     keys = list(zip(pairs.i.tolist(), pairs.j.tolist(), strict=True))
@@ -146,12 +152,43 @@ def test_regions_give_each_row_the_nearest_centroids_of_its_nearest_regions():
     assert got.pairs.i.tolist() == exact.pairs.i.tolist()
 
 
-def test_default_params_keep_one_level_and_give_regions_their_own_centroids():
-    """One level unless regions are asked for; with ``n_regions``, each region gets the
-    centroids of a collection of its size (so the 1M parameters for 1M-row regions)."""
+def test_default_params_cut_large_collections_into_regions_with_their_own_centroids():
+    """One level below ``REGIONS_FROM_ROWS`` rows, regions of about ``REGION_ROWS`` from
+    there (or when asked for); each region gets the centroids of a collection of its size
+    (so the 1M parameters for 1M-row regions)."""
     one = default_params(1_000_000)
     assert one.n_regions == 1 and one.n_clusters == 2048 and one.n_probe == 3
-    assert default_params(10_000_000).n_regions == 1
-    ten = default_params(10_000_000, n_regions=10_000_000 // REGION_ROWS)
-    assert ten.n_regions == 10
+    assert default_params(REGIONS_FROM_ROWS - 1).n_regions == 1
+    ten = default_params(10_000_000)
+    assert ten.n_regions == 10 == 10_000_000 // REGION_ROWS
+    assert default_params(10_000_000, n_regions=1).n_regions == 1
     assert (ten.n_clusters, ten.n_probe, ten.sample) == (one.n_clusters, 3, one.sample)
+
+
+def _clip_like(n: int, clusters: int, d: int, seed: int) -> np.ndarray:
+    """Unit rows sharing one common direction (as CLIP embeddings do) plus a cluster
+    centre and noise: centroid scores crowd together, the hard case for a bf16 ranking."""
+    rng = np.random.default_rng(seed)
+    mean = rng.standard_normal(d)
+    centres = rng.standard_normal((clusters, d)) / np.sqrt(d)
+    label = rng.integers(clusters, size=n)
+    noise = 0.6 * rng.standard_normal((n, d)) / np.sqrt(d)
+    return as_unit_float32(mean / np.linalg.norm(mean) + 0.55 * centres[label] + noise)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_assignment_to_many_centroids_equals_the_float32_one(threads):
+    """``assign_many`` in bf16 (candidates from centred bf16 products, rescored in
+    float32) joins every row to the same centroids as the float32 ``_assign`` on
+    CLIP-like rows, whose centroid scores crowd within the bf16 rounding of each other;
+    blocks and worker splits do not change the answer."""
+    E = _clip_like(3000, 300, 64, seed=5)
+    cents = _clip_like(1200, 300, 64, seed=6)  # many centroids, all near the common one
+    want = _assign(E, np.arange(len(E)), cents, 3, 0.02)
+    got = assign_many(E, cents, 3, 0.02, "bf16", threads=threads, block=700)
+    assert got.shape == want.shape and got.dtype == np.int32
+    same = np.all(np.sort(got, axis=1) == np.sort(want, axis=1), axis=1)
+    assert same.mean() >= 0.999
+    assert np.array_equal(got[:, 0], want[:, 0])  # the nearest, always
+    fp32 = assign_many(E, cents, 3, 0.02, "fp32", threads=threads)
+    assert np.array_equal(fp32, want)

@@ -84,7 +84,7 @@ from ..policy import POLICIES, decide
 from ..search import INDEX_BACKENDS, as_unit_float32
 from ..search.blocked import blocked_search
 from ..search.cross import cross_search
-from ..search.flat import flat_cross_search
+from ..search.flat import faiss_module, flat_cross_search
 from ..search.pairs import PairSet, concat_pairsets
 from ..search.precision import check_precision
 from ..store import (
@@ -126,6 +126,16 @@ ANN_BULK_ROWS = 20_000
 #: Rows per ``add`` of :meth:`DedupIndex.add_store`: 512 MiB of float32 queries at
 #: D = 512; the add's working memory is a small multiple of that, whatever the store's size.
 STORE_BATCH_ROWS = 262_144
+#: From this many rows, :meth:`DedupIndex.add_store` into an empty ``ivf`` index builds it
+#: in one pass (:meth:`DedupIndex.add_store`'s ``one_pass``) instead of batch by batch:
+#: at 10M rows, 38 batches of a quarter million were projected at 1.5-2 h.
+ONE_PASS_ROWS = 1_000_000
+#: Rows per rows file and per FAISS segment of a one-pass build: a segment is built in
+#: memory before it is written and memory-mapped (1M float16 rows: ~1 GiB).
+ONE_PASS_SEGMENT_ROWS = 1 << 20
+#: Bytes read through a one-pass build's row maps before their pages are dropped from
+#: the RSS (:class:`~dedup_index.store.SegmentedRows`'s ``release_after``).
+ONE_PASS_MAPPED_BYTES = 256 << 20
 #: Seconds a file superseded by ``compact`` or ``remove`` is kept for readers still on
 #: the generation before (deleted by the first commit after that).
 RETAIN_SECONDS = 600.0
@@ -632,9 +642,20 @@ class DedupIndex:
         stop: int | None = None,
         on_duplicate_key: str = "error",
         progress: Any = None,
+        one_pass: bool | None = None,
     ) -> dict[str, Any]:
         """Add the rows of an on-disk store, ``batch_rows`` at a time: how an index of
         millions of rows is built without ever holding them in memory.
+
+        ``one_pass``: an empty ``ivf`` index is instead built in one pass and one commit
+        (None: from :data:`ONE_PASS_ROWS` rows, when the rows' keys are distinct and the
+        index does not verify): the rows are written as the index stores them, one
+        ``partitioned`` search over them finds the pairs, and its centroids become the
+        coarse quantizer, each row put in the list of its nearest centroid (no second
+        clustering, no batch searched against the batches before it).  Memory stays
+        bounded (rows files and FAISS segments of :data:`ONE_PASS_SEGMENT_ROWS` rows,
+        written and memory-mapped one at a time); a killed build leaves the index empty
+        (nothing is committed until the end: start again).
 
         ``source``: an :class:`~dedup_index.store.EmbeddingStore`, the path of one
         (opened read-only), or any ``(N, D)`` array-like with slicing (a memory-mapped
@@ -674,6 +695,16 @@ class DedupIndex:
                 "of the store)"
             )
         keys_of = source.keys() if isinstance(source, EmbeddingStore) else None
+        if one_pass is None:
+            one_pass = (
+                len(self) == 0
+                and self._manifest["backend"] == "ivf"
+                and self.verify_mode == "none"
+                and stop - start >= ONE_PASS_ROWS
+                and (keys_of is None or len(set(keys_of[start:stop])) == stop - start)
+            )
+        if one_pass:
+            return self._build_one_pass(source, start, stop, keys_of, progress)
         t0 = time.perf_counter()
         added = removed = batches = 0
         for a in range(start, stop, batch_rows):
@@ -702,6 +733,97 @@ class DedupIndex:
             "batches": batches,
             "seconds": time.perf_counter() - t0,
         }
+
+    def _build_one_pass(self, source, start: int, stop: int, keys_of, progress) -> dict[str, Any]:
+        """:meth:`add_store`'s ``one_pass`` build of an empty ``ivf`` index (see there)."""
+        from ..search.partitioned import default_params, partitioned_search
+        from .ann import new_ivf
+
+        if len(self) or self._manifest["backend"] != "ivf" or self.verify_mode != "none":
+            raise IndexError_(
+                f"a one-pass build needs an empty 'ivf' index that does not verify; the index "
+                f"at {self.path} is {self._manifest['backend']!r} with {len(self)} rows "
+                f"(verify={self.verify_mode!r}): add the rows in batches (one_pass=False)"
+            )
+        t0 = time.perf_counter()
+        n = stop - start
+        keys = [str(r) for r in range(n)] if keys_of is None else list(keys_of[start:stop])
+        if len(set(keys)) != n:
+            raise ValueError("the store's keys repeat: add its rows in batches (one_pass=False)")
+        generation = self.generation + 1
+        checksums = dict(self._manifest["checksums"])
+        entries, parts = [], []
+        spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
+        for k, (a, b) in enumerate(spans):  # the rows, as add() stores them
+            rows_name = f"rows/rows-{generation:06d}-{k:05d}.npy"
+            keys_name = f"rows/keys-{generation:06d}-{k:05d}.json"
+            prepared = _PreparedRows(self, source, start + a, start + b)
+            checksums.update(write_rows_segment(self.path, rows_name, prepared, self._dtype))
+            checksums[keys_name] = write_json_atomic(self.path / keys_name, keys[a:b])
+            entries.append(_rows_entry(rows_name, keys_name, b - a))
+            parts.append(
+                _open_rows(self.path, rows_name, b - a, self.dim, checksums, blocks_name(rows_name))
+            )
+            logger.info("add_store (one pass): rows %d-%d written", start + a, start + b - 1)
+        crash_point("rows_appended")
+        rows = SegmentedRows(parts, self.dim, release_after=ONE_PASS_MAPPED_BYTES)
+        params = default_params(n)
+        pairs, nearest, earlier, info = partitioned_search(
+            rows,
+            self.threshold,
+            params=params,
+            precision=self._manifest.get("precision", "auto"),
+            keep_lists=True,
+        )
+        n_pairs = len(pairs)
+        logger.info("add_store (one pass): %d pairs (%s)", n_pairs, info.summary(n))
+        part = f"pairs/part-{generation:06d}.parquet"
+        checksums[part] = _write_part(self.path / part, pairs)
+        crash_point("pairs_written")
+        del pairs
+        # The partitioning's centroids are the coarse quantizer; each row joins the list of
+        # its nearest centroid (the same rule as IVF's own add).
+        faiss = faiss_module()
+        centroids, home = info.centroids, info.home
+        if centroids is None:  # too few rows to partition: one list
+            centroids = np.asarray(rows[:1], dtype=np.float32)
+            home = np.zeros(n, dtype=np.int32)
+        ann = _empty_ann(self._manifest)
+        ann_entries, files = [], {}
+        for k, (a, b) in enumerate(spans):
+            quantizer = faiss.IndexFlatIP(self.dim)
+            quantizer.add(centroids)
+            index = new_ivf(quantizer, self.dim, centroids.shape[0], fp16=self._dtype == "float16")
+            for c in range(a, b, 1 << 16):  # float32 rows a block at a time
+                e = min(b, c + (1 << 16))
+                block = np.ascontiguousarray(rows[c:e], dtype=np.float32)
+                lists = np.ascontiguousarray(home[c:e], dtype=np.int64)
+                index.add_core(e - c, faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
+            name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
+            index, mapped = _write_segment(self.path, name, index, checksums)
+            ann = ann.with_segment(a, b, index, mapped)
+            ann_entries.append({"file": name, "start": a, "stop": b})
+            files[name] = (index, mapped)
+            if progress is not None:
+                progress(b, n)
+        crash_point("ann_written")
+        decisions = decide(n, _Parts(self.path, [part], checksums), self.policy)
+        state = _state(decisions, nearest, earlier, np.zeros(n, dtype=bool))
+        manifest = dict(
+            self._manifest,
+            count=n,
+            pairs=[part],
+            n_pairs=n_pairs,
+            rows=entries,
+            ann=ann_entries,
+        )
+        files.update({e["file"]: p for e, p in zip(entries, parts, strict=True)})
+        view_rows = SegmentedRows(parts, self.dim)
+        self._commit(generation, manifest, checksums, state, view_rows, ann, files, None, full=True)
+        removed = int((~state["keep"]).sum())
+        seconds = time.perf_counter() - t0
+        logger.info("add_store (one pass): %d rows, %d removed, %.1f s", n, removed, seconds)
+        return {"rows": n, "removed": removed, "batches": 1, "seconds": seconds}
 
     def _verify_mode_for(self, verify: str | None) -> str:
         """The verification of the next add: ``verify`` (None: the index's own).  An
@@ -1231,6 +1353,23 @@ class _Prefix:
             a, b, _ = key.indices(self.n)
             return self.store[a:b]
         return self.store[key]
+
+
+class _PreparedRows:
+    """Rows ``[a, b)`` of ``source`` as ``index.add`` would store them (unit float32,
+    rounded to a float16 index's dtype), read a slice at a time: what the one-pass build
+    writes, streamed (never a whole segment in float32)."""
+
+    def __init__(self, index: DedupIndex, source: Any, a: int, b: int) -> None:
+        self.index, self.source, self.a = index, source, a
+        self.shape = (b - a, index.dim)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        lo, hi, _ = key.indices(self.shape[0])
+        q = self.index._prepare(self.source[self.a + lo : self.a + hi])
+        if self.index._dtype == "float16":
+            q = q.astype(np.float16).astype(np.float32)  # scored as stored
+        return q
 
 
 class _Parts:

@@ -35,12 +35,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .blocked import blocked_search
+from .blocked import blocked_search, worker_count
 from .centroids import SAMPLE_PER_LIST, balanced_centroids, spherical_kmeans
 from .flat import faiss_module
 from .pairs import PairSet, concat_pairsets
@@ -71,9 +72,10 @@ DEFAULT_MARGIN = 0.02
 #: found a row's nearest centroid for only 89-99% of rows (bench/RESULTS.md).
 REGION_ROWS = 1_000_000
 
-#: Groups of centroids a row's assignment compares it with, when the centroids are many
-#: (:func:`_regions`): of about ``sqrt(C)`` groups.
-ASSIGN_GROUPS = 10
+#: From this many rows :func:`default_params` cuts the collection into regions of about
+#: :data:`REGION_ROWS` rows (measured at 10M: bench/RESULTS.md; one level at 10M had
+#: partitions of ~120k rows, ~66 min of tiles).
+REGIONS_FROM_ROWS = 4_000_000
 
 #: Sampled rows per region the regions' own k-means trains on (at least 39 a centroid,
 #: the FAISS minimum; a few thousand per region place the coarse borders well).
@@ -130,6 +132,12 @@ class PartitionInfo:
     sizes: list[int] = field(default_factory=list, repr=False)
     regions: list[int] = field(default_factory=list)  # rows whose nearest region it is
     precision: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: With ``partitioned_search(..., keep_lists=True)``: the top-level centroids
+    #: ``(C, d)`` and each row's nearest one (int32), e.g. an IVF index's coarse
+    #: quantizer and lists (:meth:`dedup_index.DedupIndex.add_store`).  None otherwise,
+    #: or when the collection was too small to partition.
+    centroids: np.ndarray | None = field(default=None, repr=False)
+    home: np.ndarray | None = field(default=None, repr=False)
 
     def summary(self, n: int) -> str:
         full = n * (n - 1) / 2 or 1.0
@@ -182,7 +190,7 @@ def default_params(
     the centroids of a few regions only.  (Partitioning each region on its own, a row
     joining regions by the margin rule, was tried first: coarse centroids are about
     equally near most rows, so at 10M rows joined 2.9 regions each, 29M in all.)"""
-    r = n_regions or 1
+    r = n_regions or (math.ceil(n / REGION_ROWS) if n >= REGIONS_FROM_ROWS else 1)
     r = max(1, min(r, n)) if n else 1
     per = math.ceil(n / r)  # rows a region, before rows near a border join two
     c = n_clusters or max(1, min(2048, round(per / 128)))
@@ -208,9 +216,12 @@ def partitioned_search(
     sink=None,
     progress: Callable[[int], Any] | None = None,
     precision: str | Arithmetic = "auto",
+    keep_lists: bool = False,
 ) -> tuple[PairSet, np.ndarray, np.ndarray, PartitionInfo]:
     """Pairs (exact scores; recall measured separately), lower bounds of each row's
-    nearest and best-earlier score, and how the collection was partitioned.
+    nearest and best-earlier score, and how the collection was partitioned
+    (``keep_lists``: with the centroids and each row's nearest, see
+    :class:`PartitionInfo`).
 
     A pair is reported by the first partition holding both rows only, so no pair is
     reported twice; ``sink`` (a :class:`~dedup_index.store.PairSink`) receives the pairs
@@ -227,7 +238,10 @@ def partitioned_search(
         return PairSet.empty(), nearest, earlier, info
     faiss = faiss_module(threads)
     rows = np.arange(n, dtype=row_dtype(n))
-    parts = _partition(faiss, embeddings, rows, params, info, depth=0)
+    keep = info if keep_lists else None
+    parts = _partition(
+        faiss, embeddings, rows, params, info, 0, precision=precision, threads=threads, keep=keep
+    )
     first_shared = _FirstShared(n, parts)
     arith = _partition_arithmetic(precision, parts, d)
     info.precision = arith.info()
@@ -375,7 +389,17 @@ def _first_common_kernel():
     return _KERNELS["first_common"]
 
 
-def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]:
+def _partition(
+    faiss,
+    embeddings,
+    rows,
+    params,
+    info,
+    depth,
+    precision: str | Arithmetic = "fp32",
+    threads: int | None = None,
+    keep: PartitionInfo | None = None,
+) -> list[np.ndarray]:
     """Row ids of each partition (ascending), oversize ones split recursively."""
     n = rows.size
     c = min(params.n_clusters, n)
@@ -384,7 +408,7 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     if params.exhaustive or (c <= 1 and params.n_regions <= 1):
         return [rows] * max(1, c if params.exhaustive else 1)
     if depth == 0 and params.n_regions > 1 and n == embeddings.shape[0]:
-        centroids, assign = _regions(embeddings, params, info, margin)
+        centroids, assign = _regions(embeddings, params, info, margin, precision, threads)
         p = assign.shape[1]
     elif depth == 0 and n == embeddings.shape[0]:
         # The whole collection: balanced on the k-means sample, assigned once.
@@ -397,6 +421,9 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
         assign = _assign(embeddings, rows, centroids, p, margin)
+    if keep is not None and depth == 0:
+        keep.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        keep.home = np.ascontiguousarray(assign[:, 0])
     out: list[np.ndarray] = []
     for part in _groups(rows, assign, centroids.shape[0]):
         if part.size > params.max_partition and depth < 3 and part.size < n:
@@ -422,7 +449,9 @@ def _partition(faiss, embeddings, rows, params, info, depth) -> list[np.ndarray]
     return out
 
 
-def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
+def _regions(
+    embeddings, params, info, margin, precision, threads=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Centroids of every region, and each row's nearest ones, for a collection cut into
     ``params.n_regions`` regions: ``(centroids (C, d), assign (N, p))`` as
     :func:`_assign` gives them, over all regions' centroids together.
@@ -430,13 +459,14 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     The regions are balanced coarse centroids; each row's nearest region is its home.
     Each region trains its own balanced centroids (``n_clusters`` for a region of the
     expected size, proportionally more or fewer) on a sample of its home rows.  Then
-    every row is compared with the centroids of its :data:`ASSIGN_GROUPS` nearest
-    groups of centroids only (not all ``C``: the assignment stays linear in N) and joins
-    its nearest centroid and up to ``n_probe - 1`` more within ``margin``, whichever
-    region they come from.  So a partition is one centroid's rows from anywhere in the
-    collection, and a row joins about as many partitions as in a one-level search; only
-    a row whose nearest centroids lie outside its nearest groups is placed less well
-    (logged on a sample; its cost is measured by the recall)."""
+    every row is compared with every region's centroids (:func:`assign_many`: bf16
+    products where they are the faster GEMM, the best candidates rescored in float32)
+    and joins its nearest centroid and up to ``n_probe - 1`` more within ``margin``,
+    whichever region they come from.  So a partition is one centroid's rows from
+    anywhere in the collection, and a row joins about as many partitions as in a
+    one-level search.  The regions only make the centroids' training linear in N (a
+    k-means of 49k centroids on the whole collection would cost more than the search).
+    ``precision``: of the assignment's products (``auto``/``bf16``: bf16 where fast)."""
     n, d = embeddings.shape
     rows = np.arange(n, dtype=row_dtype(n))
     per_list = max(MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, n // params.n_regions))
@@ -484,65 +514,9 @@ def _regions(embeddings, params, info, margin) -> tuple[np.ndarray, np.ndarray]:
     )
     centroids = np.concatenate(fine)
     del fine
-    # The assignment searches the centroids like an IVF index: grouped by a k-means of
-    # the centroids themselves, each row compares with the groups' centroids, then with
-    # the centroids of its ASSIGN_GROUPS nearest groups only.  (Comparing each row with
-    # every centroid of its 3 nearest regions was ~20k products a row at 10M rows:
-    # 26 min for the assignment alone.)
     c_all = centroids.shape[0]
-    g = max(1, min(c_all, round(math.sqrt(c_all))))
-    # Plain k-means of the centroids (10M rows, 49k centroids, 222 groups, 10 probed):
-    # the nearest centroid found for 0.987 of the rows, but one hub group of 7248
-    # centroids near the data's common direction made the assignment ~3 min per 1M rows.
-    # Balanced groups (balanced_centroids) still had a 2897-centroid group (near-identical
-    # centroids cannot be split) and found the nearest for only 0.89.  Open problem:
-    # bench/RESULTS.md, "partitioned at 10M".
-    heads = spherical_kmeans(
-        centroids, g, seed=params.seed + 3, niter=params.niter, max_points=c_all // g + 1
-    )
-    owner = _assign(centroids, np.arange(c_all), heads, 1, 0.0).ravel()
-    order = np.argsort(owner, kind="stable")  # centroids renumbered group by group
-    centroids = np.ascontiguousarray(centroids[order])
-    first = np.searchsorted(owner[order], np.arange(g + 1))
-    q = min(ASSIGN_GROUPS, g)
-    p = min(params.n_probe, c_all)
-    assign = np.empty((n, p), dtype=np.int32)
-    merge = _top_merge_kernel()
-    block = 65536
-    for a in range(0, n, block):
-        x = read_rows(embeddings, rows[a : a + block])
-        m = x.shape[0]
-        near = _assign(x, np.arange(m), heads, q, 2.0).ravel()
-        by_group = np.argsort(near, kind="stable")
-        bounds = np.searchsorted(near[by_group], np.arange(g + 1))
-        vals = np.full((m, p), -np.inf, dtype=np.float32)
-        cols = np.full((m, p), -1, dtype=np.int32)
-        for k in range(g):
-            sel = by_group[bounds[k] : bounds[k + 1]] // q  # ascending rows probing k
-            if not sel.size or first[k + 1] == first[k]:
-                continue
-            mine = centroids[first[k] : first[k + 1]]
-            step = max(1, (32 << 20) // (4 * mine.shape[0]))  # products of <= 32 MiB
-            for b in range(0, sel.size, step):
-                part = sel[b : b + step]
-                merge(x[part] @ mine.T, int(first[k]), part, vals, cols)
-        assign[a : a + m] = _within(vals, cols, margin)
-        if a == 0:  # how often the nearest centroid is found, on the first block
-            check = x[: min(m, 2048)]
-            truth = np.argmax(check @ centroids.T, axis=1)
-            found = float(np.mean(cols[: check.shape[0], 0] == truth))
-            logger.info(
-                "partitioned: %d centroids in %d groups (largest %d), %d probed a row; the "
-                "nearest centroid found for %.4f of %d rows",
-                c_all,
-                g,
-                int(np.diff(first).max()),
-                q,
-                found,
-                check.shape[0],
-            )
-        if a and (a // block) % 16 == 0:
-            logger.info("partitioned: %d of %d rows assigned", a, n)
+    logger.info("partitioned: assigning %d rows to %d centroids", n, c_all)
+    assign = assign_many(embeddings, centroids, params.n_probe, margin, precision, threads)
     return centroids, assign
 
 
@@ -591,6 +565,8 @@ def _assign(embeddings, rows, centroids, p, margin, block: int = 16384) -> np.nd
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     out = np.empty((rows.size, p), dtype=np.int32)
     merge = _top_merge_kernel()
+    # products of at most 256 MiB (16384 rows x 49k regions' centroids would be 3.2 GB)
+    block = max(64, min(block, (256 << 20) // (4 * max(1, centroids.shape[0]))))
     for a in range(0, rows.size, block):
         x = read_rows(embeddings, rows[a : a + block])
         m = x.shape[0]
@@ -599,6 +575,169 @@ def _assign(embeddings, rows, centroids, p, margin, block: int = 16384) -> np.nd
         merge(x @ centroids.T, 0, np.arange(m), vals, cols)
         out[a : a + m] = _within(vals, cols, margin)
     return out
+
+
+#: Candidates per row that :func:`assign_many` keeps from its bf16 products before
+#: rescoring them in float32.  Measured on 4096 rows of the 10M store against 9.6k
+#: balanced centroids of its first 300k rows (products centred, see :func:`assign_many`):
+#: 8 candidates held the exact 3 nearest for 0.9998 of rows, 16 for all of them.
+ASSIGN_CANDIDATES = 16
+
+#: Rows per GEMM of :func:`assign_many`: products of 1024 x C bf16 (100 MB at C = 49k);
+#: 512 ran ~3x slower a row (per-call costs), 2048 no faster.
+ASSIGN_BLOCK = 1024
+
+
+def assign_many(
+    embeddings,
+    centroids: np.ndarray,
+    p: int,
+    margin: float,
+    precision: str | Arithmetic = "auto",
+    threads: int | None = None,
+    block: int = ASSIGN_BLOCK,
+) -> np.ndarray:
+    """:func:`_assign` of every row for many centroids (tens of thousands: the regions'):
+    every row against every centroid, in bf16 where that is the faster GEMM here
+    (torch's oneDNN path: AMX or AVX512-BF16; ``precision`` as for the tiles, ``auto``
+    measured), keeping each row's :data:`ASSIGN_CANDIDATES` best, which are rescored in
+    float32 before the top-``p`` and the margin are taken.  Elsewhere the float32
+    :func:`_assign`.
+
+    Why every centroid: at 10M rows and 49k centroids, comparing each row with the
+    centroids of its nearest groups of centroids (an IVF over the centroids) found the
+    nearest for at best 0.987 of rows, and the groups near the data's common direction
+    held thousands of centroids (~3 min per 1M rows); each row against the centroids of
+    its 3 nearest regions was ~26 min in float32.  All 49k in bf16 runs at ~840 GFLOP/s
+    on 2 cores with AMX (measured: ~87 s per 1M rows)."""
+    n, d = embeddings.shape
+    c = centroids.shape[0]
+    rows = np.arange(n, dtype=row_dtype(n))
+    name = precision.name if isinstance(precision, Arithmetic) else precision
+    arith = arithmetic(name if name in ("auto", "bf16") else "fp32", d, work=float(n) * c * d)
+    if arith.kernel != "onednn" or n == 0:
+        return _assign(embeddings, rows, centroids, p, margin)
+    import torch
+
+    flat = np.ascontiguousarray(centroids, dtype=np.float32)
+    # The candidates rank x . (c - mean): the same order as x . c (x . mean is one number
+    # a row), but the products are ~5x smaller, and so are the bf16 output's rounding
+    # steps (0.0039 near 0.7) and the input rounding's error.  Without it, 8 candidates
+    # held a row's 3 nearest of 9.6k centroids for 0.80 of rows; with it, 0.9998.
+    wide = torch.from_numpy(flat - flat.mean(axis=0, dtype=np.float64).astype(np.float32))
+    wide = wide.to(torch.bfloat16)
+    k = min(ASSIGN_CANDIDATES, c)
+    p = min(p, k)
+    out = np.empty((n, p), dtype=np.int32)
+    sims = torch.empty((min(block, n), c), dtype=torch.bfloat16)
+    select, rescore = _candidates_kernel(), _rescore_top_kernel()
+    workers = worker_count(threads)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def run(job) -> None:  # one worker's rows of a block (the kernels release the GIL)
+        bits, x, cand, vals, cols = job
+        select(bits, cand)
+        rescore(x, flat, cand, vals, cols)
+
+    try:
+        for a in range(0, n, block):
+            x = read_rows(embeddings, rows[a : a + block])
+            m = x.shape[0]
+            torch.mm(torch.from_numpy(x).to(torch.bfloat16), wide.T, out=sims[:m])
+            bits = sims[:m].view(torch.int16).numpy()
+            cand = np.empty((m, k), dtype=np.int32)
+            vals = np.full((m, p), -np.inf, dtype=np.float32)
+            cols = np.full((m, p), -1, dtype=np.int32)
+            cuts = np.linspace(0, m, workers + 1).astype(int)
+            jobs = [
+                (bits[lo:hi], x[lo:hi], cand[lo:hi], vals[lo:hi], cols[lo:hi])
+                for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)
+            ]
+            list(map(run, jobs) if pool is None else pool.map(run, jobs))
+            out[a : a + m] = _within(vals, cols, margin)
+            if a == 0:  # how often the nearest centroid is found, on the first block
+                check = min(m, 2048)
+                truth = np.argmax(x[:check] @ flat.T, axis=1)
+                logger.info(
+                    "partitioned: bf16 assignment to %d centroids finds the nearest for "
+                    "%.4f of %d rows",
+                    c,
+                    float(np.mean(cols[:check, 0] == truth)),
+                    check,
+                )
+            if a and (a // block) % 1024 == 0:
+                logger.info("partitioned: %d of %d rows assigned", a, n)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return out
+
+
+def _candidates_kernel():
+    """The compiled selection of :func:`assign_many`: per row of ``bits`` (bf16 products
+    as int16 bit patterns), the columns of its ``cand.shape[1]`` largest into ``cand``
+    (any order among equals).  A bf16 pattern read as int16 orders like its value for
+    positive values; a negative one maps to ``-(bits & 0x7FFF) - 1``."""
+    if "candidates" not in _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def candidates(bits, cand):  # pragma: no cover - compiled
+            m, c = bits.shape
+            k = cand.shape[1]
+            keys = np.empty(k, dtype=np.int32)
+            for t in range(m):
+                keys[:] = -(1 << 20)
+                cand[t, :] = -1
+                last = keys[k - 1]
+                for j in range(c):
+                    b = np.int32(bits[t, j])
+                    v = b if b >= 0 else -(b & 0x7FFF) - 1
+                    if v > last:
+                        i = k - 1
+                        while i > 0 and keys[i - 1] < v:
+                            keys[i] = keys[i - 1]
+                            cand[t, i] = cand[t, i - 1]
+                            i -= 1
+                        keys[i] = v
+                        cand[t, i] = j
+                        last = keys[k - 1]
+
+        _KERNELS["candidates"] = candidates
+    return _KERNELS["candidates"]
+
+
+def _rescore_top_kernel():
+    """The compiled rescoring of :func:`assign_many`: per row, the float32 products with
+    its candidate centroids, the ``p`` largest into ``vals``/``cols`` (largest first;
+    ``vals`` starts at -inf, ``cols`` at -1)."""
+    if "rescore_top" not in _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def rescore_top(x, centroids, cand, vals, cols):  # pragma: no cover - compiled
+            m, k = cand.shape
+            p = vals.shape[1]
+            d = x.shape[1]
+            for t in range(m):
+                for q in range(k):
+                    j = cand[t, q]
+                    if j < 0:
+                        continue
+                    s = np.float32(0.0)
+                    for e in range(d):
+                        s += x[t, e] * centroids[j, e]
+                    if s > vals[t, p - 1]:
+                        i = p - 1
+                        while i > 0 and vals[t, i - 1] < s:
+                            vals[t, i] = vals[t, i - 1]
+                            cols[t, i] = cols[t, i - 1]
+                            i -= 1
+                        vals[t, i] = s
+                        cols[t, i] = j
+
+        _KERNELS["rescore_top"] = rescore_top
+    return _KERNELS["rescore_top"]
 
 
 def _within(vals: np.ndarray, cols: np.ndarray, margin: float) -> np.ndarray:
@@ -614,8 +753,8 @@ def _top_merge_kernel():
     columns ``offset + k`` of ``sims[t]`` that rank among their ``p`` largest (ties: the
     one seen first, i.e. the lower column).  One pass over the row with a ``p``-long
     insertion list: at 1M rows x 2k centroids the numpy ``argpartition`` + sorts it
-    replaces took longer than the GEMM.  Called once per block of centroids, it merges
-    blocks: the regions' centroids are offered region by region."""
+    replaces took longer than the GEMM.  ``offset``/``sel`` let a caller offer the
+    centroids a block at a time and merge the blocks."""
     if "top_merge" not in _KERNELS:
         import numba
 

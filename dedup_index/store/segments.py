@@ -379,12 +379,18 @@ class SegmentedRows:
     """The concatenation of row parts (memory-mapped ``.npy`` arrays, or any array-like
     with ``shape``, slicing and integer-array indexing) as one float32 array-like."""
 
-    def __init__(self, parts: Iterable[Any], dim: int) -> None:
+    def __init__(self, parts: Iterable[Any], dim: int, *, release_after: int | None = None) -> None:
         self._parts = tuple(parts)
         self._dim = int(dim)
         sizes = [int(p.shape[0]) for p in self._parts]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.shape = (int(self._starts[-1]), self._dim)
+        #: With ``release_after`` (bytes): :meth:`release_pages` each time reads have
+        #: copied out that many bytes, so one long pass over every row (the one-pass
+        #: build of :meth:`DedupIndex.add_store`) keeps the mapped pages in the RSS
+        #: bounded, as :class:`~dedup_index.store.EmbeddingStore` bounds its own maps.
+        self._release_after = release_after
+        self._read = 0
 
     @property
     def parts(self) -> tuple:
@@ -414,6 +420,13 @@ class SegmentedRows:
     def with_part(self, part: Any) -> SegmentedRows:
         """A new view with ``part`` appended (this one is unchanged)."""
         return SegmentedRows([*self._parts, part], self._dim)
+
+    def _count(self, rows: int) -> None:
+        if self._release_after is not None:
+            self._read += rows * self._dim * 4
+            if self._read >= self._release_after:
+                self.release_pages()
+                self._read = 0
 
     def __getitem__(self, key: Any) -> np.ndarray:
         n = self.shape[0]
@@ -454,6 +467,7 @@ class SegmentedRows:
                 out[r - a : r - a + take] = self._parts[p][r - s0 : r - s0 + take]
                 r += take
             p += 1
+        self._count(b - a)
         return out
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
@@ -467,8 +481,9 @@ class SegmentedRows:
         part = np.searchsorted(self._starts, idx, side="right") - 1
         if len(self._parts) == 1:
             out[:] = self._parts[0][idx]
-            return out
-        for p in np.unique(part):
-            pos = np.flatnonzero(part == p)
-            out[pos] = self._parts[int(p)][idx[pos] - self._starts[p]]
+        else:
+            for p in np.unique(part):
+                pos = np.flatnonzero(part == p)
+                out[pos] = self._parts[int(p)][idx[pos] - self._starts[p]]
+        self._count(idx.shape[0])
         return out
