@@ -9,7 +9,9 @@ Usage: python bench/bench_index.py [--base 200000] [--add 20000] [--backends ivf
 
 ``--from-store N``: an ``ivf`` index with float16 rows built from the float16 store of N
 rows (``_common.ensure_store(N, dtype="float16")``, built first if missing) by
-``DedupIndex.add_store`` in batches, with RSS sampled (``_common.MemSampler``: peak VmRSS
+``DedupIndex.add_store`` (from 1M rows in one pass: one ``partitioned`` search, its
+centroids the coarse quantizer; ``--batch-rows`` then unused; below, in batches), with RSS
+sampled (``_common.MemSampler``: peak VmRSS
 and its anonymous / file-backed parts); then ``--add`` new rows (30% near-copies of store
 rows, 70% fresh) added in one ``add`` (timed, sampled); then the recall of the build's
 pairs on a sample of 1000 rows (``search.recall.measure_recall``) and of the add's new

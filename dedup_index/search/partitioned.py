@@ -66,10 +66,8 @@ SPLIT_TRAIN_PER_CENTROID = 64
 #: nearest one (see :func:`default_params`).
 DEFAULT_MARGIN = 0.02
 
-#: Rows a region should hold when ``n_regions`` is asked for (:func:`_regions`): the size
-#: whose one-level partitioning was measured (1M x 512 in 85 s at recall 0.998,
-#: bench/RESULTS.md).  Regions are not the default yet: at 10M rows their assignment
-#: found a row's nearest centroid for only 89-99% of rows (bench/RESULTS.md).
+#: Rows a region should hold (:func:`_regions`): the size whose one-level partitioning
+#: was measured (1M x 512 in 85 s at recall 0.998, bench/RESULTS.md).
 REGION_ROWS = 1_000_000
 
 #: From this many rows :func:`default_params` cuts the collection into regions of about
@@ -160,7 +158,8 @@ def default_params(
     n_regions: int | None = None,
 ) -> PartitionParams:
     """Parameters from N (``n_regions``: regions of ``N / n_regions`` rows, each with the
-    centroids a collection of that size gets, :func:`_regions`; default one level).
+    centroids a collection of that size gets, :func:`_regions`; default one level below
+    :data:`REGIONS_FROM_ROWS` rows, regions of about :data:`REGION_ROWS` from there).
     Per region (or the whole collection): about 128 rows per centroid (``C`` at most 2048, before
     balancing adds more), ``p = 2`` (3 above 500k rows, where ``C`` is capped and
     partitions are larger: measured at 1M, recall 0.985 with p = 2, 0.998 with p = 3)
@@ -185,11 +184,12 @@ def default_params(
     Why regions: the tile work is about ``N^2 / C`` and the assignment ``N C``, so one
     level cannot keep both linear in N; with ``C`` capped at 2048 a 10M collection's
     partitions were ~120k rows (100x the 1M tile work), and splitting them again after
-    the fact lost recall (0.988 at 2M).  With ~1M-row regions, each holding the
-    centroids of a 1M collection, ``C`` grows with N while each row is compared with
-    the centroids of a few regions only.  (Partitioning each region on its own, a row
-    joining regions by the margin rule, was tried first: coarse centroids are about
-    equally near most rows, so at 10M rows joined 2.9 regions each, 29M in all.)"""
+    the fact lost recall (0.988 at 2M).  With ~1M-row regions, each training the
+    centroids of a 1M collection, ``C`` grows with N and the training stays linear in
+    N; every row is then compared with all ``C`` centroids in bf16 (:func:`assign_many`:
+    at 10M rows and 49k centroids, ~12 min on 2 cores).  (Partitioning each region on
+    its own, a row joining regions by the margin rule, was tried first: coarse centroids
+    are about equally near most rows, so at 10M rows joined 2.9 regions each.)"""
     r = n_regions or (math.ceil(n / REGION_ROWS) if n >= REGIONS_FROM_ROWS else 1)
     r = max(1, min(r, n)) if n else 1
     per = math.ceil(n / r)  # rows a region, before rows near a border join two
