@@ -133,6 +133,10 @@ ONE_PASS_ROWS = 1_000_000
 #: Rows per rows file and per FAISS segment of a one-pass build: a segment is built in
 #: memory before it is written and memory-mapped (1M float16 rows: ~1 GiB).
 ONE_PASS_SEGMENT_ROWS = 1 << 20
+#: Rows per rows file of a one-pass build: reads through a map may bring a whole part
+#: into the RSS before its pages are released (scattered k-means samples), so a part is
+#: at most 256 MiB of float16 rows.
+ONE_PASS_FILE_ROWS = 1 << 18
 #: Bytes read through a one-pass build's row maps before their pages are dropped from
 #: the RSS (:class:`~dedup_index.store.SegmentedRows`'s ``release_after``).
 ONE_PASS_MAPPED_BYTES = 256 << 20
@@ -653,9 +657,10 @@ class DedupIndex:
         ``partitioned`` search over them finds the pairs, and its centroids become the
         coarse quantizer, each row put in the list of its nearest centroid (no second
         clustering, no batch searched against the batches before it).  Memory stays
-        bounded (rows files and FAISS segments of :data:`ONE_PASS_SEGMENT_ROWS` rows,
-        written and memory-mapped one at a time); a killed build leaves the index empty
-        (nothing is committed until the end: start again).
+        bounded (rows files of :data:`ONE_PASS_FILE_ROWS` rows, FAISS segments of
+        :data:`ONE_PASS_SEGMENT_ROWS` rows, written and memory-mapped one at a time); a
+        killed build leaves the index empty (nothing is committed until the end: start
+        again).
 
         ``source``: an :class:`~dedup_index.store.EmbeddingStore`, the path of one
         (opened read-only), or any ``(N, D)`` array-like with slicing (a memory-mapped
@@ -747,19 +752,20 @@ class DedupIndex:
             )
         t0 = time.perf_counter()
         n = stop - start
-        keys = [str(r) for r in range(n)] if keys_of is None else list(keys_of[start:stop])
-        if len(set(keys)) != n:
+        keys = None if keys_of is None else list(keys_of[start:stop])
+        if keys is not None and len(set(keys)) != n:
             raise ValueError("the store's keys repeat: add its rows in batches (one_pass=False)")
         generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
         entries, parts = [], []
-        spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
-        for k, (a, b) in enumerate(spans):  # the rows, as add() stores them
+        files_at = [(a, min(n, a + ONE_PASS_FILE_ROWS)) for a in range(0, n, ONE_PASS_FILE_ROWS)]
+        for k, (a, b) in enumerate(files_at):  # the rows, as add() stores them
             rows_name = f"rows/rows-{generation:06d}-{k:05d}.npy"
             keys_name = f"rows/keys-{generation:06d}-{k:05d}.json"
             prepared = _PreparedRows(self, source, start + a, start + b)
             checksums.update(write_rows_segment(self.path, rows_name, prepared, self._dtype))
-            checksums[keys_name] = write_json_atomic(self.path / keys_name, keys[a:b])
+            part_keys = [str(r) for r in range(a, b)] if keys is None else keys[a:b]
+            checksums[keys_name] = write_json_atomic(self.path / keys_name, part_keys)
             entries.append(_rows_entry(rows_name, keys_name, b - a))
             parts.append(
                 _open_rows(self.path, rows_name, b - a, self.dim, checksums, blocks_name(rows_name))
@@ -790,6 +796,7 @@ class DedupIndex:
             home = np.zeros(n, dtype=np.int32)
         ann = _empty_ann(self._manifest)
         ann_entries, files = [], {}
+        spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)

@@ -17,6 +17,8 @@ hashed by checks in this process (tests assert that opening hashes nothing).
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -135,17 +137,47 @@ def check_blocks(
     ``corrupt(lo, hi)`` for the first that does not (it stays unmarked; with ``corrupt``
     None, stop there without raising)."""
     n = rows.shape[0]
-    for b in np.asarray(blocks).tolist():
-        lo = b * block_rows
-        hi = min(lo + block_rows, n)
-        data = np.ascontiguousarray(rows[lo:hi])  # a view for a C-order map: no copy
-        with _hashed_lock:
-            _hashed[0] += data.nbytes
-        if digest(data.data) != digests[b]:
-            if corrupt is None:
-                return
-            raise corrupt(lo, hi)
-        checked[b] = True
+    source = _file_of(rows)
+    fd = os.open(source[0], os.O_RDONLY) if source is not None else -1
+    try:
+        for b in np.asarray(blocks).tolist():
+            lo = b * block_rows
+            hi = min(lo + block_rows, n)
+            if source is not None:  # the file's bytes, read (see _file_of)
+                want = (hi - lo) * source[2]
+                data: Any = os.pread(fd, want, source[1] + lo * source[2])
+                ok = len(data) == want
+            else:
+                data = np.ascontiguousarray(rows[lo:hi]).data  # a view of a C-order map
+                ok = True
+            with _hashed_lock:
+                _hashed[0] += len(data) if source is not None else data.nbytes
+            if not ok or digest(data) != digests[b]:
+                if corrupt is None:
+                    return
+                raise corrupt(lo, hi)
+            checked[b] = True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _file_of(rows: Any) -> tuple[str, int, int] | None:
+    """``(path, offset of row 0, bytes a row)`` when ``rows`` is a whole memory map of a
+    file (``np.memmap`` / ``np.load(mmap_mode="r")``, not a view of one): blocks are then
+    hashed from ``pread``s of the file, so checking never maps pages into the process.
+    (Hashed through the map, a scattered gather of 40k rows from a 10M-row index checked
+    nearly every block: 9.5 GB of mapped pages in the RSS, which the reader's page
+    release only drops after the read.)"""
+    if (
+        isinstance(rows, np.memmap)
+        and isinstance(rows.base, mmap.mmap)
+        and getattr(rows, "filename", None)
+        and rows.ndim == 2
+        and rows.flags.c_contiguous
+    ):
+        return str(rows.filename), int(rows.offset), int(rows.shape[1] * rows.dtype.itemsize)
+    return None
 
 
 def check_range(

@@ -105,7 +105,7 @@ MAX_MAPPED_BYTES = 512 << 20
 #: the kernel maps a whole page-cache folio per fault (measured here, kernel 6.18: 1 MiB
 #: per touch of a 256 MiB float16 shard), so a gather of scattered rows maps nearly all
 #: of each shard it touches; the bound then holds per shard (maps dropped between them).
-_FOLIO = 2 << 20
+FOLIO_BYTES = 2 << 20
 
 MANIFEST = "manifest.json"
 KEYS_FILE = "keys.jsonl"
@@ -911,7 +911,7 @@ class EmbeddingStore:
             self._verify_rows(k, r0, r0 + take)
             out[r - a : r - a + take] = self._map(k)[r0 : r0 + take]
             r += take
-            self._touch(take * self._row_bytes + 2 * _FOLIO, hashed)
+            self._touch(take * self._row_bytes + 2 * FOLIO_BYTES, hashed)
             hashed = hashed_bytes()
         return out
 
@@ -950,7 +950,7 @@ class EmbeddingStore:
 
     def _gather_touch(self, k: int, rows: int) -> int:
         """Bytes a gather of ``rows`` scattered rows of shard ``k`` may have mapped."""
-        return min(self._rows_in_shard(k) * self._row_bytes, rows * (self._row_bytes + _FOLIO))
+        return min(self._rows_in_shard(k) * self._row_bytes, rows * (self._row_bytes + FOLIO_BYTES))
 
     def _verify_gather(self, k: int, local: np.ndarray) -> None:
         """Hash the not yet checked blocks of shard ``k`` holding rows ``local``."""
