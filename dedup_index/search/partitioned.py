@@ -630,14 +630,18 @@ def assign_many(
     p = min(p, k)
     out = np.empty((n, p), dtype=np.int32)
     sims = torch.empty((min(block, n), c), dtype=torch.bfloat16)
-    select, rescore = _candidates_kernel(), _rescore_top_kernel()
+    select, merge = _candidates_kernel(), _top_merge_kernel()
     workers = worker_count(threads)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
-    def run(job) -> None:  # one worker's rows of a block (the kernels release the GIL)
+    def run(job) -> None:  # one worker's rows of a block (kernels and BLAS free the GIL)
         bits, x, cand, vals, cols = job
         select(bits, cand)
-        rescore(x, flat, cand, vals, cols)
+        # the candidates rescored in float32, the top p kept (positions, then centroids)
+        sims = np.matmul(x[:, None, :], flat[cand].transpose(0, 2, 1))[:, 0, :]
+        at = np.full(cols.shape, -1, dtype=np.int32)
+        merge(np.ascontiguousarray(sims), 0, np.arange(x.shape[0]), vals, at)
+        cols[:] = np.where(at >= 0, np.take_along_axis(cand, np.maximum(at, 0), axis=1), -1)
 
     try:
         for a in range(0, n, block):
@@ -705,39 +709,6 @@ def _candidates_kernel():
 
         _KERNELS["candidates"] = candidates
     return _KERNELS["candidates"]
-
-
-def _rescore_top_kernel():
-    """The compiled rescoring of :func:`assign_many`: per row, the float32 products with
-    its candidate centroids, the ``p`` largest into ``vals``/``cols`` (largest first;
-    ``vals`` starts at -inf, ``cols`` at -1)."""
-    if "rescore_top" not in _KERNELS:
-        import numba
-
-        @numba.njit(nogil=True, cache=True)
-        def rescore_top(x, centroids, cand, vals, cols):  # pragma: no cover - compiled
-            m, k = cand.shape
-            p = vals.shape[1]
-            d = x.shape[1]
-            for t in range(m):
-                for q in range(k):
-                    j = cand[t, q]
-                    if j < 0:
-                        continue
-                    s = np.float32(0.0)
-                    for e in range(d):
-                        s += x[t, e] * centroids[j, e]
-                    if s > vals[t, p - 1]:
-                        i = p - 1
-                        while i > 0 and vals[t, i - 1] < s:
-                            vals[t, i] = vals[t, i - 1]
-                            cols[t, i] = cols[t, i - 1]
-                            i -= 1
-                        vals[t, i] = s
-                        cols[t, i] = j
-
-        _KERNELS["rescore_top"] = rescore_top
-    return _KERNELS["rescore_top"]
 
 
 def _within(vals: np.ndarray, cols: np.ndarray, margin: float) -> np.ndarray:
