@@ -403,3 +403,37 @@ def test_a_killed_one_pass_build_leaves_an_empty_index_and_runs_again(tmp_path, 
     assert done.returncode == 0, done.stderr
     with DedupIndex.open(tmp_path / "i") as reader:
         assert reader.keys() == keys and len(reader._view.ann.segments) == 2
+
+
+def test_segmented_rows_release_their_maps_as_reads_add_up(tmp_path):
+    """``SegmentedRows(release_after=)``: reads count what they may have mapped, and past
+    the bound each part is mapped again (its pages leave the RSS), part by part within
+    one gather; the rows read are the same; without the bound the maps are kept."""
+    from dedup_index.store import SegmentedRows, open_rows_file, write_rows_segment
+    from dedup_index.store.segments import blocks_name
+
+    E = unit_rows(240, 16, seed=2, copies=0.0)
+    parts = []
+    for k in range(3):
+        name = f"rows-{k}.npy"
+        sums = write_rows_segment(tmp_path, name, E[80 * k : 80 * (k + 1)], "float16")
+        parts.append(
+            open_rows_file(
+                tmp_path / name,
+                80,
+                16,
+                sums[name],
+                blocks=tmp_path / blocks_name(name),
+                blocks_sha256=sums[blocks_name(name)],
+            )
+        )
+    want = E.astype(np.float16).astype(np.float32)
+    kept = SegmentedRows(parts, 16)
+    maps = [p._rows for p in parts]
+    pick = np.array([3, 90, 170, 239])
+    assert np.array_equal(kept[pick], want[pick])
+    assert all(p._rows is m for p, m in zip(parts, maps, strict=True))
+    bounded = SegmentedRows(parts, 16, release_after=1)
+    assert np.array_equal(bounded[pick], want[pick])
+    assert all(p._rows is not m for p, m in zip(parts, maps, strict=True))  # each remapped
+    assert np.array_equal(bounded[10:200], want[10:200])
