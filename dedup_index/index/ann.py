@@ -337,12 +337,9 @@ class AnnIndex:
         """An IVF segment over ``rows`` on the shared quantizer, each row put in the list
         already found for it (FAISS's ``add_core`` with precomputed assignments: the
         coarse search is not repeated)."""
-        faiss = faiss_module()
         first = self.segments[0].index
-        quantizer = faiss.clone_index(first.quantizer)
-        index = new_ivf(quantizer, first.d, first.nlist, fp16=is_fp16(first))
-        lists = np.ascontiguousarray(lists, dtype=np.int64)
-        index.add_core(rows.shape[0], faiss.swig_ptr(rows), None, faiss.swig_ptr(lists))
+        quantizer = faiss_module().clone_index(first.quantizer)
+        index = ivf_from_assignment(quantizer, rows, lists, fp16=is_fp16(first))
         self._configure(index)
         return index
 
@@ -538,6 +535,22 @@ def new_ivf(quantizer: Any, d: int, nlist: int, *, fp16: bool) -> Any:
     index.own_fields = True
     quantizer.this.disown()
     index.is_trained = True
+    return index
+
+
+def ivf_from_assignment(
+    quantizer: Any, rows: Any, lists: np.ndarray, *, fp16: bool, block: int = 1 << 16
+) -> Any:
+    """An IVF index on ``quantizer`` (:func:`new_ivf` takes it) holding ``rows`` (an
+    array-like, read ``block`` rows at a time as float32), row ``r`` in list
+    ``lists[r]`` already found for it (FAISS's ``add_core``: no coarse search)."""
+    faiss = faiss_module()
+    index = new_ivf(quantizer, quantizer.d, quantizer.ntotal, fp16=fp16)
+    for a in range(0, rows.shape[0], block):
+        b = min(rows.shape[0], a + block)
+        x = np.ascontiguousarray(rows[a:b], dtype=np.float32)
+        at = np.ascontiguousarray(lists[a:b], dtype=np.int64)
+        index.add_core(b - a, faiss.swig_ptr(x), None, faiss.swig_ptr(at))
     return index
 
 

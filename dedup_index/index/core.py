@@ -549,9 +549,7 @@ class DedupIndex:
                 f"the index at {self.path} verifies pairs (verify={mode!r}): pass the rows' "
                 "images (images=...), or use add_images"
             )
-        q = self._prepare(embeddings)
-        if self._manifest.get("dtype", "float32") == "float16":
-            q = q.astype(np.float16).astype(np.float32)  # scored as stored
+        q = self._as_stored(embeddings)
         n_old = len(self)
         keys = [str(n_old + k) for k in range(q.shape[0])] if keys is None else list(keys)
         if len(keys) != q.shape[0]:
@@ -700,14 +698,22 @@ class DedupIndex:
                 "of the store)"
             )
         keys_of = source.keys() if isinstance(source, EmbeddingStore) else None
-        if one_pass is None:
-            one_pass = (
-                len(self) == 0
-                and self._manifest["backend"] == "ivf"
-                and self.verify_mode == "none"
-                and stop - start >= ONE_PASS_ROWS
-                and (keys_of is None or len(set(keys_of[start:stop])) == stop - start)
+        empty_ivf = (
+            len(self) == 0 and self._manifest["backend"] == "ivf" and self.verify_mode == "none"
+        )
+        if one_pass and not empty_ivf:
+            raise IndexError_(
+                f"a one-pass build needs an empty 'ivf' index that does not verify; the index "
+                f"at {self.path} is {self._manifest['backend']!r} with {len(self)} rows "
+                f"(verify={self.verify_mode!r}): add the rows in batches (one_pass=False)"
             )
+        if one_pass or (one_pass is None and empty_ivf and stop - start >= ONE_PASS_ROWS):
+            distinct = keys_of is None or len(set(keys_of[start:stop])) == stop - start
+            if one_pass and not distinct:
+                raise ValueError(
+                    "the store's keys repeat: add its rows in batches (one_pass=False)"
+                )
+            one_pass = distinct
         if one_pass:
             return self._build_one_pass(source, start, stop, keys_of, progress)
         t0 = time.perf_counter()
@@ -742,19 +748,11 @@ class DedupIndex:
     def _build_one_pass(self, source, start: int, stop: int, keys_of, progress) -> dict[str, Any]:
         """:meth:`add_store`'s ``one_pass`` build of an empty ``ivf`` index (see there)."""
         from ..search.partitioned import default_params, partitioned_search
-        from .ann import new_ivf
+        from .ann import ivf_from_assignment
 
-        if len(self) or self._manifest["backend"] != "ivf" or self.verify_mode != "none":
-            raise IndexError_(
-                f"a one-pass build needs an empty 'ivf' index that does not verify; the index "
-                f"at {self.path} is {self._manifest['backend']!r} with {len(self)} rows "
-                f"(verify={self.verify_mode!r}): add the rows in batches (one_pass=False)"
-            )
         t0 = time.perf_counter()
         n = stop - start
-        keys = None if keys_of is None else list(keys_of[start:stop])
-        if keys is not None and len(set(keys)) != n:
-            raise ValueError("the store's keys repeat: add its rows in batches (one_pass=False)")
+        keys = None if keys_of is None else keys_of[start:stop]  # distinct: add_store checked
         generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
         entries, parts = [], []
@@ -800,12 +798,8 @@ class DedupIndex:
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)
-            index = new_ivf(quantizer, self.dim, centroids.shape[0], fp16=self._dtype == "float16")
-            for c in range(a, b, 1 << 16):  # float32 rows a block at a time
-                e = min(b, c + (1 << 16))
-                block = np.ascontiguousarray(rows[c:e], dtype=np.float32)
-                lists = np.ascontiguousarray(home[c:e], dtype=np.int64)
-                index.add_core(e - c, faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
+            fp16 = self._dtype == "float16"
+            index = ivf_from_assignment(quantizer, _Span(rows, a, b), home[a:b], fp16=fp16)
             name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
             index, mapped = _write_segment(self.path, name, index, checksums)
             ann = ann.with_segment(a, b, index, mapped)
@@ -1297,6 +1291,14 @@ class DedupIndex:
             )
         return as_unit_float32(arr)
 
+    def _as_stored(self, embeddings) -> np.ndarray:
+        """Rows as this index stores and scores them: unit float32, rounded to float16
+        for a float16 index (what ``add`` and a one-pass build write)."""
+        q = self._prepare(embeddings)
+        if self._dtype == "float16":
+            q = q.astype(np.float16).astype(np.float32)  # scored as stored
+        return q
+
     def _new_keys(self, keys: list[str], on_duplicate_key: str) -> tuple[list[int], list[str]]:
         """The one rule for keys already indexed: ``(positions of the keys to add, keys
         skipped)``; a key repeated within ``keys`` is a ``ValueError``, an indexed one an
@@ -1362,6 +1364,18 @@ class _Prefix:
         return self.store[key]
 
 
+class _Span:
+    """Rows ``[a, b)`` of an array-like, sliced like one (no copy until read)."""
+
+    def __init__(self, rows: Any, a: int, b: int) -> None:
+        self.rows, self.a = rows, a
+        self.shape = (b - a, rows.shape[1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        lo, hi, _ = key.indices(self.shape[0])
+        return self.rows[self.a + lo : self.a + hi]
+
+
 class _PreparedRows:
     """Rows ``[a, b)`` of ``source`` as ``index.add`` would store them (unit float32,
     rounded to a float16 index's dtype), read a slice at a time: what the one-pass build
@@ -1373,10 +1387,7 @@ class _PreparedRows:
 
     def __getitem__(self, key: slice) -> np.ndarray:
         lo, hi, _ = key.indices(self.shape[0])
-        q = self.index._prepare(self.source[self.a + lo : self.a + hi])
-        if self.index._dtype == "float16":
-            q = q.astype(np.float16).astype(np.float32)  # scored as stored
-        return q
+        return self.index._as_stored(self.source[self.a + lo : self.a + hi])
 
 
 class _Parts:

@@ -144,14 +144,14 @@ def check_blocks(
             lo = b * block_rows
             hi = min(lo + block_rows, n)
             if source is not None:  # the file's bytes, read (see _file_of)
-                want = (hi - lo) * source[2]
-                data: Any = os.pread(fd, want, source[1] + lo * source[2])
-                ok = len(data) == want
+                size = (hi - lo) * source[2]
+                data: Any = os.pread(fd, size, source[1] + lo * source[2])
+                ok = len(data) == size
             else:
                 data = np.ascontiguousarray(rows[lo:hi]).data  # a view of a C-order map
-                ok = True
+                size, ok = data.nbytes, True
             with _hashed_lock:
-                _hashed[0] += len(data) if source is not None else data.nbytes
+                _hashed[0] += size
             if not ok or digest(data) != digests[b]:
                 if corrupt is None:
                     return

@@ -385,10 +385,11 @@ class SegmentedRows:
         sizes = [int(p.shape[0]) for p in self._parts]
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.shape = (int(self._starts[-1]), self._dim)
-        #: With ``release_after`` (bytes): :meth:`release_pages` each time reads have
-        #: copied out that many bytes, so one long pass over every row (the one-pass
-        #: build of :meth:`DedupIndex.add_store`) keeps the mapped pages in the RSS
-        #: bounded, as :class:`~dedup_index.store.EmbeddingStore` bounds its own maps.
+        #: With ``release_after`` (bytes): :meth:`release_pages` each time reads may
+        #: have mapped that many bytes (:meth:`_touched`), so one long pass over every
+        #: row (the one-pass build of :meth:`DedupIndex.add_store`) keeps the mapped
+        #: pages in the RSS bounded, as :class:`~dedup_index.store.EmbeddingStore`
+        #: bounds its own maps.
         self._release_after = release_after
         self._read = 0
 
@@ -428,11 +429,10 @@ class SegmentedRows:
         ``FOLIO_BYTES`` a row, at most its part's size, and releases part by part: a
         gather of 131k scattered rows of a 10M-row index (a k-means sample) mapped 9.5 GB
         counted as the 256 MB it copied out."""
-        if self._release_after is not None:
-            self._read += nbytes
-            if self._read >= self._release_after:
-                self.release_pages()
-                self._read = 0
+        self._read += nbytes  # callers count only with release_after set
+        if self._read >= self._release_after:
+            self.release_pages()
+            self._read = 0
 
     def __getitem__(self, key: Any) -> np.ndarray:
         n = self.shape[0]
