@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from dedup_index import dedup_embeddings
 from dedup_index.search import as_unit_float32
 from dedup_index.search.partitioned import (
+    DEFAULT_MARGIN,
+    DEFAULT_TIE_MARGIN,
     REGION_ROWS,
+    REGION_TIES,
     REGIONS_FROM_ROWS,
     PartitionParams,
     _assign,
@@ -30,20 +33,25 @@ from dedup_index.testing import dense_clusters
     c=st.integers(1, 12),
     p=st.integers(1, 12),
     margin=st.sampled_from([0.0, 0.01, 0.5, 2.0]),
+    ties=st.integers(0, 4),
+    tie=st.sampled_from([0.0, 1.0, 3.0]),
 )
-def test_top_p_within_margin_equals_a_stable_sort(seed, m, c, p, margin):
+def test_top_p_within_margin_equals_a_stable_sort(seed, m, c, p, margin, ties, tie):
     """The compiled selection of ``_assign`` equals the oracle: a stable descending sort
-    of each row's centroid scores (ties: the lower centroid first), the first ``p``,
-    then -1 for those below the best minus ``margin``.  Coarse coordinates make ties."""
+    of each row's centroid scores (ties: the lower centroid first), the first ``p +
+    ties``, then -1 for those below the best minus ``margin`` and, from the ``p``-th on
+    (near-ties), below the best minus ``min(tie, margin)``.  Coarse coordinates make
+    ties."""
     p = min(p, c)
     rng = np.random.default_rng(seed)
     rows = rng.integers(-2, 3, size=(m, 4)).astype(np.float32)
     cents = rng.integers(-2, 3, size=(c, 4)).astype(np.float32)
-    got = _assign(rows, np.arange(m), cents, p, margin)
+    got = _assign(rows, np.arange(m), cents, p, margin, ties=ties, tie=tie)
     sims = rows @ cents.T
-    want = np.argsort(-sims, axis=1, kind="stable")[:, :p]
+    want = np.argsort(-sims, axis=1, kind="stable")[:, : p + ties]
     vals = np.take_along_axis(sims, want, axis=1)
-    want[vals < vals[:, :1] - np.float32(margin)] = -1
+    width = np.where(np.arange(want.shape[1]) < p, margin, min(tie, margin))
+    want[vals < vals[:, :1] - width.astype(np.float32)] = -1
     assert got.dtype.kind == "i" and np.array_equal(got, want)
 
 
@@ -125,11 +133,12 @@ def test_regions_give_each_row_its_nearest_centroids_of_all_regions(precision):
     """``n_regions``: coarse regions first, each with centroids of its own; every row is
     compared with all regions' centroids (in bf16 when asked: the assignment's own
     candidates rescored in float32) and joins the nearest by the margin rule, whichever
-    region they belong to.  Every pair reported is exact and reported once; recall
+    region they belong to (and up to ``n_ties`` more near-ties).  Every pair reported
+    is exact and reported once; recall
     stays >= 0.99 on Zipf-like clusters; the nearest scores are lower bounds."""
     E = _skewed_with_copies()
     params = PartitionParams(
-        n_clusters=8, n_probe=3, max_partition=10**9, sample=len(E), n_regions=3
+        n_clusters=8, n_probe=3, max_partition=10**9, sample=len(E), n_regions=3, n_ties=2
     )
     pairs, nearest, earlier, info = partitioned_search(
         E, 0.9, params=params, threads=1, precision=precision
@@ -163,6 +172,16 @@ def test_default_params_cut_large_collections_into_regions_with_their_own_centro
     assert ten.n_regions == 10 == 10_000_000 // REGION_ROWS
     assert default_params(10_000_000, n_regions=1).n_regions == 1
     assert (ten.n_clusters, ten.n_probe, ten.sample) == (one.n_clusters, 3, one.sample)
+    # near-ties: only with regions (their centroids near the data's common direction
+    # repeat from region to region), never wider than the margin
+    assert (one.n_ties, ten.n_ties) == (0, REGION_TIES)
+    assert ten.tie_margin_for(512) == DEFAULT_TIE_MARGIN < ten.margin_for(512)
+    assert default_params(10_000_000, n_ties=0).n_ties == 0
+    assert default_params(10_000, tie_margin=0.5).tie_margin_for(512) == DEFAULT_MARGIN
+    with pytest.raises(ValueError, match="n_ties must be an integer >= 0; got -1"):
+        default_params(10, n_ties=-1)
+    with pytest.raises(ValueError, match="tie_margin must be in"):
+        default_params(10, tie_margin=3.0)
 
 
 def _clip_like(n: int, clusters: int, d: int, seed: int) -> np.ndarray:
@@ -192,3 +211,9 @@ def test_bf16_assignment_to_many_centroids_equals_the_float32_one(threads):
     assert np.array_equal(got[:, 0], want[:, 0])  # the nearest, always
     fp32 = assign_many(E, cents, 3, 0.02, "fp32", threads=threads)
     assert np.array_equal(fp32, want)
+    # with near-ties (up to 4 more within 0.005): the same rows and the same rule
+    want = _assign(E, np.arange(len(E)), cents, 3, 0.02, ties=4, tie=0.005)
+    got = assign_many(E, cents, 3, 0.02, "bf16", threads=threads, block=700, ties=4, tie=0.005)
+    assert got.shape == want.shape == (len(E), 7)
+    same = np.all(np.sort(got, axis=1) == np.sort(want, axis=1), axis=1)
+    assert same.mean() >= 0.995 and (want[:, 3:] >= 0).any()

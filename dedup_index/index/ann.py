@@ -543,9 +543,20 @@ def ivf_from_assignment(
 ) -> Any:
     """An IVF index on ``quantizer`` (:func:`new_ivf` takes it) holding ``rows`` (an
     array-like, read ``block`` rows at a time as float32), row ``r`` in list
-    ``lists[r]`` already found for it (FAISS's ``add_core``: no coarse search)."""
+    ``lists[r]`` already found for it (FAISS's ``add_core``: no coarse search).
+
+    Each list's capacity is reserved at its final size first (a resize up and back down
+    to zero keeps the capacity): rows appended one by one grow a list's buffer by
+    doubling, which held ~1.55x the rows' bytes (measured: 300k float16 rows in 15k
+    lists, 455 MiB for 293 MiB of rows; reserved, 328 MiB with the quantizer), ~0.5 GiB
+    too much for a 1M-row segment of a 10M-row build."""
     faiss = faiss_module()
     index = new_ivf(quantizer, quantizer.d, quantizer.ntotal, fp16=fp16)
+    counts = np.bincount(np.asarray(lists, dtype=np.int64), minlength=quantizer.ntotal)
+    invlists = faiss.extract_index_ivf(index).invlists
+    for k in np.flatnonzero(counts).tolist():
+        invlists.resize(k, int(counts[k]))
+        invlists.resize(k, 0)
     for a in range(0, rows.shape[0], block):
         b = min(rows.shape[0], a + block)
         x = np.ascontiguousarray(rows[a:b], dtype=np.float32)

@@ -82,7 +82,7 @@ from ..files import (
 )
 from ..policy import POLICIES, decide
 from ..search import INDEX_BACKENDS, as_unit_float32
-from ..search.blocked import blocked_search
+from ..search.blocked import HeapTrim, blocked_search
 from ..search.cross import cross_search
 from ..search.flat import faiss_module, flat_cross_search
 from ..search.pairs import PairSet, concat_pairsets
@@ -795,6 +795,7 @@ class DedupIndex:
         ann = _empty_ann(self._manifest)
         ann_entries, files = [], {}
         spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
+        heap = HeapTrim()  # a dropped segment's lists are small heap blocks: give them back
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)
@@ -805,6 +806,7 @@ class DedupIndex:
             ann = ann.with_segment(a, b, index, mapped)
             ann_entries.append({"file": name, "start": a, "stop": b})
             files[name] = (index, mapped)
+            heap.maybe()
             if progress is not None:
                 progress(b, n)
         crash_point("ann_written")

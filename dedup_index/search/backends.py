@@ -384,6 +384,8 @@ _REGISTRY: dict[str, Backend] = {
                 "sample",
                 "seed",
                 "n_regions",
+                "n_ties",
+                "tie_margin",
                 "precision",
             ),
         ),
@@ -483,7 +485,8 @@ def search(
     :data:`~dedup_index.search.precision.PRECISIONS`, the same results whichever);
     ``query_block``, ``db_block``, ``k`` (flat); ``params`` or
     ``n_clusters``, ``n_probe``, ``margin``, ``max_partition``, ``sample``, ``seed``,
-    ``n_regions`` (partitioned); ``nlist``, ``nprobe``, ``train_size``, ``seed`` (ivf); ``m``,
+    ``n_regions``, ``n_ties``, ``tie_margin`` (partitioned); ``nlist``, ``nprobe``,
+    ``train_size``, ``seed`` (ivf); ``m``,
     ``ef_construction``, ``ef_search`` (hnsw); ``address``, ``work_dir``, ``tile_rows``,
     ``threads_per_task``, ``max_retries``, ``gpus_per_task``, ``engine`` (ray).  ``device``:
     None, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` of this process

@@ -66,6 +66,13 @@ SPLIT_TRAIN_PER_CENTROID = 64
 #: nearest one (see :func:`default_params`).
 DEFAULT_MARGIN = 0.02
 
+#: Near-ties (:class:`PartitionParams` ``n_ties``): a row joins further partitions whose
+#: centroids are within this cosine of its nearest (scaled with D as the margin is) ...
+DEFAULT_TIE_MARGIN = 0.005
+#: ... up to this many beyond ``n_probe``, when the collection is cut into regions (see
+#: :func:`default_params`).
+REGION_TIES = 5
+
 #: Rows a region should hold (:func:`_regions`): the size whose one-level partitioning
 #: was measured (1M x 512 in 85 s at recall 0.998, bench/RESULTS.md).
 REGION_ROWS = 1_000_000
@@ -90,7 +97,10 @@ class PartitionParams:
     ``n_regions`` (above 1: coarse regions first, each with ``n_clusters`` centroids
     of its own for a region of ``N / n_regions`` rows, trained on ``sample`` of its rows;
     a row is compared with the centroids of its ``n_probe`` nearest regions only; see
-    :func:`_regions`)."""
+    :func:`_regions`), ``n_ties`` and ``tie_margin`` (beyond its ``n_probe``, a row
+    joins up to ``n_ties`` more partitions whose centroids are within ``tie_margin`` of
+    its nearest: near-ties, which a copy of the row may rank the other way; None:
+    :meth:`tie_margin_for`)."""
 
     n_clusters: int
     n_probe: int
@@ -100,6 +110,8 @@ class PartitionParams:
     niter: int = 10
     margin: float | None = None
     n_regions: int = 1
+    n_ties: int = 0
+    tie_margin: float | None = None
 
     @property
     def exhaustive(self) -> bool:
@@ -116,6 +128,15 @@ class PartitionParams:
         if self.margin is not None:
             return float(self.margin)
         return DEFAULT_MARGIN * math.sqrt(512 / max(1, d))
+
+    def tie_margin_for(self, d: int) -> float:
+        """The tie margin at dimension ``d``: ``tie_margin``, or when None
+        :data:`DEFAULT_TIE_MARGIN` scaled as :meth:`margin_for` scales its default; never
+        wider than the margin."""
+        tie = self.tie_margin
+        if tie is None:
+            tie = DEFAULT_TIE_MARGIN * math.sqrt(512 / max(1, d))
+        return min(float(tie), self.margin_for(d))
 
 
 @dataclass
@@ -156,6 +177,8 @@ def default_params(
     sample: int | None = None,
     seed: int = 0,
     n_regions: int | None = None,
+    n_ties: int | None = None,
+    tie_margin: float | None = None,
 ) -> PartitionParams:
     """Parameters from N (``n_regions``: regions of ``N / n_regions`` rows, each with the
     centroids a collection of that size gets, :func:`_regions`; default one level below
@@ -189,7 +212,19 @@ def default_params(
     N; every row is then compared with all ``C`` centroids in bf16 (:func:`assign_many`:
     at 10M rows and 49k centroids, ~12 min on 2 cores).  (Partitioning each region on
     its own, a row joining regions by the margin rule, was tried first: coarse centroids
-    are about equally near most rows, so at 10M rows joined 2.9 regions each.)"""
+    are about equally near most rows, so at 10M rows joined 2.9 regions each.)
+
+    Why near-ties with regions (``n_ties`` :data:`REGION_TIES`, ``tie_margin``
+    :data:`DEFAULT_TIE_MARGIN`): each region trains its own centroids near the data's
+    common direction, so a row there sees ~15 near-equal centroids (within 0.001-0.002)
+    from different regions, and which 3 of them it joins is a coin toss for a copy and
+    its source.  Measured on the 10M store's 49,344 centroids (two 6000-row samples,
+    621 and 608 exact pairs; a pair counted found when its rows share a centroid):
+    p = 3 found 0.9791 / 0.9655 (2.35 memberships a row), p = 5 0.9887 / 0.9852 (3.45),
+    p = 8 0.9984 / 1.0 (4.91); p = 3 plus up to 5 near-ties within 0.005 0.9984 / 1.0
+    (3.96), within 0.003 0.9968 / 0.9967 (3.32).  (Merging near-identical centroids
+    instead: below cosine 0.99 nothing changed; at 0.98 one merged group held 4783
+    centroids.)"""
     r = n_regions or (math.ceil(n / REGION_ROWS) if n >= REGIONS_FROM_ROWS else 1)
     r = max(1, min(r, n)) if n else 1
     per = math.ceil(n / r)  # rows a region, before rows near a border join two
@@ -199,7 +234,14 @@ def default_params(
     mean = min(p, c) * per / c if c else per
     m = max_partition or max(4096, int(8 * mean))
     s = sample or min(per, max(SAMPLE_PER_LIST * c, 10_000))
-    return PartitionParams(c, p, m, s, seed, margin=margin, n_regions=r)
+    ties = (REGION_TIES if r > 1 else 0) if n_ties is None else n_ties
+    if isinstance(ties, bool) or not isinstance(ties, int) or ties < 0:
+        raise ValueError(f"n_ties must be an integer >= 0; got {n_ties!r}")
+    if tie_margin is not None and not 0.0 <= float(tie_margin) <= 2.0:
+        raise ValueError(f"tie_margin must be in [0, 2]; got {tie_margin!r}")
+    return PartitionParams(
+        c, p, m, s, seed, margin=margin, n_regions=r, n_ties=ties, tie_margin=tie_margin
+    )
 
 
 def exhaustive_params(n_clusters: int = 4, seed: int = 0) -> PartitionParams:
@@ -409,7 +451,7 @@ def _partition(
         return [rows] * max(1, c if params.exhaustive else 1)
     if depth == 0 and params.n_regions > 1 and n == embeddings.shape[0]:
         centroids, assign = _regions(embeddings, params, info, margin, precision, threads)
-        p = assign.shape[1]
+        p = min(params.n_probe, assign.shape[1])  # the splits' probes: near-ties not counted
     elif depth == 0 and n == embeddings.shape[0]:
         # The whole collection: balanced on the k-means sample, assigned once.
         per_list = max(1, -(-params.sample // c))
@@ -417,7 +459,8 @@ def _partition(
             embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
         )
         p = min(params.n_probe, centroids.shape[0])
-        assign = _assign(embeddings, rows, centroids, p, margin)
+        tie = params.tie_margin_for(embeddings.shape[1])
+        assign = _assign(embeddings, rows, centroids, p, margin, ties=params.n_ties, tie=tie)
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
         assign = _assign(embeddings, rows, centroids, p, margin)
@@ -467,6 +510,27 @@ def _regions(
     one-level search.  The regions only make the centroids' training linear in N (a
     k-means of 49k centroids on the whole collection would cost more than the search).
     ``precision``: of the assignment's products (``auto``/``bf16``: bf16 where fast)."""
+    centroids = region_centroids(embeddings, params, info)
+    n = embeddings.shape[0]
+    logger.info("partitioned: assigning %d rows to %d centroids", n, centroids.shape[0])
+    tie = params.tie_margin_for(embeddings.shape[1])
+    assign = assign_many(
+        embeddings,
+        centroids,
+        params.n_probe,
+        margin,
+        precision,
+        threads,
+        ties=params.n_ties,
+        tie=tie,
+    )
+    return centroids, assign
+
+
+def region_centroids(embeddings, params: PartitionParams, info: PartitionInfo) -> np.ndarray:
+    """The centroids of :func:`_regions`: ``params.n_regions`` balanced coarse regions,
+    each row's nearest its home, and each region's own balanced centroids trained on a
+    sample of its home rows, all regions' together ``(C, d)``."""
     n, d = embeddings.shape
     rows = np.arange(n, dtype=row_dtype(n))
     per_list = max(MIN_TRAIN_PER_CENTROID, min(REGION_SAMPLE_PER_LIST, n // params.n_regions))
@@ -512,26 +576,49 @@ def _regions(
         int(sizes.max()),
         int(starts[-1]),
     )
-    centroids = np.concatenate(fine)
-    del fine
-    c_all = centroids.shape[0]
-    logger.info("partitioned: assigning %d rows to %d centroids", n, c_all)
-    assign = assign_many(embeddings, centroids, params.n_probe, margin, precision, threads)
-    return centroids, assign
+    return np.concatenate(fine)
 
 
 def _groups(rows, assign, c) -> list[np.ndarray]:
-    """Per centroid ``0..c-1``, the ascending row ids of ``rows`` that join it
-    (``assign``: :func:`_assign`'s table for ``rows``); empty groups left out."""
-    p = assign.shape[1]
-    flat = assign.ravel()
-    joined = flat >= 0
-    order = np.argsort(flat[joined], kind="stable")
-    members = np.repeat(rows, p)[joined][order]
-    bounds = np.searchsorted(flat[joined][order], np.arange(c + 1))
-    del order, joined
-    groups = [np.sort(members[bounds[k] : bounds[k + 1]]) for k in range(c)]
-    return [g for g in groups if g.size]
+    """Per centroid ``0..c-1``, the ascending row ids of ``rows`` (ascending) that join
+    it (``assign``: :func:`_assign`'s table for ``rows``); empty groups left out.  One
+    counting pass and one filling pass (compiled), the groups views of one array: a
+    sort of the flattened table held ~4x its size at once (at 10M rows joining up to 8
+    partitions, ~1.3 GB)."""
+    bounds, members = _group_kernel()(
+        np.ascontiguousarray(rows), np.ascontiguousarray(assign, dtype=np.int32), c
+    )
+    return [members[bounds[k] : bounds[k + 1]] for k in np.flatnonzero(np.diff(bounds)).tolist()]
+
+
+def _group_kernel():
+    """The compiled passes of :func:`_groups`: ``(bounds (c + 1), members)``, group
+    ``k`` being ``members[bounds[k]:bounds[k + 1]]`` (filled in row order: ascending)."""
+    if "groups" not in _KERNELS:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def groups(rows, assign, c):  # pragma: no cover - compiled
+            m, p = assign.shape
+            bounds = np.zeros(c + 1, dtype=np.int64)
+            for t in range(m):
+                for k in range(p):
+                    if assign[t, k] >= 0:
+                        bounds[assign[t, k] + 1] += 1
+            for k in range(c):
+                bounds[k + 1] += bounds[k]
+            fill = bounds[:-1].copy()
+            members = np.empty(bounds[c], dtype=rows.dtype)
+            for t in range(m):
+                for k in range(p):
+                    g = assign[t, k]
+                    if g >= 0:
+                        members[fill[g]] = rows[t]
+                        fill[g] += 1
+            return bounds, members
+
+        _KERNELS["groups"] = groups
+    return _KERNELS["groups"]
 
 
 def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
@@ -553,9 +640,12 @@ def _train(faiss, embeddings, rows, c, params, depth) -> np.ndarray:
     )
 
 
-def _assign(embeddings, rows, centroids, p, margin, block: int = 16384) -> np.ndarray:
-    """Each row's nearest centroid and up to ``p - 1`` more within ``margin`` of it,
-    ``(len(rows), p)``, -1 where a row does not join.
+def _assign(
+    embeddings, rows, centroids, p, margin, block: int = 16384, ties: int = 0, tie: float = 0.0
+) -> np.ndarray:
+    """Each row's nearest centroid and up to ``p - 1`` more within ``margin`` of it, then
+    up to ``ties`` more within ``tie`` of it, ``(len(rows), p + ties)``, -1 where a row
+    does not join.
 
     One float32 GEMM per block and a compiled top-``p`` selection, not a FAISS
     ``IndexFlatIP`` search: the splits of oversize partitions assign hundreds of small
@@ -563,17 +653,18 @@ def _assign(embeddings, rows, centroids, p, margin, block: int = 16384) -> np.nd
     centroids: 0.18 s, about 100x the GEMM; 578 splits at 1M rows).  Which of two
     equally near centroids wins does not matter: every partition is searched exactly."""
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    out = np.empty((rows.size, p), dtype=np.int32)
+    width = min(p + ties, centroids.shape[0])
+    out = np.empty((rows.size, width), dtype=np.int32)
     merge = _top_merge_kernel()
     # products of at most 256 MiB (16384 rows x 49k regions' centroids would be 3.2 GB)
     block = max(64, min(block, (256 << 20) // (4 * max(1, centroids.shape[0]))))
     for a in range(0, rows.size, block):
         x = read_rows(embeddings, rows[a : a + block])
         m = x.shape[0]
-        vals = np.full((m, p), -np.inf, dtype=np.float32)
-        cols = np.full((m, p), -1, dtype=np.int32)
+        vals = np.full((m, width), -np.inf, dtype=np.float32)
+        cols = np.full((m, width), -1, dtype=np.int32)
         merge(x @ centroids.T, 0, np.arange(m), vals, cols)
-        out[a : a + m] = _within(vals, cols, margin)
+        out[a : a + m] = _within(vals, cols, margin, p, tie)
     return out
 
 
@@ -596,6 +687,8 @@ def assign_many(
     precision: str | Arithmetic = "auto",
     threads: int | None = None,
     block: int = ASSIGN_BLOCK,
+    ties: int = 0,
+    tie: float = 0.0,
 ) -> np.ndarray:
     """:func:`_assign` of every row for many centroids (tens of thousands: the regions'):
     every row against every centroid, in bf16 where that is the faster GEMM here
@@ -616,7 +709,7 @@ def assign_many(
     name = precision.name if isinstance(precision, Arithmetic) else precision
     arith = arithmetic(name if name in ("auto", "bf16") else "fp32", d, work=float(n) * c * d)
     if arith.kernel != "onednn" or n == 0:
-        return _assign(embeddings, rows, centroids, p, margin)
+        return _assign(embeddings, rows, centroids, p, margin, ties=ties, tie=tie)
     import torch
 
     flat = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -627,8 +720,8 @@ def assign_many(
     wide = torch.from_numpy(flat - flat.mean(axis=0, dtype=np.float64).astype(np.float32))
     wide = wide.to(torch.bfloat16)
     k = min(ASSIGN_CANDIDATES, c)
-    p = min(p, k)
-    out = np.empty((n, p), dtype=np.int32)
+    width = min(p + ties, k)
+    out = np.empty((n, width), dtype=np.int32)
     sims = torch.empty((min(block, n), c), dtype=torch.bfloat16)
     select, merge = _candidates_kernel(), _top_merge_kernel()
     workers = worker_count(threads)
@@ -650,15 +743,15 @@ def assign_many(
             torch.mm(torch.from_numpy(x).to(torch.bfloat16), wide.T, out=sims[:m])
             bits = sims[:m].view(torch.int16).numpy()
             cand = np.empty((m, k), dtype=np.int32)
-            vals = np.full((m, p), -np.inf, dtype=np.float32)
-            cols = np.full((m, p), -1, dtype=np.int32)
+            vals = np.full((m, width), -np.inf, dtype=np.float32)
+            cols = np.full((m, width), -1, dtype=np.int32)
             cuts = np.linspace(0, m, workers + 1).astype(int)
             jobs = [
                 (bits[lo:hi], x[lo:hi], cand[lo:hi], vals[lo:hi], cols[lo:hi])
                 for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)
             ]
             list(map(run, jobs) if pool is None else pool.map(run, jobs))
-            out[a : a + m] = _within(vals, cols, margin)
+            out[a : a + m] = _within(vals, cols, margin, p, tie)
             if a == 0:  # how often the nearest centroid is found, on the first block
                 check = min(m, 2048)
                 truth = np.argmax(x[:check] @ flat.T, axis=1)
@@ -711,10 +804,16 @@ def _candidates_kernel():
     return _KERNELS["candidates"]
 
 
-def _within(vals: np.ndarray, cols: np.ndarray, margin: float) -> np.ndarray:
+def _within(
+    vals: np.ndarray, cols: np.ndarray, margin: float, p: int | None = None, tie: float = 0.0
+) -> np.ndarray:
     """``cols`` with -1 where a row's value is below its best (column 0) minus ``margin``
-    (float32, as the selection compares) or no centroid was seen."""
-    bound = vals[:, :1] - np.float32(margin)
+    (float32, as the selection compares) or no centroid was seen; columns from ``p`` on
+    (near-ties) need to be within ``min(tie, margin)`` of the best."""
+    p = vals.shape[1] if p is None else p
+    width = np.full(vals.shape[1], np.float32(margin), dtype=np.float32)
+    width[p:] = np.float32(min(tie, margin))
+    bound = vals[:, :1] - width
     return np.where((vals >= bound) & (cols >= 0), cols, np.int32(-1))
 
 
