@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,6 +47,25 @@ def check_non_negative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one): the one
+    count of usable cores every worker pool sizes itself from."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(threads: int | None) -> int:
+    """CPU workers of a search: ``threads`` if given, else the usable cores (at most 16)."""
+    if threads is not None:
+        count = int(threads)
+        if count < 1:
+            raise ValueError(f"threads must be >= 1; got {threads}")
+        return count
+    return min(available_cpus(), 16)
 
 
 def resolve_device(device: Any, *, what: str = "running") -> str | None:

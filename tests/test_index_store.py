@@ -437,3 +437,31 @@ def test_segmented_rows_release_their_maps_as_reads_add_up(tmp_path):
     assert np.array_equal(bounded[pick], want[pick])
     assert all(p._rows is not m for p, m in zip(parts, maps, strict=True))  # each remapped
     assert np.array_equal(bounded[10:200], want[10:200])
+
+
+def test_segments_from_an_assignment_hold_each_row_once_in_its_list_and_probe_more_when_many():
+    """``ivf_from_assignment`` (the one-pass build's segments, capacity reserved list by
+    list) puts each row, as stored, in the list it was assigned; an index over many
+    lists (a region-trained quantizer) probes twice the default lists unless told."""
+    import faiss
+
+    E = unit_rows(3000, 16)
+    centroids = unit_rows(40, 16, seed=9)[:40]
+    lists = np.argmax(E @ centroids.T, axis=1)
+    quantizer = faiss.IndexFlatIP(16)
+    quantizer.add(centroids)
+    index = ann_module.ivf_from_assignment(quantizer, E, lists, fp16=False, block=700)
+    assert index.ntotal == len(E)
+    for k in range(40):
+        rows, labels = ann_module.read_list(index, k)
+        assert np.array_equal(np.sort(labels), np.flatnonzero(lists == k))
+        assert np.array_equal(rows, E[labels])
+    assert ann_module.default_nprobe(2048) == ann_module.NPROBE
+    assert ann_module.default_nprobe(ann_module.MANY_LISTS) == 2 * ann_module.NPROBE
+    many = faiss.IndexFlatIP(4)
+    many.add(unit_rows(ann_module.MANY_LISTS, 4)[: ann_module.MANY_LISTS])
+    big = ann_module.new_ivf(many, 4, ann_module.MANY_LISTS, fp16=True)
+    ann_module.AnnIndex("ivf", {})._configure(big)
+    assert big.nprobe == 2 * ann_module.NPROBE
+    ann_module.AnnIndex("ivf", {"nprobe": 5})._configure(big)
+    assert big.nprobe == 5

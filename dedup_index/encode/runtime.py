@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import check_choice, check_positive_int
+from ..validation import available_cpus, check_choice, check_positive_int
 from ..validation import resolve_device as check_device
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def current_device(device: Any) -> Any:
     import torch
 
     return torch.cuda.device(index)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def default_threads() -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..validation import available_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..dedup import DedupResult
@@ -180,7 +181,7 @@ def group_payload(
     missing: list = [0, None]
     if values is not None and max_thumbnails > 0 and len(groups):
         rows, covered = _thumbnail_rows(groups, max_thumbnails)
-        workers = max(1, min(8, os.cpu_count() or 1))
+        workers = min(8, available_cpus())
         with ThreadPoolExecutor(max_workers=workers) as pool:
             made = pool.map(
                 lambda row: thumbnail(values[row], image_root=image_root, px=thumb_px), rows

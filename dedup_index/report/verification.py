@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..validation import available_cpus
 from .groups import thumbnail
 
 __all__ = ["PAIRS_LISTED", "verification_section"]
@@ -49,7 +50,7 @@ def _thumbs(rows: list[int], values: Sequence | None, image_root: Any, cap: int)
     if cap <= 0:
         return {}
     wanted = list(dict.fromkeys(rows))[:cap]
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = min(8, available_cpus())
     with ThreadPoolExecutor(max_workers=workers) as pool:
         made = pool.map(
             lambda r: thumbnail(values[r], image_root=image_root, px=PAIR_THUMB_PX)[0], wanted

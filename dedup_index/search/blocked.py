@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 
 import numpy as np
 
+from ..validation import worker_count
 from .canonical import candidate_delta, canonical_scores
 from .pairs import PairSet, rescore_candidates
 from .precision import Arithmetic, arithmetic, is_tensor
@@ -828,21 +828,6 @@ class _Worker:
         # at once (fold_best prunes them against the final maxima itself); columns keep
         # what their running maxima allow until they are final.
         return lat, prune_near(ear, self.col_best, self.delta)
-
-
-def worker_count(threads: int | None) -> int:
-    """CPU workers: ``threads`` if given, else the usable cores (at most 16)."""
-    if threads is not None:
-        count = int(threads)
-        if count < 1:
-            raise ValueError(f"threads must be >= 1; got {threads}")
-    else:
-        try:
-            count = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            count = os.cpu_count() or 1
-        count = min(count, 16)
-    return count
 
 
 @contextlib.contextmanager

@@ -106,6 +106,7 @@ from typing import Any
 
 import numpy as np
 
+from ..validation import worker_count
 from .canonical import candidate_delta
 
 __all__ = [
@@ -318,7 +319,7 @@ class Arithmetic:
             return math.sqrt(sq * (1 + 2 * chunk.shape[1] * _U32))
 
         starts = range(0, n, step)
-        threads = min(len(starts), _cores())
+        threads = min(len(starts), worker_count(None))
         if threads > 1:  # numpy and torch release the GIL: the cores share the chunks
             from concurrent.futures import ThreadPoolExecutor
 
@@ -459,14 +460,6 @@ class RoundedRows:
 
             return torch.from_numpy(rows).to(torch.bfloat16)
         return rows
-
-
-def _cores() -> int:
-    """Usable cores (at most 16)."""
-    try:
-        return min(16, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return min(16, os.cpu_count() or 1)
 
 
 def is_tensor(x) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 from ..encode.models import candidate_threshold
 from ..io import DEFAULT_MAX_PIXELS, try_load_image
 from ..search.pairs import PairSet, concat_pairsets
-from ..validation import check_choice, check_non_negative_int
+from ..validation import available_cpus, check_choice, check_non_negative_int
 from .geometry import (
     Features,
     GeometricOptions,
@@ -198,7 +198,7 @@ def _workers(num_workers: int | None, items: int) -> int:
         return num_workers
     if items < _MIN_IMAGES_FOR_WORKERS:
         return 0
-    return min(max((os.cpu_count() or 1) - 1, 1), 4)
+    return min(max(available_cpus() - 1, 1), 4)
 
 
 def _context(fork_only: bool = False):
