@@ -18,6 +18,7 @@ from dedup_index.search.partitioned import (
     REGIONS_FROM_ROWS,
     PartitionParams,
     _assign,
+    _groups,
     assign_many,
     default_params,
     partitioned_search,
@@ -53,6 +54,23 @@ def test_top_p_within_margin_equals_a_stable_sort(seed, m, c, p, margin, ties, t
     width = np.where(np.arange(want.shape[1]) < p, margin, min(tie, margin))
     want[vals < vals[:, :1] - width.astype(np.float32)] = -1
     assert got.dtype.kind == "i" and np.array_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), m=st.integers(0, 60), c=st.integers(1, 9), p=st.integers(1, 4))
+def test_groups_list_each_centroids_rows_in_ascending_order(seed, m, c, p):
+    """``_groups``: per centroid, the rows (ascending, as given) whose table row names it;
+    -1 joins nothing; centroids nobody joins are left out."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int32)
+    assign = (
+        np.stack([rng.permutation(np.arange(-1, c))[:p] for _ in range(m)])
+        if m
+        else (np.zeros((0, p), dtype=np.int32))
+    )
+    want = [rows[np.any(assign == k, axis=1)] for k in range(c)]
+    got = _groups(rows, assign.astype(np.int32), c)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want if w.size]
 
 
 def _border_pair(d: int = 32, n: int = 400, seed: int = 0):
