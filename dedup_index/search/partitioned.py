@@ -161,7 +161,9 @@ class PartitionInfo:
     def summary(self, n: int) -> str:
         full = n * (n - 1) / 2 or 1.0
         return (
-            f"C={self.params.n_clusters} p={self.params.n_probe}: {self.partitions} partitions "
+            f"C={self.params.n_clusters} p={self.params.n_probe}"
+            f"{f' (+{self.params.n_ties} near-ties)' if self.params.n_ties else ''}: "
+            f"{self.partitions} partitions "
             f"(largest {self.largest}, {self.splits} split), "
             f"{self.pair_work / full:.3f} of the exact pair comparisons"
         )
