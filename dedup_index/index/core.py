@@ -796,6 +796,7 @@ class DedupIndex:
         ann_entries, files = [], {}
         spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
         heap = HeapTrim()  # a dropped segment's lists are small heap blocks: give them back
+        heap.maybe()  # and the partitioning's tables before the first segment is built
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)
