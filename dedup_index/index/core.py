@@ -130,8 +130,8 @@ STORE_BATCH_ROWS = 262_144
 #: in one pass (:meth:`DedupIndex.add_store`'s ``one_pass``) instead of batch by batch:
 #: at 10M rows, 38 batches of a quarter million were projected at 1.5-2 h.
 ONE_PASS_ROWS = 1_000_000
-#: Rows per rows file and per FAISS segment of a one-pass build: a segment is built in
-#: memory before it is written and memory-mapped (1M float16 rows: ~1 GiB).
+#: Rows per FAISS segment of a one-pass build: a segment is built in memory before it is
+#: written and memory-mapped (1M float16 rows: ~1 GiB).
 ONE_PASS_SEGMENT_ROWS = 1 << 20
 #: Rows per rows file of a one-pass build: reads through a map may bring a whole part
 #: into the RSS before its pages are released (scattered k-means samples), so a part is
@@ -797,10 +797,10 @@ class DedupIndex:
         spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
         heap = HeapTrim()  # a dropped segment's lists are small heap blocks: give them back
         heap.maybe()  # and the partitioning's tables before the first segment is built
+        fp16 = self._dtype == "float16"
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)
-            fp16 = self._dtype == "float16"
             index = ivf_from_assignment(quantizer, _Span(rows, a, b), home[a:b], fp16=fp16)
             name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
             index, mapped = _write_segment(self.path, name, index, checksums)

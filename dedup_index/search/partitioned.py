@@ -449,10 +449,11 @@ def _partition(
     c = min(params.n_clusters, n)
     p = min(params.n_probe, c)
     margin = params.margin_for(embeddings.shape[1])
+    tie = params.tie_margin_for(embeddings.shape[1])
     if params.exhaustive or (c <= 1 and params.n_regions <= 1):
         return [rows] * max(1, c if params.exhaustive else 1)
     if depth == 0 and params.n_regions > 1 and n == embeddings.shape[0]:
-        centroids, assign = _regions(embeddings, params, info, margin, precision, threads)
+        centroids, assign = _regions(embeddings, params, info, margin, tie, precision, threads)
         p = min(params.n_probe, assign.shape[1])  # the splits' probes: near-ties not counted
     elif depth == 0 and n == embeddings.shape[0]:
         # The whole collection: balanced on the k-means sample, assigned once.
@@ -461,7 +462,6 @@ def _partition(
             embeddings, c, seed=params.seed, niter=params.niter, per_list=per_list
         )
         p = min(params.n_probe, centroids.shape[0])
-        tie = params.tie_margin_for(embeddings.shape[1])
         assign = _assign(embeddings, rows, centroids, p, margin, ties=params.n_ties, tie=tie)
     else:
         centroids = _train(faiss, embeddings, rows, c, params, depth)
@@ -495,7 +495,7 @@ def _partition(
 
 
 def _regions(
-    embeddings, params, info, margin, precision, threads=None
+    embeddings, params, info, margin, tie, precision, threads=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids of every region, and each row's nearest ones, for a collection cut into
     ``params.n_regions`` regions: ``(centroids (C, d), assign (N, p))`` as
@@ -511,11 +511,11 @@ def _regions(
     anywhere in the collection, and a row joins about as many partitions as in a
     one-level search.  The regions only make the centroids' training linear in N (a
     k-means of 49k centroids on the whole collection would cost more than the search).
-    ``precision``: of the assignment's products (``auto``/``bf16``: bf16 where fast)."""
+    ``tie``: the near-ties' margin (``params.n_ties`` of them).  ``precision``: of the
+    assignment's products (``auto``/``bf16``: bf16 where fast)."""
     centroids = region_centroids(embeddings, params, info)
     n = embeddings.shape[0]
     logger.info("partitioned: assigning %d rows to %d centroids", n, centroids.shape[0])
-    tie = params.tie_margin_for(embeddings.shape[1])
     assign = assign_many(
         embeddings,
         centroids,
