@@ -99,6 +99,7 @@ from ..store import (
 )
 from ..validation import check_choice, check_positive_int, check_threshold, resolve_device
 from .ann import ANN_BACKENDS, MMAP_BYTES, AnnIndex, Segment
+from .keys import KeyTable, repeated_keys
 
 FORMAT = "dedup-index"
 VERSION = 2
@@ -215,7 +216,7 @@ class AddResult:
 @dataclass
 class _View:
     """One committed generation, as a reader sees it: never changed once built (the keys
-    and the key -> row map are filled in lazily, once)."""
+    are read lazily, once; a writer's later views share them, appended to)."""
 
     manifest: dict[str, Any]
     rows: SegmentedRows
@@ -224,8 +225,7 @@ class _View:
     # rows file name -> its rows; ann file name -> (FAISS index, mapped path or None);
     # for reuse by refresh
     files: dict[str, Any]
-    keys: list[str] | None = None
-    key_rows: dict[str, int] | None = None
+    keys: KeyTable | None = None
 
 
 class DedupIndex:
@@ -436,25 +436,16 @@ class DedupIndex:
         return int(self._manifest["count"])
 
     def keys(self) -> list[str]:
-        return _view_keys(self.path, self._view)[: len(self)]
-
-    def _key_rows(self) -> dict[str, int]:
-        """``key -> first row`` (shared by the views of one writer, which append to it:
-        entries at rows ``>= len(self)`` belong to a later generation)."""
-        view = self._view
-        if view.key_rows is None:
-            key_rows: dict[str, int] = {}
-            for r, k in enumerate(_view_keys(self.path, view)):
-                key_rows.setdefault(k, r)
-            view.key_rows = key_rows
-        return view.key_rows
+        return _view_keys(self.path, self._view).to_list(0, len(self))
 
     def _rows_of(self, keys: Sequence[str]) -> np.ndarray:
-        key_rows, n = self._key_rows(), len(self)
-        missing = [k for k in keys if key_rows.get(k, n) >= n]
+        """The first row of each of ``keys`` (a ``KeyError`` names those not indexed)."""
+        keys = list(keys)
+        rows = _view_keys(self.path, self._view).rows_of(keys, stop=len(self))
+        missing = [k for k, r in zip(keys, rows.tolist(), strict=True) if r < 0]
         if missing:
             raise KeyError(f"{len(missing)} key(s) not in the index, e.g. {missing[:3]}")
-        return np.array([key_rows[k] for k in keys], dtype=np.int64)
+        return rows
 
     def max_similarity(self, keys: Sequence[str]) -> np.ndarray:
         """Nearest-neighbour similarity of indexed ``keys`` (floored at 0)."""
@@ -518,10 +509,11 @@ class DedupIndex:
             found = self._cross_search(
                 q, view.rows, self.threshold, base_live=live, base_best=False
             )
-        keys = _view_keys(self.path, view)
+        hit_keys = _view_keys(self.path, view).take(found.b)
         out: list[list[tuple[str, float]]] = [[] for _ in range(q.shape[0])]
-        for qi, bi, s in sorted(zip(found.q, found.b, found.s, strict=True), key=lambda t: -t[2]):
-            out[int(qi)].append((keys[int(bi)], float(s)))
+        hits = zip(found.q.tolist(), hit_keys, found.s.tolist(), strict=True)
+        for qi, key, s in sorted(hits, key=lambda t: -t[2]):
+            out[qi].append((key, s))
         return out
 
     # ------------------------------------------------------------------ writing
@@ -612,22 +604,18 @@ class DedupIndex:
             seg = ann.segments[-1]
             files[ann_entries[-1]["file"]] = (seg.index, seg.path)
         self._commit(generation, manifest, checksums, new_state, rows, ann, files, None)
-        # Committed: the next view shares the key list and map, appended to in place
-        # (O(batch), not O(N); an older view reads only its first rows of them).
+        # Committed: the next view shares the key table, appended to in place (O(batch),
+        # not O(N); an older view reads only its first rows of it).
         if view.keys is not None:
             view.keys.extend(keys)
             self._view.keys = view.keys
-        if view.key_rows is not None:
-            for r, k in enumerate(keys, n_old):
-                view.key_rows.setdefault(k, r)
-            self._view.key_rows = view.key_rows
         idx = np.arange(n_old, n)
         dup = new_state["duplicate_of"][idx]
-        all_keys = _view_keys(self.path, self._view)
+        dup_keys = iter(_view_keys(self.path, self._view).take(dup[dup >= 0]))
         return AddResult(
             keys=keys,
             kept=new_state["keep"][idx].copy(),
-            duplicate_of=[all_keys[int(d)] if d >= 0 else None for d in dup],
+            duplicate_of=[next(dup_keys) if d >= 0 else None for d in dup.tolist()],
             similarity=new_state["duplicate_similarity"][idx].copy(),
             max_similarity=nearest[idx].copy(),
             skipped=skipped,
@@ -697,7 +685,7 @@ class DedupIndex:
                 f"start={start}, stop={stop}: need 0 <= start <= stop <= {total} (the rows "
                 "of the store)"
             )
-        keys_of = source.keys() if isinstance(source, EmbeddingStore) else None
+        keys_of = _store_keys(source, start, stop)  # rows start..stop-1's, or None
         empty_ivf = (
             len(self) == 0 and self._manifest["backend"] == "ivf" and self.verify_mode == "none"
         )
@@ -708,20 +696,21 @@ class DedupIndex:
                 f"(verify={self.verify_mode!r}): add the rows in batches (one_pass=False)"
             )
         if one_pass or (one_pass is None and empty_ivf and stop - start >= ONE_PASS_ROWS):
-            distinct = keys_of is None or len(set(keys_of[start:stop])) == stop - start
+            distinct = keys_of is None or not repeated_keys(keys_of.array(), limit=1)
             if one_pass and not distinct:
                 raise ValueError(
                     "the store's keys repeat: add its rows in batches (one_pass=False)"
                 )
             one_pass = distinct
         if one_pass:
-            return self._build_one_pass(source, start, stop, keys_of, progress)
+            del keys_of  # the build reads them again, and drops them before its search
+            return self._build_one_pass(source, start, stop, progress)
         t0 = time.perf_counter()
         added = removed = batches = 0
         for a in range(start, stop, batch_rows):
             b = min(stop, a + batch_rows)
             rows = np.asarray(source[a:b])
-            keys = None if keys_of is None else keys_of[a:b]
+            keys = None if keys_of is None else keys_of.to_list(a - start, b - start)
             result = self.add(rows, keys=keys, on_duplicate_key=on_duplicate_key)
             del rows
             self._view.rows.release_pages()  # pages read through the maps leave the RSS
@@ -745,14 +734,15 @@ class DedupIndex:
             "seconds": time.perf_counter() - t0,
         }
 
-    def _build_one_pass(self, source, start: int, stop: int, keys_of, progress) -> dict[str, Any]:
-        """:meth:`add_store`'s ``one_pass`` build of an empty ``ivf`` index (see there)."""
+    def _build_one_pass(self, source, start: int, stop: int, progress) -> dict[str, Any]:
+        """:meth:`add_store`'s ``one_pass`` build of an empty ``ivf`` index (see there;
+        the keys are distinct: checked there)."""
         from ..search.partitioned import default_params, partitioned_search
         from .ann import ivf_from_assignment
 
         t0 = time.perf_counter()
         n = stop - start
-        keys = None if keys_of is None else keys_of[start:stop]  # distinct: add_store checked
+        keys = _store_keys(source, start, stop)  # None: the row numbers
         generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
         entries, parts = [], []
@@ -762,7 +752,7 @@ class DedupIndex:
             keys_name = f"rows/keys-{generation:06d}-{k:05d}.json"
             prepared = _PreparedRows(self, source, start + a, start + b)
             checksums.update(write_rows_segment(self.path, rows_name, prepared, self._dtype))
-            part_keys = [str(r) for r in range(a, b)] if keys is None else keys[a:b]
+            part_keys = [str(r) for r in range(a, b)] if keys is None else keys.to_list(a, b)
             checksums[keys_name] = write_json_atomic(self.path / keys_name, part_keys)
             entries.append(_rows_entry(rows_name, keys_name, b - a))
             parts.append(
@@ -770,6 +760,7 @@ class DedupIndex:
             )
             logger.info("add_store (one pass): rows %d-%d written", start + a, start + b - 1)
         crash_point("rows_appended")
+        del keys  # in the keys files now, read back when first needed: not held in the search
         rows = SegmentedRows(parts, self.dim, release_after=ONE_PASS_MAPPED_BYTES)
         params = default_params(n)
         pairs, nearest, earlier, info = partitioned_search(
@@ -864,7 +855,8 @@ class DedupIndex:
         n_old = len(self)
         rows = np.unique(np.concatenate([pairs.i, pairs.j])) if len(pairs) else np.zeros(0, int)
         rows = rows.astype(np.int64)
-        old_keys = _view_keys(self.path, self._view) if rows.size and rows[0] < n_old else []
+        old = rows[rows < n_old]
+        old_keys = dict(zip(old.tolist(), _view_keys(self.path, self._view).take(old), strict=True))
         values: list[Any] = []
         unavailable: dict[int, str] = {}
         row_keys: dict[int, str] = {}
@@ -922,8 +914,8 @@ class DedupIndex:
         rows_name = f"rows/rows-{generation:06d}.npy"
         keys_name = f"rows/keys-{generation:06d}.json"
         checksums.update(write_rows_segment(self.path, rows_name, view.rows, self._dtype))
-        keys = self.keys()
-        checksums[keys_name] = write_json_atomic(self.path / keys_name, keys)
+        keys = _view_keys(self.path, view)
+        checksums[keys_name] = write_json_atomic(self.path / keys_name, keys.to_list(0, n))
         crash_point("compact_rows_written")
         part = f"pairs/part-{generation:06d}.parquet"
         checksums[part] = _write_part(self.path / part, self.pairs())
@@ -1313,15 +1305,30 @@ class DedupIndex:
                 counts[k] = counts.get(k, 0) + 1
             dups = [k for k, c in counts.items() if c > 1]
             raise ValueError(f"keys repeat within this batch, e.g. {dups[:3]}")
-        existing = self._key_rows()
-        n = len(self)
-        clash = [k for k in keys if existing.get(k, n) < n]
+        indexed = _view_keys(self.path, self._view).rows_of(keys, stop=len(self)) >= 0
+        clash = [k for k, there in zip(keys, indexed.tolist(), strict=True) if there]
         if clash and on_duplicate_key == "error":
             raise IndexError_(
                 f"{len(clash)} key(s) are already in the index, e.g. {clash[:3]}; pass "
                 "on_duplicate_key='skip' to leave them out"
             )
-        return [p for p, k in enumerate(keys) if existing.get(k, n) >= n], clash
+        return np.flatnonzero(~indexed).tolist(), clash
+
+
+def _store_keys(source: Any, start: int, stop: int) -> KeyTable | None:
+    """The keys of rows ``start..stop-1`` of ``source`` when it is an embedding store
+    with keys (read a block at a time, held as Arrow strings), else None."""
+    if not isinstance(source, EmbeddingStore):
+        return None
+    keys, at = KeyTable(), 0
+    for chunk in source.iter_keys():
+        lo, hi = max(start - at, 0), min(stop - at, len(chunk))
+        if lo < hi:
+            keys.extend(chunk[lo:hi])
+        at += len(chunk)
+        if at >= stop:
+            break
+    return keys if at else None
 
 
 def _search_device(device, engine) -> tuple[str | None, str | None]:
@@ -1722,20 +1729,27 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
     return _View(manifest, rows, state, ann, files)
 
 
-def _view_keys(root: Path, view: _View) -> list[str]:
-    """The keys of a view's rows, read once from the files its manifest lists."""
+def _view_keys(root: Path, view: _View) -> KeyTable:
+    """The keys of a view's rows, read once from the files its manifest lists (a file at
+    a time: never all of them as Python strings)."""
     if view.keys is None:
-        keys: list[str] = []
+        keys = KeyTable()
         for entry in view.manifest["rows"]:
             count = int(entry["count"])
             if entry.get("store"):
-                stored = view.files[entry["store"]].store.keys()
-                keys += stored[:count] if stored else [str(len(keys) + k) for k in range(count)]
+                store, had = view.files[entry["store"]].store, len(keys)
+                for chunk in store.iter_keys():
+                    keys.extend(chunk[: count - (len(keys) - had)])
+                    if len(keys) - had >= count:
+                        break
+                if len(keys) == had:  # a store without keys: row numbers
+                    keys.extend([str(had + k) for k in range(count)])
                 continue
             payload = _verified_bytes(root, entry["keys"], view.manifest["checksums"])
             part = json.loads(payload)
+            del payload
             if not isinstance(part, list) or len(part) != count:
                 raise IndexCorruptError(f"{root / entry['keys']} does not hold {count} keys")
-            keys += part
+            keys.extend(part)
         view.keys = keys
     return view.keys

@@ -796,30 +796,57 @@ class EmbeddingStore:
         nbytes = self._count * self._row_bytes + (self._keys_bytes if self._has_keys else 0)
         return {"rows": self._count, "blocks": blocks, "bytes": nbytes}
 
+    def iter_keys(self, rows: int = 1 << 20):
+        """The key of every row in row order, ``rows`` keys at a time (lists of str;
+        nothing for a store without keys): the keys file is read and checked a block at a
+        time, never held whole (10M path keys are ~2 GB as one Python list)."""
+        self._check_open()
+        if self._has_keys:
+            yield from self._key_chunks(max(1, int(rows)))
+
     def _read_keys(self) -> list[str]:
+        return [key for chunk in self._key_chunks(1 << 20) for key in chunk]
+
+    def _key_chunks(self, rows: int):
+        """:meth:`iter_keys`'s reader: each checksum block checked as it is read."""
         kpath = self._path / KEYS_FILE
+        checked = self._key_digests is not None
+        bs = self._key_block if checked else 1 << 23
+        short = StoreError(
+            f"keys file {kpath} does not hold {self._count} keys in its first "
+            f"{self._keys_bytes} bytes (the store is damaged)"
+        )
+        out: list[str] = []
+        tail, line_no, left, b = b"", 0, self._keys_bytes, 0
         with open(kpath, "rb") as f:
-            data = f.read(self._keys_bytes)
-        if self._key_digests is not None and len(data) == self._keys_bytes:
-            bs = self._key_block
-            for b in range(len(self._key_digests)):
-                self._check_key_block(b, data[b * bs : (b + 1) * bs])
-        lines = data.split(b"\n")
-        if len(data) < self._keys_bytes or lines[-1] != b"" or len(lines) - 1 != self._count:
-            raise StoreError(
-                f"keys file {kpath} does not hold {self._count} keys in its first "
-                f"{self._keys_bytes} bytes (the store is damaged)"
-            )
-        out = []
-        for r, line in enumerate(lines[:-1]):
-            try:
-                key = json.loads(line)
-            except ValueError as err:
-                raise StoreError(f"keys file {kpath}: line {r + 1} is not JSON: {err}") from err
-            if not isinstance(key, str):
-                raise StoreError(f"keys file {kpath}: line {r + 1} is not a JSON string")
-            out.append(key)
-        return out
+            while left > 0:
+                want = min(bs, left)
+                data = f.read(want)
+                if len(data) < want:
+                    raise short
+                if checked:
+                    self._check_key_block(b, data)
+                b, left = b + 1, left - want
+                lines = (tail + data).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    line_no += 1
+                    try:
+                        key = json.loads(line)
+                    except ValueError as err:
+                        raise StoreError(
+                            f"keys file {kpath}: line {line_no} is not JSON: {err}"
+                        ) from err
+                    if not isinstance(key, str):
+                        raise StoreError(f"keys file {kpath}: line {line_no} is not a JSON string")
+                    out.append(key)
+                    if len(out) >= rows:
+                        yield out
+                        out = []
+        if tail or line_no != self._count:
+            raise short
+        if out:
+            yield out
 
     def _check_key_block(self, b: int, data: bytes) -> None:
         if self._key_digests is None:
