@@ -48,6 +48,7 @@ from ..search.centroids import BALANCE_ROUNDS, balanced_centroids
 from ..search.cross import CrossResult, cross_search
 from ..search.flat import faiss_module
 from ..search.pairs import PairSet
+from ..store import RowRange
 from ..validation import available_cpus
 
 ANN_BACKENDS = ("ivf", "hnsw")
@@ -275,7 +276,7 @@ class AnnIndex:
         if m and n > covered:  # the tail, exactly
             tail = cross_search(
                 queries,
-                _Rows(base, covered, n),
+                RowRange(base, covered, n),
                 threshold,
                 base_live=None if live is None else live[covered:n],
                 base_best=nearest,
@@ -646,20 +647,3 @@ def read_list(
     the segment is memory-mapped from, read with ``pread``)."""
     with ListReader(index, None if path is None else str(path)) as reader:
         return reader.read(lst)
-
-
-class _Rows:
-    """Rows ``[a, b)`` of an array-like, indexable like an array (for the tail)."""
-
-    def __init__(self, base, a: int, b: int) -> None:
-        self.base, self.a, self.b = base, a, b
-        self.shape = (b - a, base.shape[1])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            lo, hi, _ = key.indices(self.shape[0])
-            return self.base[self.a + lo : self.a + hi]
-        return self.base[np.asarray(key, dtype=np.int64) + self.a]

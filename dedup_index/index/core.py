@@ -90,6 +90,7 @@ from ..search.precision import check_precision
 from ..store import (
     EmbeddingStore,
     PairFile,
+    RowRange,
     SegmentedRows,
     StoreError,
     blocks_name,
@@ -792,7 +793,7 @@ class DedupIndex:
         for k, (a, b) in enumerate(spans):
             quantizer = faiss.IndexFlatIP(self.dim)
             quantizer.add(centroids)
-            index = ivf_from_assignment(quantizer, _Span(rows, a, b), home[a:b], fp16=fp16)
+            index = ivf_from_assignment(quantizer, RowRange(rows, a, b), home[a:b], fp16=fp16)
             name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
             index, mapped = _write_segment(self.path, name, index, checksums)
             ann = ann.with_segment(a, b, index, mapped)
@@ -1357,35 +1358,6 @@ def _state(decisions, nearest, earlier, removed) -> dict[str, np.ndarray]:
     return state
 
 
-class _Prefix:
-    """The first ``n`` rows of a store, indexable like an array (committed rows only)."""
-
-    def __init__(self, store: EmbeddingStore, n: int) -> None:
-        self.store, self.n = store, n
-        self.shape = (n, store.dim)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            a, b, _ = key.indices(self.n)
-            return self.store[a:b]
-        return self.store[key]
-
-
-class _Span:
-    """Rows ``[a, b)`` of an array-like, sliced like one (no copy until read)."""
-
-    def __init__(self, rows: Any, a: int, b: int) -> None:
-        self.rows, self.a = rows, a
-        self.shape = (b - a, rows.shape[1])
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        lo, hi, _ = key.indices(self.shape[0])
-        return self.rows[self.a + lo : self.a + hi]
-
-
 class _PreparedRows:
     """Rows ``[a, b)`` of ``source`` as ``index.add`` would store them (unit float32,
     rounded to a float16 index's dtype), read a slice at a time: what the one-pass build
@@ -1687,7 +1659,7 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
                         f"{root / name} holds {len(store)} rows but {root / MANIFEST} says "
                         f"{entry['count']}: the embedding store is damaged"
                     )
-                part = _Prefix(store, int(entry["count"]))
+                part = RowRange(store, 0, int(entry["count"]))
         else:
             name = entry["file"]
             part = old.get(name)
@@ -1737,7 +1709,7 @@ def _view_keys(root: Path, view: _View) -> KeyTable:
         for entry in view.manifest["rows"]:
             count = int(entry["count"])
             if entry.get("store"):
-                store, had = view.files[entry["store"]].store, len(keys)
+                store, had = view.files[entry["store"]].base, len(keys)
                 for chunk in store.iter_keys():
                     keys.extend(chunk[: count - (len(keys) - had)])
                     if len(keys) - had >= count:

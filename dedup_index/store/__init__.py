@@ -30,6 +30,7 @@ from .embeddings import (
 )
 from .pairs_file import PairFile, PairSink, write_pair_file
 from .segments import (
+    RowRange,
     SegmentedRows,
     blocks_name,
     open_rows_file,
@@ -41,6 +42,7 @@ __all__ = [
     "EmbeddingStore",
     "PairFile",
     "PairSink",
+    "RowRange",
     "SegmentedRows",
     "StoreCorruptError",
     "StoreError",

@@ -375,6 +375,25 @@ def _open_rows(path: Path, count: int, dim: int) -> np.ndarray:
     return arr
 
 
+class RowRange:
+    """Rows ``[a, b)`` of an array-like ``base`` (a store, a rows file, a
+    :class:`SegmentedRows`), indexed like an array: slices, integers and integer arrays
+    relative to ``a``; nothing is read until indexed."""
+
+    def __init__(self, base: Any, a: int, b: int) -> None:
+        self.base, self.a, self.b = base, int(a), int(b)
+        self.shape = (self.b - self.a, int(base.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            lo, hi, _ = key.indices(self.shape[0])
+            return self.base[self.a + lo : self.a + hi]
+        return self.base[np.asarray(key, dtype=np.int64) + self.a]
+
+
 class SegmentedRows:
     """The concatenation of row parts (memory-mapped ``.npy`` arrays, or any array-like
     with ``shape``, slicing and integer-array indexing) as one float32 array-like."""
