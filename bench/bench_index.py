@@ -371,6 +371,7 @@ def from_store(args) -> None:
     new = new[rng.permutation(m)].astype(np.float32)
     del near, fresh
     n0 = len(index)
+    index._view.rows.release_pages()  # the recall's reads: not the add's memory
     with MemSampler() as add_mem:
         t0 = time.perf_counter()
         added = index.add(new, keys=[f"new-{r}" for r in range(m)])

@@ -465,3 +465,40 @@ def test_segments_from_an_assignment_hold_each_row_once_in_its_list_and_probe_mo
     assert big.nprobe == 2 * ann_module.NPROBE
     ann_module.AnnIndex("ivf", {"nprobe": 5})._configure(big)
     assert big.nprobe == 5
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_loaded_segments_share_one_quantizer_and_answer_as_each_file_alone(
+    tmp_path, monkeypatch, mmap
+):
+    """Each segment file holds the whole coarse quantizer; the loaded index keeps one
+    copy (every segment searches the first's), and each segment answers a range search
+    and a top-k search exactly as its file read on its own does."""
+    import faiss
+
+    if mmap:
+        monkeypatch.setattr(core, "MMAP_BYTES", 1)
+        monkeypatch.setattr(ann_module, "MMAP_BYTES", 1)
+    index, store, keys = _one_pass_index(tmp_path, monkeypatch)
+    with index:
+        index.add_store(store, one_pass=True)
+        built = index._view.ann.segments
+    with DedupIndex.open(tmp_path / "i") as reader:
+        segments = reader._view.ann.segments
+        for view_segments in (built, segments):
+            pointers = {int(faiss.extract_index_ivf(s.index).quantizer.this) for s in view_segments}
+            assert len(view_segments) == 4 and len(pointers) == 1  # 5000 rows, 1500 a segment
+        queries = reader.embeddings(0, 300)
+        files = [e["file"] for e in reader._manifest["ann"]]
+        for seg, name in zip(segments, files, strict=True):
+            alone = faiss.read_index(str(tmp_path / "i" / name))
+            alone.nprobe = seg.index.nprobe = 8
+            lims, dist, labels = seg.index.range_search(queries, 0.9)
+            want = alone.range_search(queries, 0.9)
+            assert np.array_equal(lims, want[0]) and np.array_equal(labels, want[2])
+            assert np.array_equal(dist, want[1])
+            assert all(
+                np.array_equal(a, b)
+                for a, b in zip(seg.index.search(queries, 5), alone.search(queries, 5), strict=True)
+            )
+        assert all(keys[q] in {k for k, _ in h} for q, h in enumerate(reader.query(queries[:50])))

@@ -38,7 +38,7 @@ add builds the next.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -114,7 +114,14 @@ class AnnIndex:
         self.params = dict(params)
         #: The index's row dtype: new IVF segments of a float16 index hold float16 lists.
         self.dtype = dtype
-        self.segments: tuple[Segment, ...] = tuple(segments)
+        segments = tuple(segments)
+        if kind == "ivf" and len(segments) > 1:  # one copy of the centroids, not one each
+            first = segments[0].index
+            segments = (
+                segments[0],
+                *(replace(s, index=on_quantizer_of(first, s.index)) for s in segments[1:]),
+            )
+        self.segments: tuple[Segment, ...] = segments
         for seg in self.segments:
             self._configure(seg.index)
 
@@ -537,9 +544,10 @@ class AnnIndex:
         return key // span, key % span
 
 
-def new_ivf(quantizer: Any, d: int, nlist: int, *, fp16: bool) -> Any:
-    """An empty, trained IVF index on ``quantizer`` (which it takes ownership of), inner
-    product: IVF-Flat (float32 lists), or with ``fp16`` float16 lists
+def new_ivf(quantizer: Any, d: int, nlist: int, *, fp16: bool, own: bool = True) -> Any:
+    """An empty, trained IVF index on ``quantizer`` (which it takes ownership of; with
+    ``own=False`` the caller keeps it alive), inner product: IVF-Flat (float32 lists),
+    or with ``fp16`` float16 lists
     (``IndexIVFScalarQuantizer`` ``QT_fp16``, no residuals: each code is the row itself,
     so a float16 index's rows are held exactly in half the bytes)."""
     faiss = faiss_module()
@@ -550,8 +558,9 @@ def new_ivf(quantizer: Any, d: int, nlist: int, *, fp16: bool) -> Any:
         index.by_residual = False
     else:
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.own_fields = True
-    quantizer.this.disown()
+    if own:
+        index.own_fields = True
+        quantizer.this.disown()
     index.is_trained = True
     return index
 
@@ -581,6 +590,38 @@ def ivf_from_assignment(
         at = np.ascontiguousarray(lists[a:b], dtype=np.int64)
         index.add_core(b - a, faiss.swig_ptr(x), None, faiss.swig_ptr(at))
     return index
+
+
+def on_quantizer_of(first: Any, index: Any) -> Any:
+    """IVF segment ``index`` on the coarse quantizer of segment ``first``: a new IVF
+    object that takes over ``index``'s inverted lists (FAISS's own ``own_invlists``
+    flag hands them on; nothing is copied) and searches ``first``'s quantizer, which it
+    keeps alive; ``index`` and its copy of the centroids are freed with it.  Every
+    segment file holds the whole quantizer (at 10M rows 49k x 512 float32, 100 MB), so
+    ten loaded segments held ~1 GB of the same centroids.  ``index`` is returned as it
+    is when it already searches ``first``'s quantizer, or when its centroids differ."""
+    faiss = faiss_module()
+    ivf, base = faiss.extract_index_ivf(index), faiss.extract_index_ivf(first)
+    mine, shared = ivf.quantizer, base.quantizer
+    if int(mine.this) == int(shared.this):
+        return index
+    if (mine.ntotal, mine.d) != (shared.ntotal, shared.d) or not np.array_equal(
+        _centroids(mine), _centroids(shared)
+    ):
+        return index
+    out = new_ivf(shared, int(ivf.d), int(ivf.nlist), fp16=is_fp16(index), own=False)
+    out.referenced_objects = [first]  # the owner of the shared quantizer
+    ivf.own_invlists = False
+    out.replace_invlists(ivf.invlists, True)
+    out.ntotal = ivf.ntotal
+    return out
+
+
+def _centroids(quantizer: Any) -> np.ndarray:
+    """A flat quantizer's centroids, as a view of its storage (no copy)."""
+    faiss = faiss_module()
+    flat = faiss.downcast_index(quantizer)
+    return faiss.rev_swig_ptr(flat.get_xb(), int(flat.ntotal) * int(flat.d))
 
 
 def is_fp16(index: Any) -> bool:

@@ -798,7 +798,8 @@ class DedupIndex:
             index, mapped = _write_segment(self.path, name, index, checksums)
             ann = ann.with_segment(a, b, index, mapped)
             ann_entries.append({"file": name, "start": a, "stop": b})
-            files[name] = (index, mapped)
+            files[name] = (ann.segments[-1].index, mapped)  # on the first one's quantizer
+            del index
             heap.maybe()
             if progress is not None:
                 progress(b, n)
@@ -1698,6 +1699,8 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
             segments,
             dtype=str(manifest.get("dtype", "float32")),
         )
+        for entry, seg in zip(manifest["ann"], ann.segments, strict=True):
+            files[entry["file"]] = (seg.index, seg.path)  # segments share one quantizer
     return _View(manifest, rows, state, ann, files)
 
 
