@@ -63,8 +63,31 @@ def _hash_kernel():
     return _kernel
 
 
+#: Up to this many keys are hashed in Python: importing and loading the compiled kernel
+#: costs ~2 s a process, which small indexes (and every test's child process) never repay.
+PYTHON_HASH_KEYS = 20_000
+
+_MASK = (1 << 64) - 1
+
+
+def _hash_one(key: str) -> int:
+    """The kernel's hash of one key, in Python (the same bits)."""
+    h = 0xCBF29CE484222325
+    for byte in key.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & _MASK
+    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+    return h ^ (h >> 31)
+
+
 def hash_keys(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A 64-bit hash of each key (``uint64``, one per key, stable across processes)."""
+    if not isinstance(keys, pa.Array | pa.ChunkedArray) and len(keys) <= PYTHON_HASH_KEYS:
+        return np.array([_hash_one(k) for k in keys], dtype=np.uint64)
+    if len(keys) <= PYTHON_HASH_KEYS:
+        if keys.null_count:
+            raise ValueError("keys must be strings; got a null key")
+        return np.array([_hash_one(k) for k in keys.to_pylist()], dtype=np.uint64)
     arr = _as_array(keys)
     out = np.empty(len(arr), dtype=np.uint64)
     if arr.null_count:
