@@ -1712,13 +1712,9 @@ def _view_keys(root: Path, view: _View) -> KeyTable:
         for entry in view.manifest["rows"]:
             count = int(entry["count"])
             if entry.get("store"):
-                store, had = view.files[entry["store"]].base, len(keys)
-                for chunk in store.iter_keys():
-                    keys.extend(chunk[: count - (len(keys) - had)])
-                    if len(keys) - had >= count:
-                        break
-                if len(keys) == had:  # a store without keys: row numbers
-                    keys.extend([str(had + k) for k in range(count)])
+                stored = _store_keys(view.files[entry["store"]].base, 0, count)
+                had = len(keys)  # a store without keys: row numbers
+                keys.extend(stored.array() if stored else [str(had + k) for k in range(count)])
                 continue
             payload = _verified_bytes(root, entry["keys"], view.manifest["checksums"])
             part = json.loads(payload)

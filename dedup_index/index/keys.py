@@ -34,6 +34,11 @@ def _as_array(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> pa.Array | pa
     return pa.array(list(keys), type=_KIND)
 
 
+# FNV-1a 64 (basis, prime), then the splitmix64 finaliser: FNV's low bits mix poorly.
+_BASIS, _PRIME = 0xCBF29CE484222325, 0x100000001B3
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK = (1 << 64) - 1
+
 _kernel = None
 
 
@@ -46,16 +51,14 @@ def _hash_kernel():
 
         @numba.njit(nogil=True, cache=True)
         def fnv(offsets, data, out):
-            basis = np.uint64(0xCBF29CE484222325)
-            prime = np.uint64(0x100000001B3)
-            m1 = np.uint64(0xBF58476D1CE4E5B9)
-            m2 = np.uint64(0x94D049BB133111EB)
+            basis, prime = np.uint64(_BASIS), np.uint64(_PRIME)
+            m1, m2 = np.uint64(_MIX1), np.uint64(_MIX2)
             s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
             for k in range(out.shape[0]):
                 h = basis
                 for p in range(offsets[k], offsets[k + 1]):
                     h = (h ^ np.uint64(data[p])) * prime
-                h = (h ^ (h >> s30)) * m1  # FNV's low bits mix poorly: spread them
+                h = (h ^ (h >> s30)) * m1
                 h = (h ^ (h >> s27)) * m2
                 out[k] = h ^ (h >> s31)
 
@@ -67,31 +70,27 @@ def _hash_kernel():
 #: costs ~2 s a process, which small indexes (and every test's child process) never repay.
 PYTHON_HASH_KEYS = 20_000
 
-_MASK = (1 << 64) - 1
-
 
 def _hash_one(key: str) -> int:
     """The kernel's hash of one key, in Python (the same bits)."""
-    h = 0xCBF29CE484222325
+    h = _BASIS
     for byte in key.encode("utf-8"):
-        h = ((h ^ byte) * 0x100000001B3) & _MASK
-    h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+        h = ((h ^ byte) * _PRIME) & _MASK
+    h = ((h ^ (h >> 30)) * _MIX1) & _MASK
+    h = ((h ^ (h >> 27)) * _MIX2) & _MASK
     return h ^ (h >> 31)
 
 
 def hash_keys(keys: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A 64-bit hash of each key (``uint64``, one per key, stable across processes)."""
-    if not isinstance(keys, pa.Array | pa.ChunkedArray) and len(keys) <= PYTHON_HASH_KEYS:
-        return np.array([_hash_one(k) for k in keys], dtype=np.uint64)
+    arrow = isinstance(keys, pa.Array | pa.ChunkedArray)
+    if arrow and keys.null_count:
+        raise ValueError("keys must be strings; got a null key")
     if len(keys) <= PYTHON_HASH_KEYS:
-        if keys.null_count:
-            raise ValueError("keys must be strings; got a null key")
-        return np.array([_hash_one(k) for k in keys.to_pylist()], dtype=np.uint64)
+        listed = keys.to_pylist() if arrow else keys
+        return np.array([_hash_one(k) for k in listed], dtype=np.uint64)
     arr = _as_array(keys)
     out = np.empty(len(arr), dtype=np.uint64)
-    if arr.null_count:
-        raise ValueError("keys must be strings; got a null key")
     at = 0
     for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
         n = len(chunk)
@@ -184,11 +183,9 @@ class KeyTable:
             new = tuple(arr.chunks) if isinstance(arr, pa.ChunkedArray) else (arr,)
             self._parts = ((*chunks, *new), n + len(arr), runs)
 
-    def array(self, stop: int | None = None) -> pa.ChunkedArray:
-        """The first ``stop`` keys (all: None) as an Arrow array (no copy)."""
-        chunks = self._parts[0]
-        out = pa.chunked_array(list(chunks), type=_KIND)
-        return out if stop is None else out.slice(0, stop)
+    def array(self) -> pa.ChunkedArray:
+        """The keys as an Arrow array (no copy)."""
+        return pa.chunked_array(list(self._parts[0]), type=_KIND)
 
     def to_list(self, start: int = 0, stop: int | None = None) -> list[str]:
         """Keys ``start:stop`` as a list (all: the defaults)."""
