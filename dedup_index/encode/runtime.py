@@ -21,7 +21,9 @@ larger batch gains nothing and holds more memory. A forward pass that runs out o
 memory (``torch.cuda.OutOfMemoryError``) is retried at half the batch, down to one
 image (then the error is raised); the smaller size is kept for the encoder's later
 batches and logged once. Rows do not depend on how a batch is cut beyond float rounding
-(on the CPU, the tiny test models give the same bits at any batch size).
+(a GEMM's reduction order may change with the batch's size: the tiny test models give
+the same bits at any batch size on an AVX-512 CPU, not on an AVX2 one); passes cut the
+same way give the same bits.
 
 The normalisation (``pixel * scale - shift`` per channel) uses two ``(1, 3, 1, 1)``
 tensors built once per encoder on its device, not a host-to-device copy per batch (a
