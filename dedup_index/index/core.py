@@ -133,8 +133,11 @@ STORE_BATCH_ROWS = 262_144
 #: at 10M rows, 38 batches of a quarter million were projected at 1.5-2 h.
 ONE_PASS_ROWS = 1_000_000
 #: Rows per FAISS segment of a one-pass build: a segment is built in memory before it is
-#: written and memory-mapped (1M float16 rows: ~1 GiB).
-ONE_PASS_SEGMENT_ROWS = 1 << 20
+#: written and memory-mapped, and that is the build's memory peak after the search (a
+#: 512k-row float16 segment in 49,344 lists: +685 MiB at its peak; 1M rows: +1,202 MiB;
+#: ``bench/RESULTS.md``).  More segments cost a query little: the quantizer is searched
+#: once for all of them (:class:`~dedup_index.index.ann.AnnIndex`).
+ONE_PASS_SEGMENT_ROWS = 1 << 19
 #: Rows per rows file of a one-pass build: reads through a map may bring a whole part
 #: into the RSS before its pages are released (scattered k-means samples), so a part is
 #: at most 256 MiB of float16 rows.
