@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .blocked import blocked_search, worker_count
+from .blocked import HeapTrim, blocked_search, worker_count
 from .centroids import SAMPLE_PER_LIST, balanced_centroids, spherical_kmeans
 from .flat import faiss_module
 from .pairs import PairSet, concat_pairsets
@@ -287,6 +287,9 @@ def partitioned_search(
         faiss, embeddings, rows, params, info, 0, precision=precision, threads=threads, keep=keep
     )
     first_shared = _FirstShared(n, parts)
+    # The assignment's tables are freed by now; many were small heap blocks (per-block
+    # candidates, per-region row lists) that glibc keeps unless asked: the tiles run long.
+    HeapTrim().maybe()
     arith = _partition_arithmetic(precision, parts, d)
     info.precision = arith.info()
     found: list[PairSet] = []
