@@ -12,7 +12,9 @@ implementation rather than one per format:
 - :func:`write_json_atomic` / :func:`read_json`: manifests and other JSON records; the
   reader raises the caller's error, naming the file, for a missing file, bad JSON, another
   format or another version.
-- :func:`sha256_file`: the checksum that manifests record for the files they list.
+- :func:`sha256_file`: the checksum that manifests record for the files they list;
+  :class:`CheckedFiles`: which files of a folder passed it, remembered by their stat, so
+  an unchanged file is not read again on every open.
 - :class:`WriterLock`: one writer at a time.  An exclusive ``flock`` on a lock file,
   taken without waiting: a second holder (another process, or another lock object in
   this one) gets the caller's error at once.  The kernel drops it when its holder dies,
@@ -33,13 +35,16 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHECKED_FILE",
     "CRASH_ENV",
     "CRASH_EXIT_CODE",
+    "CheckedFiles",
     "StagedWrites",
     "WriterLock",
     "atomic_write_bytes",
@@ -282,6 +287,84 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: The file in which :class:`CheckedFiles` remembers a folder's checked files.
+CHECKED_FILE = "checked.json"
+#: A file changed less than this long before its check began is not remembered: file
+#: timestamps come from a coarse clock, so a change right after the check could keep the
+#: stat the check saw.  (Tests set it to 0.)
+CHECKED_AFTER_NS = 2_000_000_000
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class CheckedFiles:
+    """Which files of ``folder`` passed their SHA-256 check, remembered by their stat
+    (size, mtime, ctime, inode, device) in :data:`CHECKED_FILE` there, so that a file
+    unchanged since it was checked is not read again: opening a 10M-row index hashed its
+    ~10 GiB of FAISS segments on every open (27 s), and a query from the command line
+    paid that each time.
+
+        >>> checked = CheckedFiles(folder)
+        >>> checked.matches("ann/seg-000001-00000.faiss", want_sha256)  # hashed, remembered
+        True
+        >>> checked.save()  # later opens match it by its stat alone
+
+    Why a stat proves the bytes: any write to a file, or a file renamed over it, gives it
+    a new ctime, which no user call can set back (``os.utime`` sets mtime and atime, and
+    moves ctime to now); a copy has another inode.  A file changed within
+    :data:`CHECKED_AFTER_NS` of its check is not remembered (coarse timestamps).  What it
+    does not catch: bits flipped by the disk itself under an unchanged stat; a full check
+    (``dedup-index index verify``, ``DedupIndex.check``) hashes every file again.
+    Best effort: a folder it cannot write to is hashed at every open, and a damaged or
+    foreign record is ignored (and rewritten)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._changed = False
+        try:
+            known = json.loads((self.folder / CHECKED_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        ok = isinstance(known, dict) and known.get("format") == "dedup-index-checked-files"
+        files = known.get("files") if ok else None
+        self._known: dict[str, list[Any]] = files if isinstance(files, dict) else {}
+
+    def matches(self, name: str, sha256: str) -> bool:
+        """Whether ``folder/name`` has SHA-256 ``sha256``: from its remembered stat, else
+        by reading it (and remembering it when it matched and was not changed during
+        or just before the check).  Raises ``OSError`` (e.g. ``FileNotFoundError``)."""
+        path = self.folder / name
+        before = os.stat(path)
+        if self._known.get(name) == [sha256, *_stamp(before)]:
+            return True
+        begun = time.time_ns()
+        if sha256_file(path) != sha256:
+            return False
+        after = os.stat(path)
+        settled = max(before.st_mtime_ns, before.st_ctime_ns) < begun - CHECKED_AFTER_NS
+        if settled and _stamp(after) == _stamp(before):
+            self._known[name] = [sha256, *_stamp(before)]
+            self._changed = True
+        return True
+
+    def save(self) -> None:
+        """Write the record (atomically; files gone from the folder dropped from it), if
+        anything was added; a failure to write is logged at debug level and ignored."""
+        if not self._changed:
+            return
+        files = {n: v for n, v in self._known.items() if (self.folder / n).exists()}
+        record = {"format": "dedup-index-checked-files", "files": files}
+        try:
+            write_json_atomic(self.folder / CHECKED_FILE, record)
+        except OSError as err:  # read-only folder, a writer's sweep of temp files, ...
+            logging.getLogger(__name__).debug(
+                "could not record checked files in %s: %s", self.folder, err
+            )
+        self._changed = False
 
 
 # -------------------------------------------------------------------------------- JSON

@@ -502,3 +502,56 @@ def test_loaded_segments_share_one_quantizer_and_answer_as_each_file_alone(
                 for a, b in zip(seg.index.search(queries, 5), alone.search(queries, 5), strict=True)
             )
         assert all(keys[q] in {k for k, _ in h} for q, h in enumerate(reader.query(queries[:50])))
+
+
+def test_a_segment_checked_once_is_known_by_its_stat_and_a_changed_one_hashed_again(
+    tmp_path, monkeypatch, mapped
+):
+    """Memory-mapped FAISS segments are hashed at their first open and then known by
+    their stat (``checked.json``): a later open hashes none and answers the same; a
+    flipped byte under the same size and mtime (``os.utime`` set back: the ctime still
+    moves) is hashed again and refused; a file checked right after it was written is
+    not remembered (coarse timestamps); a damaged record is ignored and rewritten."""
+    import json
+    import time
+
+    from dedup_index import files
+
+    hashed = []
+    sha256_file = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    index, store, keys = _one_pass_index(tmp_path, monkeypatch)
+    with index:
+        index.add_store(store, one_pass=True)
+    path, record = tmp_path / "i", tmp_path / "i" / files.CHECKED_FILE
+    queries = store.to_array()[:50]
+
+    def opened() -> tuple[int, list]:
+        hashed.clear()
+        with DedupIndex.open(path) as reader:
+            return len(hashed), reader.query(queries)
+
+    n_hashed, want = opened()  # written < CHECKED_AFTER_NS ago: hashed, not remembered
+    assert n_hashed == 4 and not record.exists()
+    assert opened()[0] == 4
+    monkeypatch.setattr(files, "CHECKED_AFTER_NS", 0)
+    time.sleep(0.05)  # past the file system's timestamp tick
+    assert opened() == (4, want)
+    assert sorted(json.loads(record.read_text())["files"]) == [
+        e["file"] for e in json.loads((path / "manifest.json").read_text())["ann"]
+    ]
+    assert opened() == (0, want)  # known by their stat: none read again
+    record.write_text("{not json")
+    assert opened() == (4, want) and len(json.loads(record.read_text())["files"]) == 4
+    segment = path / json.loads((path / "manifest.json").read_text())["ann"][1]["file"]
+    st = segment.stat()
+    time.sleep(0.05)
+    with open(segment, "r+b") as f:  # one byte of the lists, size and mtime kept
+        f.seek(st.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte ^ 1]))
+    os.utime(segment, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert segment.stat().st_mtime_ns == st.st_mtime_ns and segment.stat().st_size == st.st_size
+    with pytest.raises(core.IndexCorruptError, match=f"{segment.name} fails its checksum"):
+        DedupIndex.open(path)

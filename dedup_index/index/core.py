@@ -47,7 +47,9 @@ at once).
 :class:`~dedup_index.store.EmbeddingStore` a batch at a time (one commit per batch), so
 memory follows the batch, not the store; a ``float16`` index keeps its rows and its IVF
 lists as float16, and FAISS segment files of :data:`~.ann.MMAP_BYTES` or more are
-memory-mapped rather than loaded (see :mod:`.ann`).
+memory-mapped rather than loaded (see :mod:`.ann`).  Such a segment is hashed when first
+opened, then known by its stat (``checked.json``: :class:`dedup_index.files.CheckedFiles`):
+opening an index of 10M rows does not read its ~10 GiB of segments again.
 
 A *verifying* index (``create(..., verify="geometric")``, or the first
 ``add_images(..., verify="geometric")`` on an empty one; recorded in the manifest) stores
@@ -73,6 +75,7 @@ import numpy as np
 
 from ..errors import DedupIndexError
 from ..files import (
+    CheckedFiles,
     WriterLock,
     atomic_write_bytes,
     crash_point,
@@ -1592,10 +1595,11 @@ def _write_segment(root: Path, name: str, index: Any, checksums: dict[str, str])
     return index, None
 
 
-def _load_segment(root: Path, name: str, checksums: dict[str, str]):
+def _load_segment(root: Path, name: str, checksums: dict[str, str], checked: CheckedFiles):
     """A FAISS segment listed in the manifest, checked against its SHA-256, as
     ``(index, mapped path or None)``: a large one memory-mapped (hashed by streaming
-    reads, never held in memory), a small one read whole."""
+    reads, never held in memory; not again while its stat is the one ``checked``
+    remembers), a small one read whole."""
     path = root / name
     try:
         size = path.stat().st_size
@@ -1604,7 +1608,7 @@ def _load_segment(root: Path, name: str, checksums: dict[str, str]):
     if size < MMAP_BYTES:
         return AnnIndex.segment_from_bytes(_verified_bytes(root, name, checksums)), None
     want = checksums.get(name)
-    if want is not None and sha256_file(path) != want:
+    if want is not None and not checked.matches(name, want):
         raise IndexCorruptError(f"{path} fails its checksum: the file is corrupted or truncated")
     try:
         return AnnIndex.read_segment(path)
@@ -1689,13 +1693,15 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
     ann = None
     if manifest["backend"] in ANN_BACKENDS and manifest["ann"]:
         segments = []
+        checked = CheckedFiles(root)
         for entry in manifest["ann"]:
             loaded = old.get(entry["file"])
             if loaded is None:
-                loaded = _load_segment(root, entry["file"], manifest["checksums"])
+                loaded = _load_segment(root, entry["file"], manifest["checksums"], checked)
             files[entry["file"]] = loaded
             index, mapped = loaded
             segments.append(Segment(int(entry["start"]), int(entry["stop"]), index, mapped))
+        checked.save()
         ann = AnnIndex(
             manifest["backend"],
             manifest.get("backend_options", {}),
