@@ -318,7 +318,7 @@ class CheckedFiles:
     moves ctime to now); a copy has another inode.  A file changed within
     :data:`CHECKED_AFTER_NS` of its check is not remembered (coarse timestamps).  What it
     does not catch: bits flipped by the disk itself under an unchanged stat; a full check
-    (``dedup-index index verify``, ``DedupIndex.check``) hashes every file again.
+    (``dedup-index index verify``, ``DedupIndex.verify()``) hashes every file again.
     Best effort: a folder it cannot write to is hashed at every open, and a damaged or
     foreign record is ignored (and rewritten)."""
 
