@@ -1698,7 +1698,6 @@ def _load_view(root: Path, manifest: dict[str, Any], reuse: _View | None = None)
             loaded = old.get(entry["file"])
             if loaded is None:
                 loaded = _load_segment(root, entry["file"], manifest["checksums"], checked)
-            files[entry["file"]] = loaded
             index, mapped = loaded
             segments.append(Segment(int(entry["start"]), int(entry["stop"]), index, mapped))
         checked.save()
