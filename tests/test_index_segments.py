@@ -111,10 +111,51 @@ def test_compact_grows_nlist_and_keeps_answers(tmp_path):
         assert index.query(E[5])[0][0][0] == "5"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compact_writes_bounded_files_and_segments_on_one_quantizer(tmp_path, monkeypatch, dtype):
+    """A compaction bounds its memory as a one-pass build does: rows and keys files of
+    ``ONE_PASS_FILE_ROWS`` rows, FAISS segments of ``ONE_PASS_SEGMENT_ROWS`` on one
+    retrained quantizer; the answers are those before it (every list probed)."""
+    from dedup_index.index import core
+    from dedup_index.search.flat import faiss_module
+
+    monkeypatch.setattr(core, "ONE_PASS_FILE_ROWS", 100)
+    monkeypatch.setattr(core, "ONE_PASS_SEGMENT_ROWS", 128)
+    E = data(500)  # 600 rows
+    keys = [f"k{r}" for r in range(len(E))]
+    options = {"nprobe": 10_000, "tail_rows": 8}
+    with DedupIndex.create(
+        tmp_path / "i", 16, 0.99, backend="ivf", dtype=dtype, backend_options=options
+    ) as index:
+        for a in range(0, len(E), 150):
+            index.add(E[a : a + 150], keys=keys[a : a + 150])
+        decisions, pairs, hits = index.decisions(), index.pairs(), index.query(E[::7])
+        done = []
+        stats = index.compact(retain_seconds=0, progress=lambda a, n: done.append((a, n)))
+        assert stats["row_files"] == 6 and stats["ann_segments"] == 5
+        assert stats["ann_tail_rows"] == 0 and stats["nlist"] >= 8
+        assert done == [(128, 600), (256, 600), (384, 600), (512, 600), (600, 600)]
+        faiss = faiss_module()
+        ivfs = [faiss.extract_index_ivf(s.index) for s in index._view.ann.segments]
+        assert [s.ntotal for s in ivfs] == [128, 128, 128, 128, 88]
+        assert len({int(s.quantizer.this) for s in ivfs}) == 1  # one copy of the centroids
+        assert index.pairs().equals(pairs) and index.query(E[::7]) == hits
+        for name in decisions:
+            assert np.array_equal(index.decisions()[name], decisions[name], equal_nan=True)
+    manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    assert [e["count"] for e in manifest["rows"]] == [100] * 6
+    with DedupIndex.open(tmp_path / "i") as reader:
+        assert reader.keys() == keys and reader.query(E[::7]) == hits
+        assert reader.verify()["files"] >= 6 + 6 + 5
+        if dtype == "float16":  # rows kept exactly as stored
+            assert np.array_equal(reader._view.rows[:], E.astype(np.float16).astype(np.float32))
+
+
 CHILD = textwrap.dedent(
     """
     import sys, numpy as np
-    from dedup_index.index import DedupIndex
+    from dedup_index.index import DedupIndex, core
+    core.ONE_PASS_FILE_ROWS = core.ONE_PASS_SEGMENT_ROWS = 64  # a compaction in several files
     E = np.load(sys.argv[2])
     with DedupIndex.open(sys.argv[1], mode="a") as index:
         if sys.argv[3] == "add":

@@ -200,8 +200,9 @@ def add_parser(sub: Any, parents: list) -> None:
 
     p = action(
         "compact",
-        "merge the files of every add into one of each and retrain the FAISS index "
-        "(nlist grown to the row count); one atomic commit, decisions unchanged",
+        "merge the files of every add and retrain the FAISS index's coarse quantizer "
+        "(nlist grown to the row count) in bounded memory; one atomic commit, decisions "
+        "unchanged",
         "  dedup-index index compact my.index\n",
     )
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the rows)")
@@ -223,8 +224,12 @@ def _candidate_help() -> str:
 def compact(args: argparse.Namespace) -> int:
     if args.nlist is not None and args.nlist < 1:
         raise UsageError(f"--nlist must be an integer >= 1, got {args.nlist}")
-    with _open(args.path, "a") as index:
-        print(json.dumps(index.compact(nlist=args.nlist), indent=2))
+    from ..progress import progress
+
+    with _open(args.path, "a") as index, progress(len(index), "compact", unit="row") as bar:
+        # advanced as each FAISS segment is written (the rows and k-means come first)
+        stats = index.compact(nlist=args.nlist, progress=lambda done, _: bar.update(done - bar.n))
+    print(json.dumps(stats, indent=2))
     return 0
 
 

@@ -144,9 +144,8 @@ class AnnIndex:
     # ------------------------------------------------------------------ segments
     def build_segment(self, rows, *, nlist: int | None = None, fresh: bool = False):
         """A FAISS index over ``rows`` (an array-like): IVF lists on this index's trained
-        quantizer (a copy), trained anew when there is none yet or ``fresh`` (with
-        ``nlist``, default ``backend_options["nlist"]`` or
-        :func:`~dedup_index.search.ivf.default_nlist`); or an HNSW graph."""
+        quantizer (a copy), trained anew (:meth:`train_centroids`) when there is none yet
+        or ``fresh``; or an HNSW graph."""
         from ..search.canonical import rows_of
 
         n = rows.shape[0]
@@ -158,20 +157,11 @@ class AnnIndex:
                 m=self.params.get("m", 32),
                 ef_construction=self.params.get("ef_construction", 200),
             )
-        from ..search.ivf import ADD_BLOCK, build_ivf_index, default_nlist
+        from ..search.ivf import ADD_BLOCK
 
         faiss = faiss_module()
         if fresh or not self.segments:
-            lists = nlist or self.params.get("nlist")
-            if not self.params.get("balance", True) or (lists or default_nlist(n)) < 8:
-                return build_ivf_index(rows, nlist=lists, seed=self.params.get("seed", 0))
-            centroids = balanced_centroids(
-                rows,
-                lists or default_nlist(n),
-                seed=self.params.get("seed", 0),
-                niter=int(self.params.get("niter", 20)),
-                rounds=int(self.params.get("balance_rounds", BALANCE_ROUNDS)),
-            )
+            centroids = self.train_centroids(rows, nlist=nlist)
             quantizer = faiss.IndexFlatIP(centroids.shape[1])
             quantizer.add(centroids)
             d, lists = centroids.shape[1], centroids.shape[0]
@@ -184,6 +174,29 @@ class AnnIndex:
         for a in range(0, n, ADD_BLOCK):
             index.add(rows_of(rows, a, min(n, a + ADD_BLOCK)))
         return index
+
+    def train_centroids(self, rows, *, nlist: int | None = None) -> np.ndarray:
+        """The coarse centroids ``(nlist', d)`` float32 of a fresh IVF segment over
+        ``rows`` (an array-like; only a sample is read): balanced
+        (:func:`~dedup_index.search.centroids.balanced_centroids`: ``nlist'`` grows by
+        the splits) unless ``backend_options["balance"]`` is false or there are fewer
+        than 8 lists (plain spherical k-means).  ``nlist``: default
+        ``backend_options["nlist"]``, else
+        :func:`~dedup_index.search.ivf.default_nlist` of the row count."""
+        from ..search.ivf import default_nlist, trained_ivf_index
+
+        lists = nlist or self.params.get("nlist") or default_nlist(rows.shape[0])
+        seed = self.params.get("seed", 0)
+        if not self.params.get("balance", True) or lists < 8:
+            trained = trained_ivf_index(rows, nlist=lists, seed=seed)
+            return np.array(_centroids(trained.quantizer), dtype=np.float32).reshape(-1, trained.d)
+        return balanced_centroids(
+            rows,
+            lists,
+            seed=seed,
+            niter=int(self.params.get("niter", 20)),
+            rounds=int(self.params.get("balance_rounds", BALANCE_ROUNDS)),
+        )
 
     def with_segment(
         self, start: int, stop: int, index: Any, path: str | os.PathLike | None = None

@@ -745,27 +745,20 @@ class DedupIndex:
         """:meth:`add_store`'s ``one_pass`` build of an empty ``ivf`` index (see there;
         the keys are distinct: checked there)."""
         from ..search.partitioned import default_params, partitioned_search
-        from .ann import ivf_from_assignment
 
         t0 = time.perf_counter()
         n = stop - start
         keys = _store_keys(source, start, stop)  # None: the row numbers
         generation = self.generation + 1
         checksums = dict(self._manifest["checksums"])
-        entries, parts = [], []
-        files_at = [(a, min(n, a + ONE_PASS_FILE_ROWS)) for a in range(0, n, ONE_PASS_FILE_ROWS)]
-        for k, (a, b) in enumerate(files_at):  # the rows, as add() stores them
-            rows_name = f"rows/rows-{generation:06d}-{k:05d}.npy"
-            keys_name = f"rows/keys-{generation:06d}-{k:05d}.json"
-            prepared = _PreparedRows(self, source, start + a, start + b)
-            checksums.update(write_rows_segment(self.path, rows_name, prepared, self._dtype))
-            part_keys = [str(r) for r in range(a, b)] if keys is None else keys.to_list(a, b)
-            checksums[keys_name] = write_json_atomic(self.path / keys_name, part_keys)
-            entries.append(_rows_entry(rows_name, keys_name, b - a))
-            parts.append(
-                _open_rows(self.path, rows_name, b - a, self.dim, checksums, blocks_name(rows_name))
-            )
-            logger.info("add_store (one pass): rows %d-%d written", start + a, start + b - 1)
+        entries, parts = self._write_row_files(
+            generation,
+            n,
+            lambda a, b: _PreparedRows(self, source, start + a, start + b),  # as add() stores
+            (lambda a, b: [str(r) for r in range(a, b)]) if keys is None else keys.to_list,
+            checksums,
+            "add_store (one pass)",
+        )
         crash_point("rows_appended")
         del keys  # in the keys files now, read back when first needed: not held in the search
         rows = SegmentedRows(parts, self.dim, release_after=ONE_PASS_MAPPED_BYTES)
@@ -785,30 +778,13 @@ class DedupIndex:
         del pairs
         # The partitioning's centroids are the coarse quantizer; each row joins the list of
         # its nearest centroid (the same rule as IVF's own add).
-        faiss = faiss_module()
         centroids, home = info.centroids, info.home
         if centroids is None:  # too few rows to partition: one list
             centroids = np.asarray(rows[:1], dtype=np.float32)
             home = np.zeros(n, dtype=np.int32)
-        ann = _empty_ann(self._manifest)
-        ann_entries, files = [], {}
-        spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
-        heap = HeapTrim()  # a dropped segment's lists are small heap blocks: give them back
-        heap.maybe()  # and the partitioning's tables before the first segment is built
-        fp16 = self._dtype == "float16"
-        for k, (a, b) in enumerate(spans):
-            quantizer = faiss.IndexFlatIP(self.dim)
-            quantizer.add(centroids)
-            index = ivf_from_assignment(quantizer, RowRange(rows, a, b), home[a:b], fp16=fp16)
-            name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
-            index, mapped = _write_segment(self.path, name, index, checksums)
-            ann = ann.with_segment(a, b, index, mapped)
-            ann_entries.append({"file": name, "start": a, "stop": b})
-            files[name] = (ann.segments[-1].index, mapped)  # on the first one's quantizer
-            del index
-            heap.maybe()
-            if progress is not None:
-                progress(b, n)
+        ann, ann_entries, files = self._write_ivf_segments(
+            generation, rows, centroids, home, checksums, progress
+        )
         crash_point("ann_written")
         decisions = decide(n, _Parts(self.path, [part], checksums), self.policy)
         state = _state(decisions, nearest, earlier, np.zeros(n, dtype=bool))
@@ -827,6 +803,80 @@ class DedupIndex:
         seconds = time.perf_counter() - t0
         logger.info("add_store (one pass): %d rows, %d removed, %.1f s", n, removed, seconds)
         return {"rows": n, "removed": removed, "batches": 1, "seconds": seconds}
+
+    def _write_row_files(
+        self,
+        generation: int,
+        n: int,
+        rows_of: Any,
+        keys_of: Any,
+        checksums: dict[str, str],
+        label: str,
+        release: Any = None,
+    ) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Rows ``0..n-1`` of generation ``generation`` as rows files of
+        :data:`ONE_PASS_FILE_ROWS` rows, each with its keys file (a one-pass build's and
+        a compaction's: a file's rows and keys at a time, never all ``n`` as Python
+        objects).  ``rows_of(a, b)``: rows ``[a, b)`` as stored (an array-like, read a
+        block at a time); ``keys_of(a, b)``: their keys as a list; ``release``: called
+        after each file (drops the pages read through a source's maps from the RSS).
+        Records the checksums; returns ``(manifest rows entries, opened rows files)``."""
+        entries, parts = [], []
+        for k, a in enumerate(range(0, n, ONE_PASS_FILE_ROWS)):
+            b = min(n, a + ONE_PASS_FILE_ROWS)
+            rows_name = f"rows/rows-{generation:06d}-{k:05d}.npy"
+            keys_name = f"rows/keys-{generation:06d}-{k:05d}.json"
+            checksums.update(write_rows_segment(self.path, rows_name, rows_of(a, b), self._dtype))
+            checksums[keys_name] = write_json_atomic(self.path / keys_name, keys_of(a, b))
+            entries.append(_rows_entry(rows_name, keys_name, b - a))
+            parts.append(
+                _open_rows(self.path, rows_name, b - a, self.dim, checksums, blocks_name(rows_name))
+            )
+            if release is not None:
+                release()
+            logger.info("%s: rows %d-%d written", label, a, b - 1)
+        return entries, parts
+
+    def _write_ivf_segments(
+        self,
+        generation: int,
+        rows: SegmentedRows,
+        centroids: np.ndarray,
+        home: np.ndarray,
+        checksums: dict[str, str],
+        progress: Any = None,
+    ) -> tuple[AnnIndex, list[dict[str, Any]], dict[str, Any]]:
+        """IVF segments over ``rows`` (all of the new generation's), each of
+        :data:`ONE_PASS_SEGMENT_ROWS` rows, on one coarse quantizer of ``centroids``, row
+        ``r`` in the list of centroid ``home[r]`` (found already: no coarse search).  A
+        segment is built in memory, written, memory-mapped and dropped before the next,
+        so memory is bounded by one segment whatever ``rows`` holds.  Records the
+        checksums; ``progress(rows done, rows)`` after each segment.  Returns
+        ``(AnnIndex, manifest ann entries, {file: (index, mapped path)})``."""
+        from .ann import ivf_from_assignment
+
+        faiss = faiss_module()
+        n = rows.shape[0]
+        ann = _empty_ann(self._manifest)
+        entries, files = [], {}
+        spans = [(a, min(n, a + ONE_PASS_SEGMENT_ROWS)) for a in range(0, n, ONE_PASS_SEGMENT_ROWS)]
+        heap = HeapTrim()  # a dropped segment's lists are small heap blocks: give them back
+        heap.maybe()  # and the tables of what came before the first segment
+        fp16 = self._dtype == "float16"
+        for k, (a, b) in enumerate(spans):
+            quantizer = faiss.IndexFlatIP(self.dim)
+            quantizer.add(centroids)
+            index = ivf_from_assignment(quantizer, RowRange(rows, a, b), home[a:b], fp16=fp16)
+            name = f"ann/seg-{generation:06d}-{k:05d}.faiss"
+            index, mapped = _write_segment(self.path, name, index, checksums)
+            ann = ann.with_segment(a, b, index, mapped)
+            entries.append({"file": name, "start": a, "stop": b})
+            files[name] = (ann.segments[-1].index, mapped)  # on the first one's quantizer
+            del index
+            heap.maybe()
+            if progress is not None:
+                progress(b, n)
+        return ann, entries, files
 
     def _verify_mode_for(self, verify: str | None) -> str:
         """The verification of the next add: ``verify`` (None: the index's own).  An
@@ -903,60 +953,82 @@ class DedupIndex:
         return found, row_keys
 
     def compact(
-        self, *, nlist: int | None = None, retain_seconds: float = RETAIN_SECONDS
+        self,
+        *,
+        nlist: int | None = None,
+        retain_seconds: float = RETAIN_SECONDS,
+        progress: Any = None,
     ) -> dict[str, Any]:
-        """Merge the files of every add into one of each (rows, keys, pair part, full
-        state and, for ``ivf``/``hnsw``, one FAISS index over every row, its coarse
-        quantizer retrained with ``nlist`` lists: default ``backend_options["nlist"]`` or
-        :func:`~dedup_index.search.ivf.default_nlist` of the row count), as one atomic
-        commit.  Decisions do not change.  The superseded files are deleted by a commit
-        at least ``retain_seconds`` later (readers on the old generation keep working
-        until then).  Returns :meth:`stats`."""
+        """Merge the files of every add into one generation (rows and keys files of
+        :data:`ONE_PASS_FILE_ROWS` rows, one pair part, one full state and, for ``ivf``,
+        FAISS segments of :data:`ONE_PASS_SEGMENT_ROWS` rows on one coarse quantizer
+        retrained with ``nlist`` lists: default ``backend_options["nlist"]`` or
+        :func:`~dedup_index.search.ivf.default_nlist` of the row count; for ``hnsw``, one
+        graph over every row), as one atomic commit.  Decisions do not change.  The
+        superseded files are deleted by a commit at least ``retain_seconds`` later
+        (readers on the old generation keep working until then).  ``progress(rows done,
+        rows)``: after each FAISS segment.  Returns :meth:`stats`.
+
+        Memory is bounded for ``ivf`` as for a one-pass build (the keys a file at a
+        time, the rows read through maps, the k-means on a sample of ``64 * nlist`` rows,
+        each row's list found block by block, one segment in memory at a time): at 10M
+        rows, the k-means sample (~1.7 GB at the default ``nlist``) is the peak.  An
+        ``hnsw`` graph is built in memory whole (as FAISS searches it)."""
         self._check_writable()
+        nlist = check_positive_int(nlist, "nlist", allow_none=True)
         view = self._view
         n = len(self)
         if n == 0:
             return self.stats()
         generation = self.generation + 1
         checksums: dict[str, str] = {}
-        rows_name = f"rows/rows-{generation:06d}.npy"
-        keys_name = f"rows/keys-{generation:06d}.json"
-        checksums.update(write_rows_segment(self.path, rows_name, view.rows, self._dtype))
         keys = _view_keys(self.path, view)
-        checksums[keys_name] = write_json_atomic(self.path / keys_name, keys.to_list(0, n))
+        entries, parts = self._write_row_files(
+            generation,
+            n,
+            lambda a, b: RowRange(view.rows, a, b),
+            keys.to_list,
+            checksums,
+            "compact",
+            release=view.rows.release_pages,
+        )
         crash_point("compact_rows_written")
         part = f"pairs/part-{generation:06d}.parquet"
         checksums[part] = _write_part(self.path / part, self.pairs())
         crash_point("compact_pairs_written")
-        rows_file = _open_rows(self.path, rows_name, n, self.dim)
-        rows = SegmentedRows([rows_file], self.dim)
-        ann, entries = None, []
-        if self._manifest["backend"] in ANN_BACKENDS:
-            from ..search.ivf import default_nlist
+        rows = SegmentedRows(parts, self.dim, release_after=ONE_PASS_MAPPED_BYTES)
+        ann, ann_entries, files = None, [], {}
+        backend = self._manifest["backend"]
+        empty = _empty_ann(self._manifest) if backend in ANN_BACKENDS else None
+        if backend == "ivf":
+            from ..search.partitioned import assign_many
 
-            empty = _empty_ann(self._manifest)
-            lists = nlist or self._manifest.get("backend_options", {}).get("nlist")
-            index = empty.build_segment(rows, nlist=lists or default_nlist(n), fresh=True)
+            centroids = empty.train_centroids(rows, nlist=nlist)
+            logger.info("compact: %d rows to %d lists", n, centroids.shape[0])
+            precision = self._manifest.get("precision", "auto")
+            home = assign_many(rows, centroids, 1, 0.0, precision)[:, 0]
+            rows.release_pages()
+            ann, ann_entries, files = self._write_ivf_segments(
+                generation, rows, centroids, home, checksums, progress
+            )
+            del home
+        elif empty is not None:
             name = f"ann/seg-{generation:06d}.faiss"
-            index, mapped = _write_segment(self.path, name, index, checksums)
-            crash_point("compact_ann_written")
+            index, mapped = _write_segment(
+                self.path, name, empty.build_segment(rows, fresh=True), checksums
+            )
             ann = empty.with_segment(0, n, index, mapped)
-            entries = [{"file": name, "start": 0, "stop": n}]
-            files = {rows_name: rows_file, name: (index, mapped)}
-        else:
-            files = {rows_name: rows_file}
-        manifest = dict(
-            self._manifest,
-            rows=[_rows_entry(rows_name, keys_name, n)],
-            pairs=[part],
-            ann=entries,
-        )
+            ann_entries = [{"file": name, "start": 0, "stop": n}]
+            files = {name: (index, mapped)}
+        crash_point("compact_ann_written")
+        files.update({e["file"]: p for e, p in zip(entries, parts, strict=True)})
+        manifest = dict(self._manifest, rows=entries, pairs=[part], ann=ann_entries)
         self._commit(
             generation,
             manifest,
             checksums,
             view.state,
-            rows,
+            SegmentedRows(parts, self.dim),
             ann,
             files,
             keys,

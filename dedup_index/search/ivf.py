@@ -53,6 +53,7 @@ __all__ = [
     "default_train_size",
     "index_search",
     "ivf_search",
+    "trained_ivf_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,12 +138,31 @@ def build_ivf_index(
     seed: int = 0,
     threads: int | None = None,
 ):  # -> faiss.IndexIVFFlat
-    """A trained ``IndexIVFFlat`` (inner product, flat quantizer) holding every row.
+    """A trained ``IndexIVFFlat`` (inner product, flat quantizer) holding every row
+    (:func:`trained_ivf_index`, then the rows added in blocks of :data:`ADD_BLOCK`)."""
+    index = trained_ivf_index(
+        embeddings, nlist=nlist, train_size=train_size, seed=seed, threads=threads
+    )
+    n = embeddings.shape[0]
+    for a in range(0, n, ADD_BLOCK):
+        index.add(rows_of(embeddings, a, min(n, a + ADD_BLOCK)))
+    return index
+
+
+def trained_ivf_index(
+    embeddings: Any,
+    *,
+    nlist: int | None = None,
+    train_size: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+):  # -> faiss.IndexIVFFlat
+    """An empty ``IndexIVFFlat`` (inner product, flat quantizer) trained on ``embeddings``.
 
     Training: spherical k-means (centroids on the unit sphere, where inner product is
     cosine) on ``train_size`` rows drawn without replacement with ``seed``.  With one
     list there is nothing to learn, so k-means is skipped (FAISS would warn about too
-    few points on tiny inputs).  Rows are added in blocks of :data:`ADD_BLOCK`.
+    few points on tiny inputs): the first row is the one centroid.
     """
     faiss = faiss_module(check_positive_int(threads, "threads", allow_none=True))
     n, d = embeddings.shape
@@ -182,8 +202,6 @@ def build_ivf_index(
             )
             cp.min_points_per_centroid = 1  # said once here instead of on stderr
         index.train(train)
-    for a in range(0, n, ADD_BLOCK):
-        index.add(rows_of(embeddings, a, min(n, a + ADD_BLOCK)))
     return index
 
 
